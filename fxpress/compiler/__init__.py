@@ -1,0 +1,1 @@
+"""Backend entry, capture, options, the pass pipeline, flags and inspection."""

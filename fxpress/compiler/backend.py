@@ -1,0 +1,152 @@
+"""The torch.compile backend: capture, run the pipeline, build the target's program.
+
+``torch.compile(model, backend="fxpress")`` finds :func:`fxpress_backend` through the
+``torch_dynamo_backends`` entry point; ``fxpress.backend(**options)`` builds a :class:`Backend` with
+validated options. A graph fxpress cannot handle runs eagerly with one warning naming the op and
+the user's source line (``strict=True`` raises instead). A pass that fails is a bug and raises,
+naming the pass.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+
+import fxpress.ops  # noqa: F401  (registers torch.ops.fxpress before any graph uses them)
+from fxpress.compiler import flags
+from fxpress.compiler.capture import CapturedGraph, capture_and_compile
+from fxpress.compiler.errors import OptionError, PassError, UnsupportedGraphError
+from fxpress.compiler.options import Options
+from fxpress.compiler.pipeline import PassFn, build_pipeline, run_pipeline
+from fxpress.compiler.report import GraphReport, op_histogram
+from fxpress.compiler.support import find_unsupported
+from fxpress.runtime import build_program
+
+log = logging.getLogger("fxpress")
+_graph_ids = itertools.count()
+
+
+class FallbackWarning(UserWarning):
+    """A graph (or part of one) runs eagerly instead of through fxpress."""
+
+
+class Backend:
+    """A torch.compile backend built from frozen :class:`Options`.
+
+    ``on_report`` receives a :class:`GraphReport` per compiled graph (explain() uses it).
+    """
+
+    def __init__(self, opts: Options, on_report: Callable[[GraphReport], None] | None = None):
+        self.opts = opts
+        self.passes = build_pipeline(opts)  # validates pass names now, not at first compile
+        self.on_report = on_report
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        report = GraphReport(index=next(_graph_ids), target=self.opts.resolved_target())
+        start = time.perf_counter()
+        try:
+            compiled = _compile(gm, example_inputs, self.opts, self.passes, report)
+        except UnsupportedGraphError as e:
+            if self.opts.strict:
+                raise
+            report.fallback_reason = str(e)
+            warnings.warn(f"fxpress: running graph {report.index} eagerly: {e}", FallbackWarning, stacklevel=2)
+            compiled = gm.forward
+        report.compile_seconds = time.perf_counter() - start
+        log.info("fxpress: %s", report.summary())
+        if self.on_report is not None:
+            self.on_report(report)
+        return compiled
+
+
+def backend(**options: Any) -> Backend:
+    """``torch.compile(model, backend=fxpress.backend(target="cpu", passes=[...]))``."""
+    return Backend(Options.create(**options))
+
+
+def fxpress_backend(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    *,
+    options: Mapping[str, Any] | None = None,
+    mode: str | None = None,
+) -> Callable[..., Any]:
+    """Entry point for ``torch.compile(model, backend="fxpress", options={...})``."""
+    if mode not in (None, "default"):
+        raise OptionError(f"fxpress has no compile modes (got mode={mode!r}); pass options={{...}}")
+    return Backend(Options.create(options))(gm, example_inputs)
+
+
+def _refuse_autograd(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+    if not torch.is_grad_enabled():
+        return
+    for node, value in zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs):
+        if isinstance(value, torch.Tensor) and value.requires_grad and not isinstance(value, torch.nn.Parameter):
+            raise UnsupportedGraphError(
+                f"input {node.name} requires grad: fxpress compiles inference graphs "
+                "(weights are frozen); call the model under torch.no_grad()"
+            )
+
+
+def _dump_dir(opts: Options, index: int) -> Path | None:
+    if not opts.dump_dir:
+        return None
+    path = Path(opts.dump_dir) / f"graph_{index:03d}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _compile(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    opts: Options,
+    passes: tuple[tuple[str, PassFn], ...],
+    report: GraphReport,
+) -> Callable[..., Any]:
+    _refuse_autograd(gm, example_inputs)
+    lowering_started = False
+
+    def lower(captured: CapturedGraph) -> Callable[[list[Any]], Any]:
+        nonlocal lowering_started
+        lowering_started = True
+        dump = _dump_dir(opts, report.index)
+        report.inputs, report.frozen_weights = len(captured.runtime_inputs), len(captured.frozen)
+        report.ops_before = op_histogram(captured.gm)
+        unsupported = find_unsupported(captured.gm, report.target)
+        if unsupported:
+            report.unsupported = unsupported
+            raise UnsupportedGraphError(f"{unsupported[0]}" + (
+                f" and {len(unsupported) - 1} more unsupported node(s)" if len(unsupported) > 1 else ""))
+        final, report.passes = run_pipeline(captured.gm, passes, opts, dump)
+        report.ops_after, report.code = op_histogram(final), final.code
+        if dump is not None:
+            (dump / "options.txt").write_text(repr(opts) + "\n")
+        return build_program(final, captured.runtime_inputs, report.target)
+
+    try:
+        return capture_and_compile(gm, example_inputs, lower)
+    except (PassError, UnsupportedGraphError):
+        raise
+    except Exception as e:
+        if lowering_started:
+            raise  # our own code failed after capture: a bug, not an unsupported graph
+        raise UnsupportedGraphError(f"capture failed with {type(e).__name__}: {e}") from e
+
+
+def _configure_logging() -> None:
+    level = flags.DEBUG.get()
+    if level and not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO if level < 4 else logging.DEBUG)
+
+
+_configure_logging()

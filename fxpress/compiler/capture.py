@@ -1,0 +1,125 @@
+"""Capture: the Dynamo graph becomes an ATen-level functional graph with frozen weights.
+
+AOTAutograd traces the Dynamo graph with our decomposition table into a functional ATen graph
+whose nodes carry FakeTensor ``meta["val"]``. Inputs the graph mutates (a StaticCache's K/V
+buffers) are kept as inputs and written at the end by ``copy_`` (``keep_inference_input_mutations``),
+so the user's cache is updated in place as in eager.
+
+Dynamo hands parameters and buffers to the backend as graph inputs. Freezing maps each one back to
+the module state it came from and turns it into a ``get_attr`` constant, so passes can read,
+factorise and repack weights. The constant *is* the user's tensor (detached, same storage): a later
+in-place weight update stays visible, and no copy of the model is made.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+from torch._functorch.aot_autograd import aot_module_simplified
+
+from fxpress.compiler.decompositions import DECOMPOSITIONS
+
+
+@dataclass
+class CapturedGraph:
+    gm: fx.GraphModule
+    runtime_inputs: tuple[int, ...]  # positions, in the flat call arguments, of gm's placeholders
+    frozen: dict[str, str]  # get_attr name -> the module state it came from
+
+
+def _source_name(placeholder: fx.Node) -> str | None:
+    grapharg = placeholder.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    if source is None:
+        return None
+    name = source.name
+    return name() if callable(name) else name
+
+
+def _state_path(source: str) -> str | None:
+    """``L['self']._modules['lm_head']._parameters['weight']`` -> ``lm_head.weight``; None when
+    the source is not a module's parameter or buffer."""
+    if "._parameters[" not in source and "._buffers[" not in source:
+        return None
+    keys = re.findall(r"\[['\"]([^'\"]+)['\"]\]", source)
+    if keys and keys[0] == "self":
+        keys = keys[1:]
+    return ".".join(keys)
+
+
+def _mutated_inputs(gm: fx.GraphModule) -> set[fx.Node]:
+    mutated = set()
+    for node in gm.graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None:
+            continue
+        for arg, spec in zip(node.args, schema.arguments):
+            if spec.alias_info is not None and spec.alias_info.is_write and isinstance(arg, fx.Node):
+                mutated.add(arg)
+    return mutated
+
+
+def _freeze(
+    aten_gm: fx.GraphModule, dynamo_gm: fx.GraphModule, example_inputs: Sequence[Any],
+    detached: Sequence[Any],
+) -> CapturedGraph:
+    aten_inputs = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
+    dynamo_inputs = [n for n in dynamo_gm.graph.nodes if n.op == "placeholder"]
+    if not (len(aten_inputs) == len(dynamo_inputs) == len(example_inputs)):
+        raise RuntimeError(
+            f"capture: AOTAutograd produced {len(aten_inputs)} inputs for {len(example_inputs)} "
+            "graph inputs; fxpress cannot map weights back"
+        )
+    mutated = _mutated_inputs(aten_gm)
+    runtime_inputs, frozen = [], {}
+    for index, (node, source_node, value) in enumerate(zip(aten_inputs, dynamo_inputs, example_inputs)):
+        source = _source_name(source_node)
+        path = _state_path(source) if source else None
+        is_state = isinstance(value, torch.nn.Parameter) or path is not None
+        if not (is_state and isinstance(value, torch.Tensor)) or node in mutated:
+            runtime_inputs.append(index)
+            continue
+        attr = re.sub(r"\W", "_", path or node.name)
+        while hasattr(aten_gm, attr):
+            attr += "_"
+        # A non-persistent buffer: get_attr-visible, not part of any state_dict.
+        aten_gm.register_buffer(attr, detached[index], persistent=False)
+        with aten_gm.graph.inserting_before(node):
+            constant = aten_gm.graph.get_attr(attr)
+        constant.meta.update(node.meta)
+        node.replace_all_uses_with(constant)
+        aten_gm.graph.erase_node(node)
+        frozen[attr] = path or source or node.name
+    aten_gm.recompile()
+    return CapturedGraph(aten_gm, tuple(runtime_inputs), frozen)
+
+
+def capture_and_compile(
+    dynamo_gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    lower: Callable[[CapturedGraph], Callable[[list[Any]], Any]],
+) -> Callable[..., Any]:
+    """Trace to ATen, freeze weights, hand the graph to ``lower``; return AOTAutograd's callable.
+
+    ``lower`` returns a boxed callable taking the full flat argument list. Tracing happens with
+    autograd off: fxpress compiles inference graphs.
+    """
+
+    # Detached here, outside AOTAutograd's FakeTensorMode, which would turn them into fakes.
+    detached = [x.detach() if isinstance(x, torch.Tensor) else x for x in example_inputs]
+
+    def forward_compiler(aten_gm: fx.GraphModule, fake_inputs: Sequence[Any]) -> Callable:
+        return lower(_freeze(aten_gm, dynamo_gm, example_inputs, detached))
+
+    with torch.no_grad():
+        return aot_module_simplified(
+            dynamo_gm,
+            list(example_inputs),
+            fw_compiler=forward_compiler,
+            decompositions=DECOMPOSITIONS,
+            keep_inference_input_mutations=True,
+        )

@@ -1,0 +1,124 @@
+"""The frozen options every compile is built from, validated when they are made.
+
+``fxpress.backend(target="cpu", passes=[my_pass])`` builds an :class:`Options`; so does
+``torch.compile(model, backend="fxpress", options={...})``. An unknown name or a value of the wrong
+type is refused at once with the list of valid options, never deep inside a compile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from fxpress.compiler import flags
+from fxpress.compiler.errors import OptionError
+
+TARGETS = ("auto", "cpu")
+
+
+@dataclass(frozen=True)
+class Pass:
+    """A user pass and where it joins the pipeline.
+
+    ``fn(gm, *, opts) -> torch.fx.passes.infra.pass_base.PassResult``. With neither ``before`` nor
+    ``after`` it runs after every built-in pass; otherwise next to the named pass (a built-in one
+    or another user pass).
+    """
+
+    fn: Callable[..., Any]
+    before: str | None = None
+    after: str | None = None
+
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
+            raise OptionError(f"fxpress.Pass needs a callable, got {type(self.fn).__name__}")
+        if self.before is not None and self.after is not None:
+            raise OptionError(f"fxpress.Pass({self.name}): give before= or after=, not both")
+        try:
+            inspect.signature(self.fn).bind(None, opts=None)
+        except TypeError:
+            raise OptionError(
+                f"pass {self.name!r} must accept (gm, *, opts): got signature "
+                f"{inspect.signature(self.fn)}"
+            ) from None
+        except ValueError:  # builtins without a signature: let the call decide
+            pass
+
+    @property
+    def name(self) -> str:
+        return getattr(self.fn, "__name__", type(self.fn).__name__)
+
+
+def _is_pass_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(
+        isinstance(p, Pass) or callable(p) for p in value
+    )
+
+
+def _is_name_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(p, str) for p in value)
+
+
+# name -> (check, what a valid value is). One table, so the error can list every option.
+_VALID: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "target": (lambda v: v in TARGETS, "one of " + ", ".join(repr(t) for t in TARGETS)),
+    "strict": (lambda v: isinstance(v, bool), "bool: raise instead of falling back to eager"),
+    "passes": (_is_pass_list, "list of pass functions or fxpress.Pass(fn, before=|after=)"),
+    "disable": (_is_name_list, "list of pass names to skip"),
+    "check": (lambda v: v is None or isinstance(v, bool), "bool: lint and verify after each pass"),
+    "dump_dir": (lambda v: v is None or isinstance(v, str), "str: folder for per-pass graph dumps"),
+}
+
+
+@dataclass(frozen=True)
+class Options:
+    target: str = "auto"
+    strict: bool = False
+    passes: tuple[Pass, ...] = ()
+    disable: tuple[str, ...] = ()
+    check: bool = field(default_factory=flags.CHECK.get)
+    dump_dir: str = field(default_factory=flags.DUMP_DIR.get)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            check, valid = _VALID[f.name]
+            if not check(value):
+                raise OptionError(
+                    f"fxpress option {f.name}={value!r} is invalid: expected {valid}.\n"
+                    + describe_options()
+                )
+        # Normalise to hashable, immutable forms.
+        object.__setattr__(
+            self, "passes", tuple(p if isinstance(p, Pass) else Pass(p) for p in self.passes)
+        )
+        object.__setattr__(self, "disable", tuple(self.disable))
+        if self.check is None:
+            object.__setattr__(self, "check", flags.CHECK.get())
+        if self.dump_dir is None:
+            object.__setattr__(self, "dump_dir", flags.DUMP_DIR.get())
+
+    @classmethod
+    def create(cls, options: Mapping[str, Any] | None = None, **kwargs: Any) -> Options:
+        """Options from a mapping and/or keywords; unknown names are refused by name."""
+        merged = {**(options or {}), **kwargs}
+        unknown = sorted(set(merged) - set(_VALID))
+        if unknown:
+            raise OptionError(f"unknown fxpress option(s) {unknown}.\n" + describe_options())
+        return cls(**merged)
+
+    def resolved_target(self) -> str:
+        """The target this compile runs on; 'auto' picks the best one built so far."""
+        return "cpu" if self.target == "auto" else self.target
+
+
+def describe_options() -> str:
+    lines = ["Valid fxpress options:"]
+    defaults = {f.name: f.default for f in dataclasses.fields(Options)}
+    for name, (_, valid) in _VALID.items():
+        default = defaults[name]
+        shown = "from env" if default is dataclasses.MISSING else repr(default)
+        lines.append(f"  {name:<9} {valid} (default {shown})")
+    return "\n".join(lines)

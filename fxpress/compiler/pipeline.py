@@ -1,0 +1,125 @@
+"""The pass pipeline: one ordered tuple of plain functions, and the short runner that drives it.
+
+Cleanups come first so rewrites see canonical graphs; ``reinplace_input_updates`` comes last
+because every rewrite before it may assume a functional graph. User passes join by name
+(``fxpress.Pass(fn, before="fuse_rms_norm")``) or run at the end.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from fxpress.compiler import counters as counters_mod
+from fxpress.compiler.errors import OptionError, PassError
+from fxpress.compiler.options import Options
+from fxpress.compiler.verify import verify_graph
+from fxpress.passes.cse import cse
+from fxpress.passes.fuse_rms_norm import fuse_rms_norm
+from fxpress.passes.reinplace_input_updates import reinplace_input_updates
+from fxpress.passes.remove_dead_code import remove_dead_code
+from fxpress.passes.remove_noop_views import remove_noop_views
+
+PassFn = Callable[..., PassResult]
+
+PIPELINE: tuple[PassFn, ...] = (
+    remove_dead_code,
+    remove_noop_views,
+    cse,
+    fuse_rms_norm,
+    reinplace_input_updates,
+)
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    """What one pass did to one graph: explain() prints these."""
+
+    name: str
+    seconds: float
+    modified: bool
+    nodes_before: int
+    nodes_after: int
+    counters: dict[str, dict[str, int]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def pass_names(passes: tuple[tuple[str, PassFn], ...]) -> list[str]:
+    return [name for name, _ in passes]
+
+
+def build_pipeline(opts: Options) -> tuple[tuple[str, PassFn], ...]:
+    """PIPELINE with disabled passes dropped and user passes inserted; names are checked here."""
+    passes: list[tuple[str, PassFn]] = [(p.__name__, p) for p in PIPELINE]
+    known = set(pass_names(tuple(passes))) | {p.name for p in opts.passes}
+    for name in opts.disable:
+        if name not in known:
+            raise OptionError(f"disable={name!r} names no pass; passes are {sorted(known)}")
+    for user in opts.passes:
+        anchor = user.before or user.after
+        if anchor is None:
+            passes.append((user.name, user.fn))
+            continue
+        names = pass_names(tuple(passes))
+        if anchor not in names:
+            raise OptionError(
+                f"pass {user.name!r} asks to run {'before' if user.before else 'after'} "
+                f"{anchor!r}, which is not (yet) in the pipeline {names}"
+            )
+        at = names.index(anchor) + (0 if user.before else 1)
+        passes.insert(at, (user.name, user.fn))
+    return tuple((name, fn) for name, fn in passes if name not in opts.disable)
+
+
+def _dump(dump_dir: Path | None, index: int, name: str, gm: fx.GraphModule) -> None:
+    if dump_dir is not None:
+        (dump_dir / f"{index:03d}_{name}.txt").write_text(gm.print_readable(print_output=False))
+
+
+def run_pipeline(
+    gm: fx.GraphModule,
+    passes: tuple[tuple[str, PassFn], ...],
+    opts: Options,
+    dump_dir: Path | None = None,
+) -> tuple[fx.GraphModule, list[PassRecord]]:
+    """Run each pass in order: time it, attribute its counters, dump and check when asked."""
+    records: list[PassRecord] = []
+    _dump(dump_dir, 0, "captured", gm)
+    for index, (name, fn) in enumerate(passes, start=1):
+        before_counts, nodes_before = counters_mod.snapshot(), len(gm.graph.nodes)
+        done = pass_names(passes)[: index - 1]
+        start = time.perf_counter()
+        try:
+            result = fn(gm, opts=opts)
+        except Exception as e:
+            raise PassError(
+                f"fxpress pass {name!r} failed with {type(e).__name__}: {e}\n"
+                f"(pass {index} of {len(passes)}; ran before it: {done}; rerun with "
+                f"disable=[{name!r}] to bisect)"
+            ) from e
+        seconds = time.perf_counter() - start
+        if not isinstance(result, PassResult):
+            raise PassError(
+                f"fxpress pass {name!r} returned {type(result).__name__}; a pass returns "
+                "torch.fx.passes.infra.pass_base.PassResult(graph_module, modified)"
+            )
+        gm = result.graph_module
+        if opts.check:
+            try:
+                verify_graph(gm)
+            except Exception as e:
+                raise PassError(f"fxpress pass {name!r} left a broken graph: {e}") from e
+        if result.modified:
+            _dump(dump_dir, index, name, gm)
+        records.append(
+            PassRecord(name, seconds, bool(result.modified), nodes_before, len(gm.graph.nodes),
+                       counters_mod.delta(before_counts))
+        )
+    return gm, records

@@ -1,0 +1,61 @@
+"""What happened to one compiled graph, as data: explain() prints and serialises these."""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.fx as fx
+
+from fxpress.compiler.pipeline import PassRecord
+from fxpress.compiler.support import Unsupported
+
+
+def op_histogram(gm: fx.GraphModule) -> dict[str, int]:
+    """How many times each op is called, most frequent first."""
+    names = collections.Counter(
+        str(getattr(n.target, "__name__", n.target)) if not hasattr(n.target, "_schema")
+        else str(n.target)
+        for n in gm.graph.nodes if n.op == "call_function"
+    )
+    return dict(names.most_common())
+
+
+@dataclass
+class GraphReport:
+    index: int
+    target: str
+    inputs: int = 0
+    frozen_weights: int = 0
+    ops_before: dict[str, int] = field(default_factory=dict)
+    ops_after: dict[str, int] = field(default_factory=dict)
+    passes: list[PassRecord] = field(default_factory=list)
+    unsupported: list[Unsupported] = field(default_factory=list)
+    fallback_reason: str | None = None  # set when the whole graph runs eagerly
+    compile_seconds: float = 0.0
+    code: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "target": self.target,
+            "inputs": self.inputs,
+            "frozen_weights": self.frozen_weights,
+            "ops_before": self.ops_before,
+            "ops_after": self.ops_after,
+            "passes": [p.to_dict() for p in self.passes],
+            "unsupported": [u.__dict__ for u in self.unsupported],
+            "fallback_reason": self.fallback_reason,
+            "compile_seconds": self.compile_seconds,
+            "code": self.code,
+        }
+
+    def summary(self) -> str:
+        if self.fallback_reason:
+            return f"graph {self.index}: ran eagerly ({self.fallback_reason})"
+        return (
+            f"graph {self.index}: {sum(self.ops_before.values())} -> {sum(self.ops_after.values())} "
+            f"ops, {self.frozen_weights} frozen weights, {self.inputs} runtime inputs, "
+            f"target {self.target}, compiled in {self.compile_seconds:.2f} s"
+        )

@@ -1,0 +1,48 @@
+"""How an fxpress op is made: a torch.library schema, a fake kernel and a reference implementation.
+
+The reference implementation, in plain torch, is the definition of correct for the op and the
+kernel the cpu target runs. The fake kernel computes output metadata (shape, dtype, strides) with no
+data, so passes can put the op into graphs carrying FakeTensors and symbolic shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+NAMESPACE = "fxpress"
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    op: torch._ops.OpOverload
+    reference: Callable[..., Any]
+    fake: Callable[..., Any]
+
+    @property
+    def qualname(self) -> str:
+        return f"{NAMESPACE}::{self.name}"
+
+
+# Every fxpress op by name; codegen and the runtime look kernels up here.
+OPS: dict[str, OpSpec] = {}
+
+
+def define_op(
+    name: str,
+    reference: Callable[..., Any],
+    fake: Callable[..., Any],
+    *,
+    mutates_args: tuple[str, ...] = (),
+) -> torch._ops.OpOverload:
+    """Register ``fxpress::<name>``; the schema is inferred from ``reference``'s type hints."""
+    if name in OPS:
+        raise RuntimeError(f"fxpress op {name!r} is defined twice")
+    custom = torch.library.custom_op(f"{NAMESPACE}::{name}", reference, mutates_args=mutates_args)
+    custom.register_fake(fake)
+    overload = getattr(getattr(torch.ops, NAMESPACE), name).default
+    OPS[name] = OpSpec(name, overload, reference, fake)
+    return overload

@@ -1,0 +1,1 @@
+"""Rewrite passes over ATen graphs, one per file, each named like its function."""
