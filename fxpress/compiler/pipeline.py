@@ -106,8 +106,9 @@ def run_pipeline(
             ) from e
         seconds = time.perf_counter() - start
         if not isinstance(result, PassResult):
+            kind = "a GraphModule" if isinstance(result, fx.GraphModule) else type(result).__name__
             raise PassError(
-                f"fxpress pass {name!r} returned {type(result).__name__}; a pass returns "
+                f"fxpress pass {name!r} returned {kind}; a pass returns "
                 "torch.fx.passes.infra.pass_base.PassResult(graph_module, modified)"
             )
         gm = result.graph_module

@@ -12,17 +12,6 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
-
-class _Reprop(FakeTensorProp):
-    """FakeTensorProp that turns frozen weights (real tensors behind get_attr) into fakes."""
-
-    def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
-        value = super().get_attr(target, args, kwargs)
-        if isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor):
-            return self._mode.from_tensor(value, static_shapes=True)
-        return value
 
 
 def _describe(v: Any) -> str:
@@ -39,30 +28,42 @@ def _agree(old: Any, new: Any) -> bool:
     return True  # SymInts and None: nothing shape-like to compare
 
 
+class _Recheck(fx.Interpreter):
+    """Runs the graph on FakeTensors and stops at the first node whose recorded metadata
+    disagrees with what its op computes from its inputs."""
+
+    def __init__(self, gm: fx.GraphModule, mode: Any):
+        super().__init__(gm)
+        self.mode = mode
+
+    def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
+        value = super().get_attr(target, args, kwargs)
+        if isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor):
+            return self.mode.from_tensor(value, static_shapes=True)
+        return value
+
+    def run_node(self, node: fx.Node) -> Any:
+        if node.op == "placeholder":
+            return node.meta["val"]
+        try:
+            with self.mode:
+                fresh = super().run_node(node)
+        except Exception as e:
+            raise AssertionError(f"node {node.name} ({node.target}) cannot run on its inputs: {e}") from e
+        if node.op != "output" and not _agree(node.meta.get("val"), fresh):
+            raise AssertionError(
+                f"node {node.name} ({node.target}) records {_describe(node.meta.get('val'))} "
+                f"but computes {_describe(fresh)}"
+            )
+        return fresh
+
+
 def verify_graph(gm: fx.GraphModule) -> None:
     """Raise ``AssertionError`` naming the first node whose graph or metadata is broken."""
     gm.graph.lint()
     missing = [n.name for n in gm.graph.nodes if n.op not in ("output", "get_attr") and "val" not in n.meta]
     if missing:
         raise AssertionError(f"nodes without meta['val']: {missing[:5]}")
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    mode = detect_fake_mode([n.meta["val"] for n in placeholders] + [
-        n.meta["val"] for n in gm.graph.nodes if n.op == "call_function"
-    ])
-    if mode is None:
-        return
-    recorded = {n: n.meta["val"] for n in gm.graph.nodes if "val" in n.meta}
-    prop = _Reprop(gm, mode)
-    prop._mode = mode
-    try:
-        prop.propagate_dont_convert_inputs(*[n.meta["val"] for n in placeholders])
-    finally:
-        fresh = {n: n.meta.get("val") for n in gm.graph.nodes}
-        for n, v in recorded.items():  # keep the pass's own metadata; we only compare
-            n.meta["val"] = v
-    for node, old in recorded.items():
-        if not _agree(old, fresh.get(node)):
-            raise AssertionError(
-                f"node {node.name} ({node.target}) records {_describe(old)} but computes "
-                f"{_describe(fresh.get(node))}"
-            )
+    mode = detect_fake_mode([n.meta["val"] for n in gm.graph.nodes if "val" in n.meta])
+    if mode is not None:
+        _Recheck(gm, mode).run()
