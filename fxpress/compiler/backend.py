@@ -10,7 +10,6 @@ naming the pass.
 from __future__ import annotations
 
 import itertools
-import logging
 import time
 import warnings
 from pathlib import Path
@@ -18,10 +17,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
+from torch._dynamo.exc import RestartAnalysis, SkipFrame
 
 import fxpress.ops  # noqa: F401  (registers torch.ops.fxpress before any graph uses them)
-from fxpress.compiler import flags
 from fxpress.compiler.capture import CapturedGraph, capture_and_compile
+from fxpress.compiler.logs import compile_log, configure_from_flags
 from fxpress.compiler.errors import OptionError, PassError, UnsupportedGraphError
 from fxpress.compiler.options import Options
 from fxpress.compiler.pipeline import PassFn, build_pipeline, run_pipeline
@@ -29,7 +29,6 @@ from fxpress.compiler.report import GraphReport, op_histogram
 from fxpress.compiler.support import find_unsupported
 from fxpress.runtime import build_program
 
-log = logging.getLogger("fxpress")
 _graph_ids = itertools.count()
 
 
@@ -60,7 +59,7 @@ class Backend:
             warnings.warn(f"fxpress: running graph {report.index} eagerly: {e}", FallbackWarning, stacklevel=2)
             compiled = gm.forward
         report.compile_seconds = time.perf_counter() - start
-        log.info("fxpress: %s", report.summary())
+        compile_log.info("fxpress: %s", report.summary())
         if self.on_report is not None:
             self.on_report(report)
         return compiled
@@ -119,7 +118,7 @@ def _compile(
         dump = _dump_dir(opts, report.index)
         report.inputs, report.frozen_weights = len(captured.runtime_inputs), len(captured.frozen)
         report.ops_before = op_histogram(captured.gm)
-        unsupported = find_unsupported(captured.gm, report.target)
+        unsupported = find_unsupported(captured.gm)
         if unsupported:
             report.unsupported = unsupported
             raise UnsupportedGraphError(f"{unsupported[0]}" + (
@@ -132,21 +131,12 @@ def _compile(
 
     try:
         return capture_and_compile(gm, example_inputs, lower)
-    except (PassError, UnsupportedGraphError):
-        raise
+    except (PassError, UnsupportedGraphError, RestartAnalysis, SkipFrame):
+        raise  # ours, or Dynamo's signals to re-trace the frame (e.g. specialise a float)
     except Exception as e:
         if lowering_started:
             raise  # our own code failed after capture: a bug, not an unsupported graph
         raise UnsupportedGraphError(f"capture failed with {type(e).__name__}: {e}") from e
 
 
-def _configure_logging() -> None:
-    level = flags.DEBUG.get()
-    if level and not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO if level < 4 else logging.DEBUG)
-
-
-_configure_logging()
+configure_from_flags()

@@ -7,6 +7,7 @@ because every rewrite before it may assume a functional graph. User passes join 
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from fxpress.compiler import counters as counters_mod
 from fxpress.compiler.errors import OptionError, PassError
+from fxpress.compiler.logs import graph_log
 from fxpress.compiler.options import Options
 from fxpress.compiler.verify import verify_graph
 from fxpress.passes.cse import cse
@@ -119,6 +121,8 @@ def run_pipeline(
                 raise PassError(f"fxpress pass {name!r} left a broken graph: {e}") from e
         if result.modified:
             _dump(dump_dir, index, name, gm)
+            if graph_log.isEnabledFor(logging.DEBUG):
+                graph_log.debug("after %s:\n%s", name, gm.print_readable(print_output=False))
         records.append(
             PassRecord(name, seconds, bool(result.modified), nodes_before, len(gm.graph.nodes),
                        counters_mod.delta(before_counts))

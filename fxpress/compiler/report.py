@@ -6,19 +6,23 @@ import collections
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.fx as fx
 
 from fxpress.compiler.pipeline import PassRecord
 from fxpress.compiler.support import Unsupported
 
 
+def op_name(target: Any) -> str:
+    """``aten.mm.default`` for ops, the function's name for Python callables."""
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target)
+    return getattr(target, "__name__", str(target))
+
+
 def op_histogram(gm: fx.GraphModule) -> dict[str, int]:
     """How many times each op is called, most frequent first."""
-    names = collections.Counter(
-        str(getattr(n.target, "__name__", n.target)) if not hasattr(n.target, "_schema")
-        else str(n.target)
-        for n in gm.graph.nodes if n.op == "call_function"
-    )
+    names = collections.Counter(op_name(n.target) for n in gm.graph.nodes if n.op == "call_function")
     return dict(names.most_common())
 
 

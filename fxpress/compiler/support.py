@@ -1,4 +1,4 @@
-"""What a target can run, and where in the user's code an unsupported op came from.
+"""What fxpress can compile, and where in the user's code an unsupported op came from.
 
 fxpress compiles straight-line graphs of ops. Control-flow higher-order ops (``cond``,
 ``while_loop``, ``map``) carry subgraphs that the schedule and memory plan cannot see through, so a
@@ -49,7 +49,7 @@ def user_source_line(node: fx.Node) -> str | None:
     return None
 
 
-def _reason(node: fx.Node, target: str) -> str | None:
+def _reason(node: fx.Node) -> str | None:
     fn = node.target
     if isinstance(fn, torch._ops.HigherOrderOperator):
         return f"higher-order op {fn.name()} with subgraphs is not lowered"
@@ -58,15 +58,15 @@ def _reason(node: fx.Node, target: str) -> str | None:
     return f"python callable {getattr(fn, '__name__', fn)!r} is not an op"
 
 
-def find_unsupported(gm: fx.GraphModule, target: str) -> list[Unsupported]:
-    """Every node of ``gm`` that ``target`` cannot run, in graph order."""
+def find_unsupported(gm: fx.GraphModule) -> list[Unsupported]:
+    """Every node of ``gm`` that fxpress cannot compile, in graph order."""
     found = []
     for node in gm.graph.nodes:
         if node.op in ("call_module", "call_method"):
             found.append(Unsupported(node.name, str(node.target), f"{node.op} in an ATen graph",
                                      user_source_line(node)))
         elif node.op == "call_function":
-            reason = _reason(node, target)
+            reason = _reason(node)
             if reason is not None:
                 op = getattr(node.target, "__name__", str(node.target))
                 found.append(Unsupported(node.name, op, reason, user_source_line(node)))

@@ -8,7 +8,6 @@ refused, or ``None`` where the node is not a candidate at all. Only after a full
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -18,8 +17,8 @@ from torch._guards import detect_fake_mode
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fxpress.compiler.counters import counters
+from fxpress.compiler.logs import rule_log
 
-log = logging.getLogger("fxpress.passes")
 aten = torch.ops.aten
 
 
@@ -63,7 +62,7 @@ def apply_rules(gm: fx.GraphModule, rules: Iterable[Rule], group: str) -> int:
                 continue
             if isinstance(found, Miss):
                 counters[group][f"{rule.name} [not applied: {found.reason}]"] += 1
-                log.debug("%s: %s at %s: %s", group, rule.name, found.node.name, found.reason)
+                rule_log.debug("%s: %s at %s: %s", group, rule.name, found.node.name, found.reason)
                 continue
             new = rule.replace(gm, found)
             new.meta.setdefault("stack_trace", found.root.meta.get("stack_trace"))

@@ -47,7 +47,7 @@ def _replace(gm: fx.GraphModule, m: Match) -> fx.Node:
     with gm.graph.inserting_before(update):
         node = gm.graph.call_function(_INPLACE[update.target], update.args, update.kwargs)
     node.meta.update(update.meta)
-    # The copy_ reads the functional result; point it at nothing before both are erased.
+    # The in-place op has already written the state, so the copy back is redundant.
     copy = next(u for u in update.users if is_op(u, aten.copy_))
     gm.graph.erase_node(copy)
     m.nodes.remove(copy)

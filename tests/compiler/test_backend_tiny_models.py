@@ -67,3 +67,16 @@ def test_entry_point_finds_backend_without_import():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"  # loaded by torch through the entry point
+
+
+@pytest.mark.parametrize("make", [tiny_bert, tiny_llama], ids=["bert", "llama_gqa"])
+def test_dynamic_sequence_length_compiles_once(make):
+    reports = []
+    backend = fxpress.Backend(fxpress.Options(check=True), on_report=reports.append)
+    model = make()
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    with torch.no_grad():
+        for length in (7, 13, 21):
+            ids = token_ids(batch=2, length=length)
+            assert max_diff(compiled(ids)[0], model(ids)[0]) <= TOL
+    assert len(reports) == 1 and reports[0].fallback_reason is None
