@@ -10,6 +10,7 @@ naming the pass.
 from __future__ import annotations
 
 import itertools
+import json
 import time
 import warnings
 from pathlib import Path
@@ -27,6 +28,8 @@ from fxpress.compiler.options import Options
 from fxpress.compiler.pipeline import PassFn, build_pipeline, run_pipeline
 from fxpress.compiler.report import GraphReport, op_histogram
 from fxpress.compiler.support import find_unsupported
+from fxpress.codegen.schedule import build_schedule, size_hints
+from fxpress.passes.plan_memory import plan_memory
 from fxpress.runtime import build_program
 
 _graph_ids = itertools.count()
@@ -125,9 +128,18 @@ def _compile(
                 f" and {len(unsupported) - 1} more unsupported node(s)" if len(unsupported) > 1 else ""))
         final, report.passes = run_pipeline(captured.gm, passes, opts, dump)
         report.ops_after, report.code = op_histogram(final), final.code
+        schedule = build_schedule(final)
+        plan = plan_memory(schedule, hints=size_hints(final))
+        program = build_program(final, schedule, plan, captured.runtime_inputs, report.target,
+                                title=f"graph {report.index}")
+        report.kernels = [(k.name, k.kind, k.nodes) for k in schedule.kernels]
+        report.plan = plan.figures() | {"order": plan.order_chosen}
+        report.wrapper = program.source
         if dump is not None:
             (dump / "options.txt").write_text(repr(opts) + "\n")
-        return build_program(final, captured.runtime_inputs, report.target)
+            (dump / "wrapper.py").write_text(program.source)
+            (dump / "plan.json").write_text(json.dumps(plan.to_dict(), indent=1))
+        return program
 
     try:
         return capture_and_compile(gm, example_inputs, lower)

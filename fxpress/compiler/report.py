@@ -39,6 +39,9 @@ class GraphReport:
     fallback_reason: str | None = None  # set when the whole graph runs eagerly
     compile_seconds: float = 0.0
     code: str = ""
+    kernels: list[tuple[str, str, tuple[str, ...]]] = field(default_factory=list)  # name, kind, nodes
+    plan: dict[str, Any] = field(default_factory=dict)  # arena/lower bound/naive bytes, order
+    wrapper: str = ""  # the generated module's source
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -53,6 +56,9 @@ class GraphReport:
             "fallback_reason": self.fallback_reason,
             "compile_seconds": self.compile_seconds,
             "code": self.code,
+            "kernels": [list(k) for k in self.kernels],
+            "plan": self.plan,
+            "wrapper": self.wrapper,
         }
 
     def summary(self) -> str:

@@ -103,7 +103,7 @@ def test_dump_dir_gets_a_numbered_graph_per_changing_pass(tmp_path):
     with torch.no_grad():
         torch.compile(tiny_llama(), backend=backend)(token_ids())
     (folder,) = tmp_path.iterdir()
-    expected = {"000_captured.txt", "options.txt"} | {
+    expected = {"000_captured.txt", "options.txt", "wrapper.py", "plan.json"} | {
         f"{i:03d}_{p.name}.txt" for i, p in enumerate(reports[0].passes, start=1) if p.modified
     }
     assert {p.name for p in folder.iterdir()} == expected

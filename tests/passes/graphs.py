@@ -8,7 +8,6 @@ import torch
 import torch.fx as fx
 
 from fxpress.compiler.capture import CapturedGraph, capture_and_compile
-from fxpress.runtime import build_program
 
 
 def capture(fn: Callable[..., Any], *args: Any) -> CapturedGraph:
@@ -18,7 +17,14 @@ def capture(fn: Callable[..., Any], *args: Any) -> CapturedGraph:
     def backend(gm: fx.GraphModule, example_inputs: Any) -> Callable:
         def lower(captured: CapturedGraph) -> Callable:
             seen.append(captured)
-            return build_program(captured.gm, captured.runtime_inputs, "cpu")
+
+            def run_graph_module(args: list) -> Any:
+                inputs = [args[i] for i in captured.runtime_inputs]
+                args.clear()
+                return captured.gm(*inputs)
+
+            run_graph_module._boxed_call = True
+            return run_graph_module
 
         return capture_and_compile(gm, example_inputs, lower)
 

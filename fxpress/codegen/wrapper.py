@@ -1,0 +1,207 @@
+"""The wrapper emitter: a Python module whose ``call(args)`` runs a scheduled, planned graph.
+
+The module checks its inputs, binds the size symbols from them, carves every planned buffer from
+one arena (kept between calls while the sizes stay the same), runs the kernels in the plan's order
+and returns the outputs. Each kernel's result is written straight into its slot through the op's
+``.out`` overload where one exists, else computed and copied in. The source is deterministic and
+readable: a comment per kernel names it and the nodes it came from.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import sympy
+import torch
+import torch.fx as fx
+from sympy.printing.pycode import pycode
+
+from fxpress.codegen.schedule import Schedule
+from fxpress.compiler.support import _SIZE_ARITHMETIC
+from fxpress.passes.plan_memory import MemoryPlan
+from fxpress.runtime.wrapper_support import out_variant
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.level = 0
+
+    def line(self, text: str = "") -> None:
+        self.lines.append("    " * self.level + text if text else "")
+
+
+def _code(expr: Any) -> str:
+    if isinstance(expr, torch.SymInt):
+        expr = expr.node.expr
+    expr = sympy.sympify(expr)
+    return str(int(expr)) if expr.is_number else pycode(expr, fully_qualified_modules=True)
+
+
+def _render(arg: Any) -> str:
+    if isinstance(arg, fx.Node):
+        return arg.name
+    if isinstance(arg, (list, tuple)):
+        inner = ", ".join(_render(a) for a in arg)
+        return f"[{inner}]" if isinstance(arg, list) else f"({inner}{',' if len(arg) == 1 else ''})"
+    if isinstance(arg, dict):
+        return "{" + ", ".join(f"{k!r}: {_render(v)}" for k, v in arg.items()) + "}"
+    if isinstance(arg, (torch.dtype, torch.layout, torch.memory_format)):
+        return str(arg)
+    if isinstance(arg, torch.device):
+        return f"torch.device({str(arg)!r})"
+    if isinstance(arg, float) and (arg != arg or arg in (float("inf"), float("-inf"))):
+        return f"float({str(arg)!r})"
+    if isinstance(arg, (torch.SymInt, sympy.Expr)):
+        return _code(arg)
+    return repr(arg)
+
+
+def _target(target: Any) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return f"torch.ops.{target.namespace}.{target._schema.name.split('::')[1]}.{target._overloadname}"
+    if target in _SIZE_ARITHMETIC:
+        module = "operator" if getattr(operator, target.__name__, None) is target else "torch"
+        return f"{module}.{target.__name__}"
+    raise NotImplementedError(f"the wrapper cannot call {target!r}")
+
+
+def _call(node: fx.Node, extra_kwargs: str = "", target: Any = None) -> str:
+    args = [_render(a) for a in node.args] + [f"{k}={_render(v)}" for k, v in node.kwargs.items()]
+    if extra_kwargs:
+        args.append(extra_kwargs)
+    return f"{_target(target or node.target)}({', '.join(args)})"
+
+
+def _symbol_bindings(gm: fx.GraphModule) -> list[str]:
+    bound: set[sympy.Symbol] = set()
+    lines = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        value = node.meta.get("val")
+        if isinstance(value, torch.SymInt) and isinstance(value.node.expr, sympy.Symbol) and value.node.expr not in bound:
+            bound.add(value.node.expr)
+            lines.append(f"{value.node.expr} = {node.name}")
+        elif isinstance(value, torch.Tensor):
+            for d, size in enumerate(value.shape):
+                if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol) \
+                        and size.node.expr not in bound:
+                    bound.add(size.node.expr)
+                    lines.append(f"{size.node.expr} = {node.name}.size({d})")
+    return lines
+
+
+def _device(schedule: Schedule, gm: fx.GraphModule) -> torch.device:
+    for node in gm.graph.nodes:
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor) and node.name in schedule.buffers:
+            return value.device
+    return torch.device("cpu")
+
+
+def emit_wrapper(gm: fx.GraphModule, schedule: Schedule, plan: MemoryPlan, title: str) -> str:
+    """Python source of a module defining ``call(args)``; constants come in as ``CONSTANTS``."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    kernels = {k.name: k for k in schedule.kernels}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    symbols = _symbol_bindings(gm)
+    symbol_names = [line.split(" = ")[0] for line in symbols]
+    slotted = sorted(plan.slots, key=lambda n: list(nodes).index(n))
+    figures = plan.figures()
+
+    w = _Writer()
+    w.line(f"# fxpress wrapper for {title}: {len(schedule.kernels)} kernels, arena "
+           f"{figures['arena_bytes']} bytes at the example sizes (lower bound "
+           f"{figures['lower_bound_bytes']}, naive {figures['naive_bytes']}); order: {plan.order_chosen}")
+    w.line("import math")
+    w.line("import operator")
+    w.line("import torch")
+    w.line("from fxpress.runtime.wrapper_support import allocate_arena, check_input, slot")
+    w.line()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            w.line(f"{node.name} = CONSTANTS[{node.target!r}]")
+    w.line(f"DEVICE = {_render(_device(schedule, gm))}")
+    w.line("_cache = {}")
+    w.line()
+    w.line(f"def _slots({', '.join(symbol_names)}):")
+    w.level += 1
+    w.line(f"arena = allocate_arena({_code(plan.arena_bytes)}, DEVICE)")
+    w.line("return (")
+    for name in slotted:
+        value = nodes[name].meta["val"]
+        size = _render(tuple(value.shape))
+        stride = _render(tuple(value.stride()))
+        w.line(f"    slot(arena, {_code(plan.slots[name].offset)}, {value.dtype}, {size}, {stride}),  # {name}")
+    w.line(")")
+    w.level -= 1
+    w.line()
+    w.line("def call(args):")
+    w.level += 1
+    w.line(f"{', '.join(n.name for n in placeholders)}{',' if len(placeholders) == 1 else ''} = args"
+           if placeholders else "pass")
+    w.line("args.clear()")
+    for node in placeholders:
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor):
+            sizes = tuple(None if isinstance(s, torch.SymInt) else int(s) for s in value.shape)
+            w.line(f"check_input({node.name}, {node.name!r}, {value.dtype}, {sizes!r}, {title!r})")
+    for line in symbols:
+        w.line(line)
+    key = f"({', '.join(symbol_names)}{',' if len(symbol_names) == 1 else ''})"
+    w.line(f"slots = _cache.get({key})")
+    w.line("if slots is None:")
+    w.line(f"    _cache.clear()")
+    w.line(f"    slots = _cache[{key}] = _slots({', '.join(symbol_names)})")
+    if slotted:
+        w.line(f"({', '.join(slotted)},) = slots")
+    _emit_body(w, gm, schedule, plan, nodes, kernels)
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    w.line(f"return {_render(tuple(output.args[0]) if isinstance(output.args[0], (list, tuple)) else output.args[0])}")
+    return "\n".join(w.lines) + "\n"
+
+
+def _emit_body(w: _Writer, gm: fx.GraphModule, schedule: Schedule, plan: MemoryPlan,
+               nodes: dict[str, fx.Node], kernels: dict[str, Any]) -> None:
+    sequence = [nodes[n] for k in plan.order for n in kernels[k].nodes]
+    last_use: dict[fx.Node, int] = {}
+    for i, node in enumerate(sequence):
+        for inp in node.all_input_nodes:
+            last_use[inp] = i
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    keep = set(output.all_input_nodes) | set(n for n in gm.graph.nodes if n.op in ("placeholder", "get_attr"))
+    dies_at: dict[int, list[str]] = {}
+    for n, last in last_use.items():  # temporaries: freed right after their last reader
+        if n not in keep and n.name not in plan.slots:
+            dies_at.setdefault(last, []).append(n.name)
+    position = 0
+    for kernel_name in plan.order:
+        kernel = kernels[kernel_name]
+        w.line(f"# {kernel.name}: {', '.join(kernel.nodes)}")
+        for name in kernel.nodes:
+            node = nodes[name]
+            _emit_node(w, node, name in plan.slots)
+            dead = dies_at.get(position)
+            if dead:
+                w.line(f"del {', '.join(sorted(dead))}")
+            position += 1
+
+
+def _emit_node(w: _Writer, node: fx.Node, in_arena: bool) -> None:
+    if node.target is operator.getitem:
+        source, index = node.args
+        if in_arena:
+            w.line(f"{node.name}.copy_({source.name}[{index}])")
+        else:
+            w.line(f"{node.name} = {source.name}[{index}]")
+        return
+    if not in_arena:
+        w.line(f"{node.name} = {_call(node)}")
+        return
+    out_op = out_variant(node.target)
+    if out_op is not None:
+        w.line(f"{_call(node, extra_kwargs=f'out={node.name}', target=out_op)}")
+    else:
+        w.line(f"{node.name}.copy_({_call(node)})")

@@ -1,0 +1,247 @@
+"""plan_memory: lay out every intermediate buffer of a schedule in one arena.
+
+A pure function of the schedule. It picks a kernel order (the graph's, or a memory-aware
+topological order that runs next the ready kernel which frees most and allocates least, whichever
+peaks lower), derives each arena buffer's live range from the first kernel that writes it to the
+last that reads it or a view of it, and assigns offsets greedily by size.
+
+Sizes are sympy expressions. Decisions (order, packing) use the sizes at the graph's example
+shapes (``hints``); offsets stay expressions, so a plan is evaluated per call and a growing
+sequence length never recompiles. With static sizes a buffer may fill any gap below it; with
+symbolic ones it sits above every buffer it overlaps in time (``Max`` of their ends), which keeps
+the layout valid for every value of the symbols.
+
+Graph inputs, outputs, constants and KV state are never planned into the arena. Kernels that write
+a graph input in place (a cache update) keep their place relative to every other kernel.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import sympy
+
+from fxpress.codegen.schedule import Schedule
+
+ALIGN = 64
+
+
+@dataclass(frozen=True)
+class Slot:
+    buffer: str
+    offset: sympy.Expr
+    nbytes: sympy.Expr  # aligned size
+    start: int  # position in MemoryPlan.order of the kernel that writes it
+    end: int  # position of the last kernel that reads it (directly or through a view)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    order: tuple[str, ...]  # kernel names, in execution order
+    slots: dict[str, Slot]
+    arena_bytes: sympy.Expr
+    lower_bound_bytes: sympy.Expr  # most bytes live at once in this order
+    naive_bytes: sympy.Expr  # every buffer its own allocation
+    hints: dict[str, int] = field(default_factory=dict)  # symbol values decisions were made at
+    order_chosen: str = "graph"
+
+    def evaluate(self, expr: sympy.Expr, values: Mapping[str, int] | None = None) -> int:
+        """An expression of this plan at concrete symbol values (the hints by default)."""
+        values = self.hints if values is None else values
+        return int(sympy.sympify(expr).subs({sympy.Symbol(k, integer=True, positive=True): v
+                                             for k, v in values.items()}))
+
+    def figures(self) -> dict[str, int]:
+        return {name: self.evaluate(getattr(self, name))
+                for name in ("arena_bytes", "lower_bound_bytes", "naive_bytes")}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "order": list(self.order), "order_chosen": self.order_chosen, "hints": self.hints,
+            "arena_bytes": str(self.arena_bytes), "lower_bound_bytes": str(self.lower_bound_bytes),
+            "naive_bytes": str(self.naive_bytes), "figures": self.figures(),
+            "slots": {n: {"offset": str(s.offset), "nbytes": str(s.nbytes), "start": s.start,
+                          "end": s.end} for n, s in self.slots.items()},
+        }
+
+
+def _aligned(nbytes: sympy.Expr) -> sympy.Expr:
+    if nbytes.is_number:
+        return sympy.Integer(-(-int(nbytes) // ALIGN) * ALIGN)
+    return ALIGN * sympy.ceiling(nbytes / ALIGN)
+
+
+def _base(schedule: Schedule, name: str) -> str:
+    buffer = schedule.buffers.get(name)
+    return buffer.alias_of if buffer is not None and buffer.alias_of else name
+
+
+def _planned(schedule: Schedule) -> dict[str, sympy.Expr]:
+    return {n: _aligned(b.nbytes) for n, b in schedule.buffers.items() if b.role == "arena"}
+
+
+def _dependencies(schedule: Schedule) -> list[set[int]]:
+    """For each kernel (graph order), the kernels it must follow."""
+    writer = {w: i for i, k in enumerate(schedule.kernels) for w in k.writes}
+    deps: list[set[int]] = []
+    barrier = -1  # the last kernel that mutates a graph input
+    for i, kernel in enumerate(schedule.kernels):
+        d = {writer[r] for r in kernel.reads if r in writer}
+        if kernel.mutates:
+            d |= set(range(barrier + 1, i))  # everything since the last barrier stays before it
+            barrier = i
+        elif barrier >= 0:
+            d.add(barrier)
+        deps.append(d)
+    return deps
+
+
+def _live_ranges(schedule: Schedule, order: list[int], sizes: dict[str, sympy.Expr]) -> dict[str, tuple[int, int]]:
+    position = {k: p for p, k in enumerate(order)}
+    ranges: dict[str, tuple[int, int]] = {}
+    for k in order:
+        kernel = schedule.kernels[k]
+        for w in kernel.writes:
+            if w in sizes:
+                ranges[w] = (position[k], position[k])
+    for k in order:
+        for r in schedule.kernels[k].reads:
+            base = _base(schedule, r)
+            if base in ranges:
+                start, end = ranges[base]
+                ranges[base] = (start, max(end, position[k]))
+    return ranges
+
+
+def _peak(ranges: dict[str, tuple[int, int]], sizes: dict[str, int], steps: int) -> int:
+    delta = [0] * (steps + 1)
+    for name, (start, end) in ranges.items():
+        delta[start] += sizes[name]
+        delta[end + 1] -= sizes[name]
+    live = peak = 0
+    for d in delta:
+        live += d
+        peak = max(peak, live)
+    return peak
+
+
+def _memory_aware_order(schedule: Schedule, deps: list[set[int]], sizes: dict[str, int]) -> list[int]:
+    """Topological order: next, the ready kernel that allocates least net of what it frees."""
+    n = len(schedule.kernels)
+    users: list[list[int]] = [[] for _ in range(n)]
+    for i, d in enumerate(deps):
+        for j in d:
+            users[j].append(i)
+    remaining = [len(d) for d in deps]
+    readers_left: dict[str, int] = {}
+    for kernel in schedule.kernels:
+        for r in kernel.reads:
+            base = _base(schedule, r)
+            if base in sizes:
+                readers_left[base] = readers_left.get(base, 0) + 1
+
+    def score(i: int) -> tuple[int, int]:
+        kernel = schedule.kernels[i]
+        allocated = sum(sizes.get(w, 0) for w in kernel.writes)
+        freed = sum(sizes[b] for b in {_base(schedule, r) for r in kernel.reads}
+                    if b in sizes and readers_left[b] == sum(_base(schedule, r) == b for r in kernel.reads))
+        return (allocated - freed, i)
+
+    ready = [score(i) for i in range(n) if remaining[i] == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        _, i = heapq.heappop(ready)
+        order.append(i)
+        for r in schedule.kernels[i].reads:
+            base = _base(schedule, r)
+            if base in readers_left:
+                readers_left[base] -= 1
+        for u in users[i]:
+            remaining[u] -= 1
+            if remaining[u] == 0:
+                heapq.heappush(ready, score(u))
+        # Scores of kernels already waiting change as buffers lose readers; refresh them.
+        ready = [score(j) for _, j in ready]
+        heapq.heapify(ready)
+    if len(order) != n:
+        raise AssertionError("schedule has a dependency cycle")
+    return order
+
+
+def _offsets(ranges: dict[str, tuple[int, int]], sizes: dict[str, sympy.Expr],
+             hint_sizes: dict[str, int]) -> dict[str, sympy.Expr]:
+    static = all(s.is_number for s in sizes.values())
+    placed: list[tuple[str, sympy.Expr]] = []
+    offsets: dict[str, sympy.Expr] = {}
+    for name in sorted(ranges, key=lambda n: (-hint_sizes[n], ranges[n][0], n)):
+        start, end = ranges[name]
+        conflicts = [(o, p) for p, o in placed if ranges[p][0] <= end and start <= ranges[p][1]]
+        if static:
+            offset = 0
+            for o, p in sorted(conflicts, key=lambda c: int(c[0])):
+                if offset + int(sizes[name]) <= int(o):
+                    break  # fits in the gap below this one
+                offset = max(offset, int(o) + int(sizes[p]))
+            offsets[name] = sympy.Integer(offset)
+        else:
+            offsets[name] = sympy.Max(0, *[o + sizes[p] for o, p in conflicts]) if conflicts else sympy.Integer(0)
+        placed.append((name, offsets[name]))
+    return offsets
+
+
+def plan_memory(schedule: Schedule, hints: Mapping[str, int] | None = None) -> MemoryPlan:
+    """Choose an order and lay out the schedule's arena buffers; see the module docstring."""
+    hints = dict(hints or {})
+    sizes = _planned(schedule)
+    subs = {sympy.Symbol(k, integer=True, positive=True): v for k, v in hints.items()}
+    hint_sizes = {n: int(s.subs(subs)) for n, s in sizes.items()}
+    deps = _dependencies(schedule)
+    candidates = {"graph": list(range(len(schedule.kernels))),
+                  "memory-aware": _memory_aware_order(schedule, deps, hint_sizes)}
+    best_name, best_order, best_ranges, best_peak = None, None, None, None
+    for name, order in candidates.items():
+        ranges = _live_ranges(schedule, order, sizes)
+        peak = _peak(ranges, hint_sizes, len(order))
+        if best_peak is None or peak < best_peak:
+            best_name, best_order, best_ranges, best_peak = name, order, ranges, peak
+    offsets = _offsets(best_ranges, sizes, hint_sizes)
+    slots = {n: Slot(n, offsets[n], sizes[n], *best_ranges[n]) for n in best_ranges}
+    arena = sympy.Max(0, *[s.offset + s.nbytes for s in slots.values()]) if slots else sympy.Integer(0)
+    lower = _symbolic_peak(best_ranges, sizes, len(best_order))
+    return MemoryPlan(
+        order=tuple(schedule.kernels[i].name for i in best_order), slots=slots,
+        arena_bytes=sympy.simplify(arena) if not arena.is_number else arena,
+        lower_bound_bytes=lower, naive_bytes=sympy.Add(*sizes.values()),
+        hints=hints, order_chosen=best_name,
+    )
+
+
+def _symbolic_peak(ranges: dict[str, tuple[int, int]], sizes: dict[str, sympy.Expr], steps: int) -> sympy.Expr:
+    live_at = [[] for _ in range(steps)]
+    for name, (start, end) in ranges.items():
+        for t in range(start, end + 1):
+            live_at[t].append(sizes[name])
+    totals = {sympy.Add(*live) for live in live_at if live}
+    return sympy.Max(*totals) if totals else sympy.Integer(0)
+
+
+def check_plan(plan: MemoryPlan, values: Mapping[str, int] | None = None) -> None:
+    """Prove, at the given symbol values (the hints by default), that no two buffers live at the
+    same time share a byte, and that every buffer lies inside the arena."""
+    arena = plan.evaluate(plan.arena_bytes, values)
+    spans = sorted(
+        (plan.evaluate(s.offset, values), plan.evaluate(s.nbytes, values), s.start, s.end, s.buffer)
+        for s in plan.slots.values()
+    )
+    for i, (offset, size, start, end, name) in enumerate(spans):
+        if offset < 0 or offset + size > arena or offset % ALIGN:
+            raise AssertionError(f"buffer {name} at [{offset}, {offset + size}) is outside the "
+                                 f"{arena}-byte arena or misaligned")
+        for other_offset, other_size, other_start, other_end, other in spans[i + 1:]:
+            if other_offset >= offset + size:
+                break  # sorted by offset: nothing further can overlap this one
+            if other_start <= end and start <= other_end:
+                raise AssertionError(f"buffers {name} and {other} overlap in the arena while both live")
