@@ -11,6 +11,7 @@ from fxpress.compiler.errors import FxpressError, OptionError, PassError, Unsupp
 from fxpress.compiler.explain import Report, explain
 from fxpress.compiler.options import Options, Pass
 from fxpress.compiler.pipeline import PIPELINE
+from fxpress.compiler.plot import plot_memory
 
 __version__ = "0.1.0"
 
@@ -28,4 +29,5 @@ __all__ = [
     "backend",
     "counters",
     "explain",
+    "plot_memory",
 ]

@@ -134,6 +134,7 @@ def _compile(
                                 title=f"graph {report.index}")
         report.kernels = [(k.name, k.kind, k.nodes) for k in schedule.kernels]
         report.plan = plan.figures() | {"order": plan.order_chosen}
+        report.memory_plan = plan
         report.wrapper = program.source
         if dump is not None:
             (dump / "options.txt").write_text(repr(opts) + "\n")

@@ -42,6 +42,7 @@ class GraphReport:
     kernels: list[tuple[str, str, tuple[str, ...]]] = field(default_factory=list)  # name, kind, nodes
     plan: dict[str, Any] = field(default_factory=dict)  # arena/lower bound/naive bytes, order
     wrapper: str = ""  # the generated module's source
+    memory_plan: Any = None  # the MemoryPlan itself, for fxpress.plot_memory
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -60,6 +61,16 @@ class GraphReport:
             "plan": self.plan,
             "wrapper": self.wrapper,
         }
+
+    def plan_summary(self) -> str:
+        if not self.plan:
+            return "  no memory plan"
+        kinds = collections.Counter(kind for _, kind, _ in self.kernels)
+        arena, lower, naive = (self.plan[k] for k in ("arena_bytes", "lower_bound_bytes", "naive_bytes"))
+        return (f"  kernels: {len(self.kernels)} ("
+                + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) + ")\n"
+                f"  arena: {arena / 2**20:.2f} MiB = {arena / max(lower, 1):.3f} x lower bound, "
+                f"{arena / max(naive, 1):.3f} x naive ({self.plan['order']} order)")
 
     def summary(self) -> str:
         if self.fallback_reason:

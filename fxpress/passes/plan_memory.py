@@ -68,9 +68,53 @@ class MemoryPlan:
 
 
 def _aligned(nbytes: sympy.Expr) -> sympy.Expr:
+    """Round up to a multiple of ALIGN. A symbolic size becomes the polynomial whose every
+    coefficient is rounded up to a multiple of ALIGN: an upper bound (symbols are non-negative)
+    that stays a multiple of ALIGN for every value of the symbols."""
     if nbytes.is_number:
         return sympy.Integer(-(-int(nbytes) // ALIGN) * ALIGN)
-    return ALIGN * sympy.ceiling(nbytes / ALIGN)
+    return _to_expr({m: -(-c // ALIGN) * ALIGN for m, c in _to_poly(nbytes).items()})
+
+
+# Symbolic sizes and offsets as polynomials: {((symbol, power), ...): integer coefficient}.
+Poly = dict
+
+
+def _to_poly(expr: sympy.Expr) -> Poly:
+    expr = sympy.expand(expr)
+    symbols = sorted(expr.free_symbols, key=str)
+    out: Poly = {}
+    for powers, coeff in sympy.Poly(expr, *symbols).terms() if symbols else [((), expr)]:
+        monomial = tuple((str(sym), p) for sym, p in zip(symbols, powers) if p)
+        out[monomial] = out.get(monomial, 0) + int(sympy.ceiling(coeff))  # rounding up bounds
+    return out
+
+
+def _to_expr(poly: Poly) -> sympy.Expr:
+    return sympy.Add(*[c * sympy.Mul(*[sympy.Symbol(n, integer=True, positive=True) ** p for n, p in m])
+                       for m, c in poly.items()])
+
+
+def _add(a: Poly, b: Poly) -> Poly:
+    out = dict(a)
+    for m, c in b.items():
+        out[m] = out.get(m, 0) + c
+    return out
+
+
+def _dominates(a: Poly, b: Poly) -> bool:
+    """a >= b for every non-negative value of the symbols (coefficient by coefficient)."""
+    return all(a.get(m, 0) >= b.get(m, 0) for m in set(a) | set(b))
+
+
+def _max_terms(terms: list[Poly]) -> list[Poly]:
+    """The terms of Max(*terms) that no other term dominates."""
+    kept: list[Poly] = []
+    for t in terms:
+        if any(_dominates(k, t) for k in kept):
+            continue
+        kept = [k for k in kept if not _dominates(t, k)] + [t]
+    return kept
 
 
 def _base(schedule: Schedule, name: str) -> str:
@@ -174,21 +218,36 @@ def _memory_aware_order(schedule: Schedule, deps: list[set[int]], sizes: dict[st
 def _offsets(ranges: dict[str, tuple[int, int]], sizes: dict[str, sympy.Expr],
              hint_sizes: dict[str, int]) -> dict[str, sympy.Expr]:
     static = all(s.is_number for s in sizes.values())
-    placed: list[tuple[str, sympy.Expr]] = []
-    offsets: dict[str, sympy.Expr] = {}
-    for name in sorted(ranges, key=lambda n: (-hint_sizes[n], ranges[n][0], n)):
+    order = sorted(ranges, key=lambda n: (-hint_sizes[n], ranges[n][0], n))
+    if static:
+        return _static_offsets(order, ranges, {n: int(s) for n, s in sizes.items()})
+    polys = {n: _to_poly(sizes[n]) for n in order}
+    placed: list[str] = []
+    terms: dict[str, list[Poly]] = {}
+    for name in order:
         start, end = ranges[name]
-        conflicts = [(o, p) for p, o in placed if ranges[p][0] <= end and start <= ranges[p][1]]
-        if static:
-            offset = 0
-            for o, p in sorted(conflicts, key=lambda c: int(c[0])):
-                if offset + int(sizes[name]) <= int(o):
-                    break  # fits in the gap below this one
-                offset = max(offset, int(o) + int(sizes[p]))
-            offsets[name] = sympy.Integer(offset)
-        else:
-            offsets[name] = sympy.Max(0, *[o + sizes[p] for o, p in conflicts]) if conflicts else sympy.Integer(0)
-        placed.append((name, offsets[name]))
+        ends = [_add(t, polys[p]) for p in placed
+                if ranges[p][0] <= end and start <= ranges[p][1] for t in terms[p]]
+        terms[name] = _max_terms(ends) or [{}]
+        placed.append(name)
+    return {n: sympy.Max(*[_to_expr(t) for t in ts]) if len(ts) > 1 else _to_expr(ts[0])
+            for n, ts in terms.items()}
+
+
+def _static_offsets(order: list[str], ranges: dict[str, tuple[int, int]], sizes: dict[str, int]) -> dict[str, sympy.Expr]:
+    """Greedy by size: each buffer at the lowest offset free for all of its lifetime."""
+    placed: list[tuple[int, str]] = []
+    offsets: dict[str, sympy.Expr] = {}
+    for name in order:
+        start, end = ranges[name]
+        offset = 0
+        for other_offset, other in sorted((o, p) for o, p in placed
+                                          if ranges[p][0] <= end and start <= ranges[p][1]):
+            if offset + sizes[name] <= other_offset:
+                break  # fits in the gap below this one
+            offset = max(offset, other_offset + sizes[other])
+        offsets[name] = sympy.Integer(offset)
+        placed.append((offset, name))
     return offsets
 
 
@@ -209,14 +268,25 @@ def plan_memory(schedule: Schedule, hints: Mapping[str, int] | None = None) -> M
             best_name, best_order, best_ranges, best_peak = name, order, ranges, peak
     offsets = _offsets(best_ranges, sizes, hint_sizes)
     slots = {n: Slot(n, offsets[n], sizes[n], *best_ranges[n]) for n in best_ranges}
-    arena = sympy.Max(0, *[s.offset + s.nbytes for s in slots.values()]) if slots else sympy.Integer(0)
+    arena = _arena_bytes(slots)
     lower = _symbolic_peak(best_ranges, sizes, len(best_order))
     return MemoryPlan(
         order=tuple(schedule.kernels[i].name for i in best_order), slots=slots,
-        arena_bytes=sympy.simplify(arena) if not arena.is_number else arena,
+        arena_bytes=arena,
         lower_bound_bytes=lower, naive_bytes=sympy.Add(*sizes.values()),
         hints=hints, order_chosen=best_name,
     )
+
+
+def _arena_bytes(slots: dict[str, Slot]) -> sympy.Expr:
+    if not slots:
+        return sympy.Integer(0)
+    if all(s.offset.is_number and s.nbytes.is_number for s in slots.values()):
+        return sympy.Integer(max(int(s.offset) + int(s.nbytes) for s in slots.values()))
+    ends = [_add(_to_poly(term), _to_poly(s.nbytes)) for s in slots.values()
+            for term in (s.offset.args if isinstance(s.offset, sympy.Max) else (s.offset,))]
+    kept = _max_terms(ends)
+    return sympy.Max(*[_to_expr(t) for t in kept]) if len(kept) > 1 else _to_expr(kept[0])
 
 
 def _symbolic_peak(ranges: dict[str, tuple[int, int]], sizes: dict[str, sympy.Expr], steps: int) -> sympy.Expr:

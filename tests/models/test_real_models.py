@@ -89,3 +89,22 @@ def test_smollm2_greedy_generation_is_token_identical(smollm2):
     decode = reports[-1]
     assert decode.ops_after["fxpress.rms_norm.default"] == 61
     assert decode.ops_after["aten.index_copy_.default"] == 60  # 30 layers x (K, V), in place
+
+
+def test_real_model_plans_are_within_ten_percent_of_the_lower_bound(minilm, smollm2):
+    from fxpress.passes.plan_memory import check_plan
+
+    model, tokenizer = minilm
+    batch = tokenizer(_sentences(8), padding="max_length", truncation=True, max_length=128, return_tensors="pt")
+    decoder, decoder_tokenizer = smollm2
+    ids = decoder_tokenizer(workloads.lee_background(), return_tensors="pt").input_ids[:, :128]
+    for fn, kwargs in ((model, dict(batch)), (decoder, {"input_ids": ids})):
+        reports = []
+        torch._dynamo.reset()
+        with torch.no_grad():
+            torch.compile(fn, backend=fxpress.Backend(fxpress.Options(), on_report=reports.append))(**kwargs)
+        plan = reports[-1].memory_plan
+        check_plan(plan)
+        figures = plan.figures()
+        assert figures["arena_bytes"] <= 1.10 * figures["lower_bound_bytes"]
+        assert figures["arena_bytes"] < figures["naive_bytes"] / 5
