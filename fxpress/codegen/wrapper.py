@@ -18,6 +18,7 @@ import torch.fx as fx
 from sympy.printing.pycode import pycode
 
 from fxpress.codegen.schedule import Schedule
+from fxpress.codegen.triton_pointwise import BLOCK, TritonKernel
 from fxpress.compiler.support import _SIZE_ARITHMETIC
 from fxpress.passes.plan_memory import MemoryPlan
 from fxpress.runtime.wrapper_support import out_variant
@@ -101,7 +102,8 @@ def _device(schedule: Schedule, gm: fx.GraphModule) -> torch.device:
     return torch.device("cpu")
 
 
-def emit_wrapper(gm: fx.GraphModule, schedule: Schedule, plan: MemoryPlan, title: str) -> str:
+def emit_wrapper(gm: fx.GraphModule, schedule: Schedule, plan: MemoryPlan, title: str,
+                 triton_kernels: dict[str, TritonKernel] | None = None) -> str:
     """Python source of a module defining ``call(args)``; constants come in as ``CONSTANTS``."""
     nodes = {n.name: n for n in gm.graph.nodes}
     kernels = {k.name: k for k in schedule.kernels}
@@ -119,6 +121,13 @@ def emit_wrapper(gm: fx.GraphModule, schedule: Schedule, plan: MemoryPlan, title
     w.line("import operator")
     w.line("import torch")
     w.line("from fxpress.runtime.wrapper_support import allocate_arena, check_input, slot")
+    triton_kernels = triton_kernels or {}
+    if triton_kernels:
+        w.line("import triton")
+        w.line("import triton.language as tl")
+        for kernel in triton_kernels.values():
+            w.line()
+            w.lines.extend(kernel.source.rstrip("\n").splitlines())
     w.line()
     for node in gm.graph.nodes:
         if node.op == "get_attr":
@@ -157,14 +166,15 @@ def emit_wrapper(gm: fx.GraphModule, schedule: Schedule, plan: MemoryPlan, title
     w.line(f"    slots = _cache[{key}] = _slots({', '.join(symbol_names)})")
     if slotted:
         w.line(f"({', '.join(slotted)},) = slots")
-    _emit_body(w, gm, schedule, plan, nodes, kernels)
+    _emit_body(w, gm, schedule, plan, nodes, kernels, triton_kernels)
     output = next(n for n in gm.graph.nodes if n.op == "output")
     w.line(f"return {_render(tuple(output.args[0]) if isinstance(output.args[0], (list, tuple)) else output.args[0])}")
     return "\n".join(w.lines) + "\n"
 
 
 def _emit_body(w: _Writer, gm: fx.GraphModule, schedule: Schedule, plan: MemoryPlan,
-               nodes: dict[str, fx.Node], kernels: dict[str, Any]) -> None:
+               nodes: dict[str, fx.Node], kernels: dict[str, Any],
+               triton_kernels: dict[str, TritonKernel]) -> None:
     sequence = [nodes[n] for k in plan.order for n in kernels[k].nodes]
     last_use: dict[fx.Node, int] = {}
     for i, node in enumerate(sequence):
@@ -180,6 +190,15 @@ def _emit_body(w: _Writer, gm: fx.GraphModule, schedule: Schedule, plan: MemoryP
     for kernel_name in plan.order:
         kernel = kernels[kernel_name]
         w.line(f"# {kernel.name}: {', '.join(kernel.nodes)}")
+        if kernel_name in triton_kernels:
+            _emit_launch(w, triton_kernels[kernel_name], nodes, plan)
+            internal = set(kernel.nodes) - set(kernel.writes)  # lived in registers only
+            dead = [n for p in range(position, position + len(kernel.nodes))
+                    for n in dies_at.get(p, []) if n not in internal]
+            if dead:
+                w.line(f"del {', '.join(sorted(dead))}")
+            position += len(kernel.nodes)
+            continue
         for name in kernel.nodes:
             node = nodes[name]
             _emit_node(w, node, name in plan.slots)
@@ -187,6 +206,16 @@ def _emit_body(w: _Writer, gm: fx.GraphModule, schedule: Schedule, plan: MemoryP
             if dead:
                 w.line(f"del {', '.join(sorted(dead))}")
             position += 1
+
+
+def _emit_launch(w: _Writer, kernel: TritonKernel, nodes: dict[str, fx.Node], plan: MemoryPlan) -> None:
+    for name in kernel.outputs:
+        if name not in plan.slots:  # a graph output: the caller's memory, allocated per call
+            value = nodes[name].meta["val"]
+            w.line(f"{name} = torch.empty_strided({_render(tuple(value.shape))}, "
+                   f"{_render(tuple(value.stride()))}, dtype={value.dtype}, device=DEVICE)")
+    grid = f"(triton.cdiv({kernel.numel}, {BLOCK}),)"
+    w.line(f"{kernel.name}[{grid}]({', '.join(kernel.inputs + kernel.outputs)}, BLOCK={BLOCK})")
 
 
 def _emit_node(w: _Writer, node: fx.Node, in_arena: bool) -> None:

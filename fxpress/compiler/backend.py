@@ -136,6 +136,8 @@ def _compile(
         report.plan = plan.figures() | {"order": plan.order_chosen}
         report.memory_plan = plan
         report.wrapper = program.source
+        report.generated = {name: k.source for name, k in program.triton_kernels.items()}
+        report.not_generated = program.not_generated
         if dump is not None:
             (dump / "options.txt").write_text(repr(opts) + "\n")
             (dump / "wrapper.py").write_text(program.source)

@@ -66,4 +66,10 @@ CACHE_DIR = Flag(
     "Where fxpress.workloads keeps converted real models (the fp32 copy of SmolLM2's GGUF).",
 )
 
-ALL_FLAGS: tuple[Flag, ...] = (DEBUG, DUMP_DIR, CHECK, CACHE_DIR)
+TRITON_INTERPRET = Flag(
+    "TRITON_INTERPRET", False, _bool,
+    "Triton's own switch, read here too: with it, target='triton' runs its kernels in Triton's "
+    "interpreter on CPU tensors (slow; for tests).",
+)
+
+ALL_FLAGS: tuple[Flag, ...] = (DEBUG, DUMP_DIR, CHECK, CACHE_DIR, TRITON_INTERPRET)

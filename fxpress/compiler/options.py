@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 from fxpress.compiler import flags
 from fxpress.compiler.errors import OptionError
 
-TARGETS = ("auto", "cpu")
+TARGETS = ("auto", "cpu", "triton")
 
 
 @dataclass(frozen=True)

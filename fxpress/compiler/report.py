@@ -43,6 +43,8 @@ class GraphReport:
     plan: dict[str, Any] = field(default_factory=dict)  # arena/lower bound/naive bytes, order
     wrapper: str = ""  # the generated module's source
     memory_plan: Any = None  # the MemoryPlan itself, for fxpress.plot_memory
+    generated: dict[str, str] = field(default_factory=dict)  # kernel -> generated Triton source
+    not_generated: dict[str, str] = field(default_factory=dict)  # kernel -> why it stays torch
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -60,6 +62,8 @@ class GraphReport:
             "kernels": [list(k) for k in self.kernels],
             "plan": self.plan,
             "wrapper": self.wrapper,
+            "generated": self.generated,
+            "not_generated": self.not_generated,
         }
 
     def plan_summary(self) -> str:
@@ -70,7 +74,9 @@ class GraphReport:
         return (f"  kernels: {len(self.kernels)} ("
                 + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) + ")\n"
                 f"  arena: {arena / 2**20:.2f} MiB = {arena / max(lower, 1):.3f} x lower bound, "
-                f"{arena / max(naive, 1):.3f} x naive ({self.plan['order']} order)")
+                f"{arena / max(naive, 1):.3f} x naive ({self.plan['order']} order)"
+                + (f"\n  triton kernels generated: {len(self.generated)}, left to torch: "
+                   f"{len(self.not_generated)}" if self.target == "triton" else ""))
 
     def summary(self) -> str:
         if self.fallback_reason:

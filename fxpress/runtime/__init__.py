@@ -2,14 +2,48 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import torch
+import torch.fx as fx
 
-from fxpress.runtime.cpu import CpuProgram
+from fxpress.codegen.schedule import Schedule
+from fxpress.codegen.triton_pointwise import TritonKernel, emit_pointwise, lowering_refusal
+from fxpress.compiler import flags
+from fxpress.compiler.errors import UnsupportedGraphError
+from fxpress.passes.plan_memory import MemoryPlan
+from fxpress.runtime.program import WrapperProgram
 
-TARGET_PROGRAMS: dict[str, Callable[..., Callable[[list[Any]], Any]]] = {
-    "cpu": CpuProgram,
-}
+
+def triton_kernels(gm: fx.GraphModule, schedule: Schedule) -> tuple[dict[str, TritonKernel], dict[str, str]]:
+    """Generated kernels for the kernels the emitter can lower, and why the others stay torch."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    made, refused = {}, {}
+    for kernel in schedule.kernels:
+        if kernel.kind == "view":
+            continue
+        reason = lowering_refusal(kernel, nodes)
+        if reason is None:
+            made[kernel.name] = emit_pointwise(kernel, nodes)
+        else:
+            refused[kernel.name] = reason
+    return made, refused
 
 
-def build_program(gm, schedule, plan, runtime_inputs, target: str, title: str) -> Callable:
-    return TARGET_PROGRAMS[target](gm, schedule, plan, runtime_inputs, title)
+def _check_triton_device(gm: fx.GraphModule) -> None:
+    devices = {n.meta["val"].device.type for n in gm.graph.nodes
+               if isinstance(n.meta.get("val"), torch.Tensor)}
+    if devices - {"cuda"} and not flags.TRITON_INTERPRET.get():
+        raise UnsupportedGraphError(
+            f"target='triton' needs CUDA tensors (this graph has {sorted(devices)}); set "
+            "TRITON_INTERPRET=1 to run the Triton kernels in Triton's interpreter on CPU")
+
+
+def build_program(gm: fx.GraphModule, schedule: Schedule, plan: MemoryPlan,
+                  runtime_inputs: tuple[int, ...], target: str, title: str) -> WrapperProgram:
+    kernels: dict[str, TritonKernel] = {}
+    refused: dict[str, str] = {}
+    if target == "triton":
+        _check_triton_device(gm)
+        kernels, refused = triton_kernels(gm, schedule)
+    program = WrapperProgram(gm, schedule, plan, runtime_inputs, title, kernels)
+    program.not_generated = refused
+    return program

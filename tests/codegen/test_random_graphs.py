@@ -1,8 +1,10 @@
 """Random programs of pointwise, reduction, view and matmul ops through the whole pipeline
-(capture, passes, schedule, memory plan, generated wrapper) against eager."""
+(capture, passes, schedule, memory plan, generated wrapper and, on the triton target, generated
+Triton kernels run by Triton's interpreter) against eager."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
@@ -42,15 +44,23 @@ def build(program):
     return fn
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(ops, min_size=1, max_size=10))
-def test_random_program_matches_eager(program):
+@pytest.fixture(params=["cpu", "triton"])
+def target(request, monkeypatch):
+    if request.param == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # generated kernels in Triton's interpreter
+    return request.param
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(program=st.lists(ops, min_size=1, max_size=10))
+def test_random_program_matches_eager(target, program):
     fn = build(program)
     x = torch.randn(B, N, generator=torch.Generator().manual_seed(0))
     w = torch.randn(B, N, generator=torch.Generator().manual_seed(1))
     torch._dynamo.reset()
     with torch.no_grad():
         expected = fn(x, w)
-        actual = torch.compile(fn, backend=fxpress.backend(strict=True), fullgraph=True)(x, w)
+        actual = torch.compile(fn, backend=fxpress.backend(target=target, strict=True), fullgraph=True)(x, w)
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
