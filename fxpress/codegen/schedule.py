@@ -103,9 +103,10 @@ def storage_nbytes(value: torch.Tensor) -> sympy.Expr:
     for size, stride in zip(value.shape, value.stride()):
         extent += (_expr(size) - 1) * _expr(stride)
     numel = sympy.Mul(*[_expr(s) for s in value.shape])
-    # An empty tensor spans nothing; Piecewise keeps symbolic sizes exact.
-    return sympy.Piecewise((0, sympy.Eq(numel, 0)), (extent * value.element_size(), True)) \
-        if not numel.is_number else (extent * value.element_size() if numel != 0 else sympy.Integer(0))
+    # An empty tensor spans nothing. Symbolic sizes are never 0: Dynamo specialises sizes 0 and 1.
+    if numel.is_number and numel == 0:
+        return sympy.Integer(0)
+    return sympy.expand(extent * value.element_size())
 
 
 def _expr(x: Any) -> sympy.Expr:
@@ -197,7 +198,6 @@ def _kernel_name(kind: str, nodes: Iterable[fx.Node], index: int) -> str:
 def build_schedule(gm: fx.GraphModule) -> Schedule:
     """Group ``gm`` into kernels and describe every buffer they exchange."""
     groups = group_nodes(gm)
-    kernel_of: dict[fx.Node, int] = {n: i for i, (_, nodes) in enumerate(groups) for n in nodes}
     output_node = next(n for n in gm.graph.nodes if n.op == "output")
     returned = {a for a in torch.utils._pytree.tree_leaves(output_node.args) if isinstance(a, fx.Node)}
 
@@ -209,7 +209,10 @@ def build_schedule(gm: fx.GraphModule) -> Schedule:
             buffers[node.name] = Buffer(node.name, storage_nbytes(value), value.dtype, role)
 
     def base_of(node: fx.Node) -> str | None:
-        return buffers[node.name].alias_of or node.name if node.name in buffers else None
+        """The buffer whose memory ``node``'s value lives in (itself unless it is a view)."""
+        if node.name not in buffers:
+            return None
+        return buffers[node.name].alias_of or node.name
 
     kernels = []
     for index, (kind, nodes) in enumerate(groups):

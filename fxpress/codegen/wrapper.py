@@ -19,7 +19,7 @@ from sympy.printing.pycode import pycode
 
 from fxpress.codegen.schedule import Schedule
 from fxpress.codegen.triton_pointwise import BLOCK, TritonKernel
-from fxpress.compiler.support import _SIZE_ARITHMETIC
+from fxpress.compiler.support import SIZE_ARITHMETIC
 from fxpress.passes.plan_memory import MemoryPlan
 from fxpress.runtime.wrapper_support import out_variant
 
@@ -62,7 +62,7 @@ def _render(arg: Any) -> str:
 def _target(target: Any) -> str:
     if isinstance(target, torch._ops.OpOverload):
         return f"torch.ops.{target.namespace}.{target._schema.name.split('::')[1]}.{target._overloadname}"
-    if target in _SIZE_ARITHMETIC:
+    if target in SIZE_ARITHMETIC:
         module = "operator" if getattr(operator, target.__name__, None) is target else "torch"
         return f"{module}.{target.__name__}"
     raise NotImplementedError(f"the wrapper cannot call {target!r}")
@@ -110,7 +110,8 @@ def emit_wrapper(gm: fx.GraphModule, schedule: Schedule, plan: MemoryPlan, title
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     symbols = _symbol_bindings(gm)
     symbol_names = [line.split(" = ")[0] for line in symbols]
-    slotted = sorted(plan.slots, key=lambda n: list(nodes).index(n))
+    graph_position = {name: i for i, name in enumerate(nodes)}
+    slotted = sorted(plan.slots, key=graph_position.__getitem__)
     figures = plan.figures()
 
     w = _Writer()

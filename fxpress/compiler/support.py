@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 # Python-level callables that appear in ATen graphs and are plain arithmetic on sizes.
-_SIZE_ARITHMETIC = {
+SIZE_ARITHMETIC = {
     operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv,
     operator.truediv, operator.mod, operator.neg, operator.pow, operator.eq, operator.ne,
     operator.lt, operator.le, operator.gt, operator.ge, torch.sym_float, torch.sym_int,
@@ -53,7 +53,7 @@ def _reason(node: fx.Node) -> str | None:
     fn = node.target
     if isinstance(fn, torch._ops.HigherOrderOperator):
         return f"higher-order op {fn.name()} with subgraphs is not lowered"
-    if isinstance(fn, torch._ops.OpOverload) or fn in _SIZE_ARITHMETIC:
+    if isinstance(fn, torch._ops.OpOverload) or fn in SIZE_ARITHMETIC:
         return None
     return f"python callable {getattr(fn, '__name__', fn)!r} is not an op"
 
