@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 
+# Triton's interpreter must be chosen before triton is imported (its own @jit helpers such as
+# tl.sum are made then). On a GPU machine, run with TRITON_INTERPRET=0 to compile for the device.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 

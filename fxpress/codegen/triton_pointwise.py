@@ -30,6 +30,12 @@ class TritonKernel:
     inputs: tuple[str, ...]  # node names, in argument order
     outputs: tuple[str, ...]
     numel: int
+    block: int = 1024
+    grid: str = ""  # launch grid expression; empty: one program per block of elements
+
+    @property
+    def launch_grid(self) -> str:
+        return self.grid or f"(triton.cdiv({self.numel}, {self.block}),)"
 
 
 def _static(value: Any) -> bool:

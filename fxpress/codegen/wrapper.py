@@ -18,7 +18,7 @@ import torch.fx as fx
 from sympy.printing.pycode import pycode
 
 from fxpress.codegen.schedule import Schedule
-from fxpress.codegen.triton_pointwise import BLOCK, TritonKernel
+from fxpress.codegen.triton_pointwise import TritonKernel
 from fxpress.compiler.support import SIZE_ARITHMETIC
 from fxpress.passes.plan_memory import MemoryPlan
 from fxpress.runtime.wrapper_support import out_variant
@@ -215,8 +215,7 @@ def _emit_launch(w: _Writer, kernel: TritonKernel, nodes: dict[str, fx.Node], pl
             value = nodes[name].meta["val"]
             w.line(f"{name} = torch.empty_strided({_render(tuple(value.shape))}, "
                    f"{_render(tuple(value.stride()))}, dtype={value.dtype}, device=DEVICE)")
-    grid = f"(triton.cdiv({kernel.numel}, {BLOCK}),)"
-    w.line(f"{kernel.name}[{grid}]({', '.join(kernel.inputs + kernel.outputs)}, BLOCK={BLOCK})")
+    w.line(f"{kernel.name}[{kernel.launch_grid}]({', '.join(kernel.inputs + kernel.outputs)}, BLOCK={kernel.block})")
 
 
 def _emit_node(w: _Writer, node: fx.Node, in_arena: bool) -> None:

@@ -69,7 +69,7 @@ CACHE_DIR = Flag(
 TRITON_INTERPRET = Flag(
     "TRITON_INTERPRET", False, _bool,
     "Triton's own switch, read here too: with it, target='triton' runs its kernels in Triton's "
-    "interpreter on CPU tensors (slow; for tests).",
+    "interpreter on CPU tensors (slow; for tests). Set it before triton is first imported.",
 )
 
 ALL_FLAGS: tuple[Flag, ...] = (DEBUG, DUMP_DIR, CHECK, CACHE_DIR, TRITON_INTERPRET)

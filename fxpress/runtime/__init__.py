@@ -7,6 +7,7 @@ import torch.fx as fx
 
 from fxpress.codegen.schedule import Schedule
 from fxpress.codegen.triton_pointwise import TritonKernel, emit_pointwise, lowering_refusal
+from fxpress.codegen.triton_reduction import emit_reduction, reduction_refusal
 from fxpress.compiler import flags
 from fxpress.compiler.errors import UnsupportedGraphError
 from fxpress.passes.plan_memory import MemoryPlan
@@ -20,9 +21,14 @@ def triton_kernels(gm: fx.GraphModule, schedule: Schedule) -> tuple[dict[str, Tr
     for kernel in schedule.kernels:
         if kernel.kind == "view":
             continue
-        reason = lowering_refusal(kernel, nodes)
+        if kernel.kind == "reduction":
+            reason = reduction_refusal(kernel, nodes)
+            emit = emit_reduction
+        else:
+            reason = lowering_refusal(kernel, nodes)
+            emit = emit_pointwise
         if reason is None:
-            made[kernel.name] = emit_pointwise(kernel, nodes)
+            made[kernel.name] = emit(kernel, nodes)
         else:
             refused[kernel.name] = reason
     return made, refused

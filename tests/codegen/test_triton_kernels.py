@@ -1,4 +1,4 @@
-"""Generated Triton pointwise kernels against eager: under Triton's interpreter on CPU, and on a
+"""Generated Triton kernels (pointwise and row reductions) against eager: under Triton's interpreter on CPU, and on a
 GPU when there is one (marked ``gpu``)."""
 
 from __future__ import annotations
@@ -35,6 +35,13 @@ CASES = {
     "transposed": (lambda x, y: F.silu(x + y.t()), [(7, 129), (129, 7)]),
     "odd_size": (lambda x: torch.where(x > 0, torch.exp(-x), x.pow(2)), [(1031,)]),
     "cast": (lambda x: (x.sin() * x.cos()).to(torch.float16), [(65, 3)]),
+    "softmax_with_prologue_epilogue": (lambda x: torch.softmax(x * 2 + 1, -1) * 3, [(6, 37)]),
+    "softmax_row_longer_than_a_block": (lambda x: torch.softmax(x, -1), [(3, 2500)]),
+    "layer_norm_affine": (lambda x, w, b: F.layer_norm(x + 1, (50,), w, b) * 2, [(4, 7, 50), (50,), (50,)]),
+    "layer_norm_plain": (lambda x: F.layer_norm(x, (129,)), [(5, 129)]),
+    "sum_keepdim": (lambda x: x.exp().sum(-1, keepdim=True), [(9, 33)]),
+    "mean_long_row": (lambda x: (x * x).mean(-1, keepdim=True), [(9, 1100)]),
+    "amax": (lambda x: torch.amax(x, -1, keepdim=True), [(5, 13)]),
 }
 
 
@@ -44,7 +51,7 @@ def test_pointwise_kernels_match_eager(case, device):
     gen = torch.Generator().manual_seed(0)
     args = [torch.randn(*s, generator=gen).to(device) for s in shapes]
     actual, expected, report = _run(fn, *args)
-    assert report.generated, report.not_generated
+    assert report.generated and not report.not_generated, report.not_generated
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -63,6 +70,15 @@ def test_tiny_llama_on_triton_target(device):
     actual, expected, report = _run(model, ids)
     assert report.generated and any("not generated yet" in r for r in report.not_generated.values())
     torch.testing.assert_close(actual.logits, expected.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_tiny_bert_layer_norms_are_generated(device):
+    from tests.tiny_models import tiny_bert, token_ids
+
+    model, ids = tiny_bert().to(device), token_ids(batch=2, length=6).to(device)
+    actual, expected, report = _run(model, ids)
+    assert any("native_layer_norm" in name for name in report.generated)
+    torch.testing.assert_close(actual.last_hidden_state, expected.last_hidden_state, rtol=1e-5, atol=1e-5)
 
 
 def test_cpu_tensors_without_interpreter_fall_back_visibly(monkeypatch):
