@@ -32,6 +32,8 @@ class TritonKernel:
     numel: int
     block: int = 1024
     grid: str = ""  # launch grid expression; empty: one program per block of elements
+    imports: tuple[str, ...] = ()  # hand-written kernels: where the wrapper imports them from
+    launch: str = ""  # hand-written kernels: the whole launch statement
 
     @property
     def launch_grid(self) -> str:

@@ -126,9 +126,12 @@ def emit_wrapper(gm: fx.GraphModule, schedule: Schedule, plan: MemoryPlan, title
     if triton_kernels:
         w.line("import triton")
         w.line("import triton.language as tl")
+        for line in sorted({i for kernel in triton_kernels.values() for i in kernel.imports}):
+            w.line(line)
         for kernel in triton_kernels.values():
-            w.line()
-            w.lines.extend(kernel.source.rstrip("\n").splitlines())
+            if kernel.source:
+                w.line()
+                w.lines.extend(kernel.source.rstrip("\n").splitlines())
     w.line()
     for node in gm.graph.nodes:
         if node.op == "get_attr":
@@ -215,6 +218,9 @@ def _emit_launch(w: _Writer, kernel: TritonKernel, nodes: dict[str, fx.Node], pl
             value = nodes[name].meta["val"]
             w.line(f"{name} = torch.empty_strided({_render(tuple(value.shape))}, "
                    f"{_render(tuple(value.stride()))}, dtype={value.dtype}, device=DEVICE)")
+    if kernel.launch:
+        w.line(kernel.launch)
+        return
     w.line(f"{kernel.name}[{kernel.launch_grid}]({', '.join(kernel.inputs + kernel.outputs)}, BLOCK={kernel.block})")
 
 

@@ -7,6 +7,7 @@ import torch.fx as fx
 
 from fxpress.codegen.schedule import Schedule
 from fxpress.codegen.triton_pointwise import TritonKernel, emit_pointwise, lowering_refusal
+from fxpress.codegen.op_kernels import lower_op
 from fxpress.codegen.triton_reduction import emit_reduction, reduction_refusal
 from fxpress.compiler import flags
 from fxpress.compiler.errors import UnsupportedGraphError
@@ -20,6 +21,13 @@ def triton_kernels(gm: fx.GraphModule, schedule: Schedule) -> tuple[dict[str, Tr
     made, refused = {}, {}
     for kernel in schedule.kernels:
         if kernel.kind == "view":
+            continue
+        if kernel.kind == "op":
+            lowered = lower_op(kernel, nodes)
+            if isinstance(lowered, str):
+                refused[kernel.name] = lowered
+            else:
+                made[kernel.name] = lowered
             continue
         if kernel.kind == "reduction":
             reason = reduction_refusal(kernel, nodes)
