@@ -22,7 +22,7 @@ from torch._dynamo.exc import RestartAnalysis, SkipFrame
 
 import fxpress.ops  # noqa: F401  (registers torch.ops.fxpress before any graph uses them)
 from fxpress.compiler.capture import CapturedGraph, capture_and_compile
-from fxpress.compiler.logs import compile_log, configure_from_flags
+from fxpress.compiler.logs import compile_log, configure_from_flags, kernel_log
 from fxpress.compiler.errors import OptionError, PassError, UnsupportedGraphError
 from fxpress.compiler.options import Options
 from fxpress.compiler.pipeline import PassFn, build_pipeline, run_pipeline
@@ -136,6 +136,7 @@ def _compile(
         report.plan = plan.figures() | {"order": plan.order_chosen}
         report.memory_plan = plan
         report.wrapper = program.source
+        kernel_log.debug("wrapper of graph %d:\n%s", report.index, program.source)
         report.generated = {name: k.source for name, k in program.triton_kernels.items()}
         report.not_generated = program.not_generated
         if dump is not None:
