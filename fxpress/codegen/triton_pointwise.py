@@ -49,21 +49,28 @@ def lowering_refusal(kernel: Kernel, nodes: dict[str, fx.Node]) -> str | None:
     """Why ``kernel`` cannot become a Triton kernel, or None when it can."""
     if kernel.kind != "pointwise":
         return f"{kernel.kind} kernels are not generated yet"
-    members = [nodes[n] for n in kernel.nodes]
-    for node in members:
-        if node.target not in OPS:
-            return f"{node.target} has no Triton form"
-        values = [node.meta["val"]] + [a.meta["val"] for a in node.all_input_nodes]
-        if not all(_static(v) and v.dtype in TL_DTYPES for v in values):
-            return f"{node.name}: symbolic shape or dtype outside {sorted(map(str, TL_DTYPES))}"
-        if any(isinstance(a, (list, tuple, torch.SymInt)) for a in node.args):
-            return f"{node.name}: non-scalar literal argument"
-        if any(isinstance(a, float) and not math.isfinite(a) for a in node.args):
-            return f"{node.name}: non-finite literal"
-        try:
-            _render(node, {a: "t" for a in node.all_input_nodes})
-        except NotImplementedError as e:
-            return f"{node.name}: {e}"
+    for name in kernel.nodes:
+        reason = pointwise_refusal(nodes[name])
+        if reason is not None:
+            return reason
+    return None
+
+
+def pointwise_refusal(node: fx.Node) -> str | None:
+    """Why one elementwise node has no Triton expression here, or None when it has one."""
+    if node.target not in OPS:
+        return f"{node.target} has no Triton form"
+    values = [node.meta["val"]] + [a.meta["val"] for a in node.all_input_nodes]
+    if not all(_static(v) and v.dtype in TL_DTYPES for v in values):
+        return f"{node.name}: symbolic shape or dtype outside {sorted(map(str, TL_DTYPES))}"
+    if any(isinstance(a, (list, tuple, torch.SymInt)) for a in node.args):
+        return f"{node.name}: non-scalar literal argument"
+    if any(isinstance(a, float) and not math.isfinite(a) for a in node.args):
+        return f"{node.name}: non-finite literal"
+    try:
+        _render(node, {a: "t" for a in node.all_input_nodes})
+    except NotImplementedError as e:
+        return f"{node.name}: {e}"
     return None
 
 

@@ -17,8 +17,8 @@ import torch
 import torch.fx as fx
 
 from fxpress.codegen.schedule import Kernel
-from fxpress.codegen.triton_ops import OPS, TL_DTYPES
-from fxpress.codegen.triton_pointwise import TritonKernel, _index, _render, _static
+from fxpress.codegen.triton_ops import TL_DTYPES
+from fxpress.codegen.triton_pointwise import TritonKernel, _index, _render, _static, pointwise_refusal
 from fxpress.passes._match import aten, is_op
 
 MAX_BLOCK = 1024
@@ -38,27 +38,22 @@ def reduction_refusal(kernel: Kernel, nodes: dict[str, fx.Node]) -> str | None:
         return "softmax with half-to-float"
     if is_op(root, aten.sum) and root.kwargs.get("dtype") is not None:
         return "sum with a dtype"
-    row_shape = root.args[0].meta["val"].shape
-    seen_root = False
+    values = [root.meta["val"][0] if is_op(root, aten.native_layer_norm) else root.meta["val"]]
+    values += [a.meta["val"] for a in root.all_input_nodes]
+    if not all(_static(v) and v.dtype in TL_DTYPES for v in values):
+        return f"{root.name}: symbolic shape or dtype outside {sorted(map(str, TL_DTYPES))}"
+    row_shape = tuple(root.args[0].meta["val"].shape)
+    after_root = False
     for name in kernel.nodes:
         node = nodes[name]
-        values = [node.meta["val"]] if isinstance(node.meta["val"], torch.Tensor) else list(node.meta["val"])
-        values += [a.meta["val"] for a in node.all_input_nodes if isinstance(a.meta["val"], torch.Tensor)]
-        if not all(_static(v) and v.dtype in TL_DTYPES for v in values):
-            return f"{name}: symbolic shape or dtype outside {sorted(map(str, TL_DTYPES))}"
-        if node is root:
-            seen_root = True
+        if node is root or node.target is operator.getitem:
+            after_root = after_root or node is root
             continue
-        if node.target is operator.getitem:
-            continue
-        if node.target not in OPS:
-            return f"{node.target} has no Triton form"
-        if seen_root and tuple(node.meta["val"].shape) != tuple(row_shape):
+        reason = pointwise_refusal(node)
+        if reason is not None:
+            return reason
+        if after_root and tuple(node.meta["val"].shape) != row_shape:
             return f"{name}: epilogue over a row statistic is not generated yet"
-        try:
-            _render(node, {a: "t" for a in node.all_input_nodes})
-        except NotImplementedError as e:
-            return f"{name}: {e}"
     return None
 
 
