@@ -256,7 +256,7 @@ def plan_memory(schedule: Schedule, hints: Mapping[str, int] | None = None) -> M
     hints = dict(hints or {})
     sizes = _planned(schedule)
     subs = {sympy.Symbol(k, integer=True, positive=True): v for k, v in hints.items()}
-    hint_sizes = {n: int(s.subs(subs)) for n, s in sizes.items()}
+    hint_sizes = {n: int(s) if s.is_number else int(s.subs(subs)) for n, s in sizes.items()}
     deps = _dependencies(schedule)
     candidates = {"graph": list(range(len(schedule.kernels))),
                   "memory-aware": _memory_aware_order(schedule, deps, hint_sizes)}
