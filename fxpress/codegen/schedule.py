@@ -53,6 +53,9 @@ class Kernel:
     reads: tuple[str, ...]
     writes: tuple[str, ...]
     mutates: bool = False  # writes one of its inputs in place (a cache update, a copy_ back)
+    # Reads whose memory the kernel's one output may take when they die here: each element (or
+    # row) of them is read before the same element (or row) of the output is written.
+    overwritable: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -236,14 +239,53 @@ def build_schedule(gm: fx.GraphModule) -> Schedule:
             writes.append(n.name)
         mutates = any(isinstance(n.target, torch._ops.OpOverload) and _writes_an_argument(n.target)
                       for n in nodes)
+        overwritable = _overwritable(kind, nodes, reads, writes, buffers) if not mutates else ()
         kernels.append(Kernel(_kernel_name(kind, nodes, index), kind, tuple(n.name for n in nodes),
-                              tuple(reads), tuple(writes), mutates))
+                              tuple(reads), tuple(writes), mutates, overwritable))
     # Memory a returned value lives in belongs to the caller: outputs and whatever they view.
     for node in returned:
         base = base_of(node)
         if base is not None and buffers[base].role == "arena":
             buffers[base] = Buffer(base, buffers[base].nbytes, buffers[base].dtype, "output")
     return Schedule(tuple(kernels), buffers)
+
+
+def _overwritable(kind: str, nodes: list[fx.Node], reads: list[str], writes: list[str],
+                  buffers: dict[str, Buffer]) -> tuple[str, ...]:
+    """Inputs the kernel's output may overwrite: pointwise and row-reduction kernels read each input
+    at the output's own index (same sizes, strides and dtype required); row-local fxpress ops
+    (``OpSpec.overwritable``) read a whole row before writing it (same row count and row bytes)."""
+    if len(writes) != 1 or writes[0] != nodes[-1].name or kind not in ("pointwise", "reduction", "op"):
+        return ()
+    out = val(nodes[-1])
+    bases = [buffers[r].alias_of for r in reads if buffers[r].alias_of]
+    by_name = {i.name: i for n in nodes for i in n.all_input_nodes}
+    if kind == "op":
+        from fxpress.ops import OPS  # the op registry; imported late to keep schedule import-light
+
+        spec = OPS.get(nodes[-1].target._schema.name.split("::")[1])
+        arg = spec.overwritable if spec is not None else None
+        x = nodes[-1].args[arg] if arg is not None else None
+        if not isinstance(x, fx.Node) or x.name not in reads:
+            return ()
+        xv = val(x)
+        rows_match = (out.dim() > 0 and xv.dim() > 0 and same_size(out.shape[:-1], xv.shape[:-1])
+                      and same_size(out.shape[-1:], xv.shape[-1:]))
+        if not (rows_match and out.is_contiguous() and xv.is_contiguous() and out.dtype == xv.dtype):
+            return ()
+        # x may be a view that spans all of its buffer (heads merged back into features).
+        base = buffers[x.name].alias_of or x.name
+        whole = sympy.expand(buffers[base].nbytes - buffers[x.name].nbytes) == 0
+        others = [buffers[r].alias_of for r in reads if r != x.name and buffers[r].alias_of]
+        return (base,) if whole and buffers[base].role == "arena" and base not in others else ()
+    else:
+        candidates = [r for r in reads if r in by_name and _same_layout(val(by_name[r]), out)]
+    return tuple(c for c in candidates if buffers[c].role == "arena" and c not in bases)
+
+
+def _same_layout(a: Any, b: torch.Tensor) -> bool:
+    return (isinstance(a, torch.Tensor) and a.dtype == b.dtype and same_size(a.shape, b.shape)
+            and same_size(a.stride(), b.stride()))
 
 
 def _aliases_input(node: fx.Node) -> bool:

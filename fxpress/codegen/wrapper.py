@@ -205,7 +205,7 @@ def _emit_body(w: _Writer, gm: fx.GraphModule, schedule: Schedule, plan: MemoryP
             continue
         for name in kernel.nodes:
             node = nodes[name]
-            _emit_node(w, node, name in plan.slots)
+            _emit_node(w, node, name in plan.slots, plan.reuses.get(name))
             dead = dies_at.get(position)
             if dead:
                 w.line(f"del {', '.join(sorted(dead))}")
@@ -224,7 +224,7 @@ def _emit_launch(w: _Writer, kernel: TritonKernel, nodes: dict[str, fx.Node], pl
     w.line(f"{kernel.name}[{kernel.launch_grid}]({', '.join(kernel.inputs + kernel.outputs)}, BLOCK={kernel.block})")
 
 
-def _emit_node(w: _Writer, node: fx.Node, in_arena: bool) -> None:
+def _emit_node(w: _Writer, node: fx.Node, in_arena: bool, overwrites: str | None = None) -> None:
     if node.target is operator.getitem:
         source, index = node.args
         if in_arena:
@@ -236,6 +236,11 @@ def _emit_node(w: _Writer, node: fx.Node, in_arena: bool) -> None:
         w.line(f"{node.name} = {_call(node)}")
         return
     out_op = out_variant(node.target)
+    # An out= kernel that is not elementwise may read an element after writing over it: when the
+    # slot is an input's memory, compute first, then copy.
+    reads_own_slot = overwrites is not None and overwrites in {i.name for i in node.all_input_nodes}
+    if reads_own_slot and torch.Tag.pointwise not in getattr(node.target, "tags", ()):
+        out_op = None
     if out_op is not None:
         w.line(f"{_call(node, extra_kwargs=f'out={node.name}', target=out_op)}")
     else:

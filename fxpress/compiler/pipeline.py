@@ -22,6 +22,7 @@ from fxpress.compiler.logs import graph_log
 from fxpress.compiler.options import Options
 from fxpress.compiler.verify import verify_graph
 from fxpress.passes.cse import cse
+from fxpress.passes.fuse_low_rank import fuse_low_rank
 from fxpress.passes.fuse_rms_norm import fuse_rms_norm
 from fxpress.passes.reinplace_input_updates import reinplace_input_updates
 from fxpress.passes.remove_dead_code import remove_dead_code
@@ -33,6 +34,7 @@ PIPELINE: tuple[PassFn, ...] = (
     remove_dead_code,
     remove_noop_views,
     cse,
+    fuse_low_rank,
     fuse_rms_norm,
     reinplace_input_updates,
 )

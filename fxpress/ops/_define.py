@@ -21,6 +21,9 @@ class OpSpec:
     op: torch._ops.OpOverload
     reference: Callable[..., Any]
     fake: Callable[..., Any]
+    # Index of the argument the output may overwrite in place (the planner's choice): the op is
+    # row-local in it, every kernel of the op reading a whole row before writing that row.
+    overwritable: int | None = None
 
     @property
     def qualname(self) -> str:
@@ -37,6 +40,7 @@ def define_op(
     fake: Callable[..., Any],
     *,
     mutates_args: tuple[str, ...] = (),
+    overwritable: int | None = None,
 ) -> torch._ops.OpOverload:
     """Register ``fxpress::<name>``; the schema is inferred from ``reference``'s type hints."""
     if name in OPS:
@@ -44,5 +48,5 @@ def define_op(
     custom = torch.library.custom_op(f"{NAMESPACE}::{name}", reference, mutates_args=mutates_args)
     custom.register_fake(fake)
     overload = getattr(getattr(torch.ops, NAMESPACE), name).default
-    OPS[name] = OpSpec(name, overload, reference, fake)
+    OPS[name] = OpSpec(name, overload, reference, fake, overwritable)
     return overload

@@ -35,4 +35,4 @@ def _fake(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Ten
     return x.new_empty(shape, dtype=dtype)
 
 
-rms_norm = define_op("rms_norm", _reference, _fake)
+rms_norm = define_op("rms_norm", _reference, _fake, overwritable=0)

@@ -11,6 +11,11 @@ sequence length never recompiles. With static sizes a buffer may fill any gap be
 symbolic ones it sits above every buffer it overlaps in time (``Max`` of their ends), which keeps
 the layout valid for every value of the symbols.
 
+A kernel's output may take the memory of an input that dies at that kernel when the kernel reads
+each element (or row) before writing the same one (``Kernel.overwritable``: pointwise and row
+kernels, row-local fxpress ops): the residual ``add`` and the LayerNorm after it, a factored Linear
+over the attention output. Such pairs share one offset; ``MemoryPlan.reuses`` lists them.
+
 Graph inputs, outputs, constants and KV state are never planned into the arena. Kernels that write
 a graph input in place (a cache update) keep their place relative to every other kernel.
 """
@@ -46,6 +51,8 @@ class MemoryPlan:
     naive_bytes: sympy.Expr  # every buffer its own allocation
     hints: dict[str, int] = field(default_factory=dict)  # symbol values decisions were made at
     order_chosen: str = "graph"
+    # In-place reuse: buffer -> the input it overwrites (same offset; the input dies as it is born).
+    reuses: dict[str, str] = field(default_factory=dict)
 
     def evaluate(self, expr: sympy.Expr, values: Mapping[str, int] | None = None) -> int:
         """An expression of this plan at concrete symbol values (the hints by default)."""
@@ -61,7 +68,7 @@ class MemoryPlan:
         return {
             "order": list(self.order), "order_chosen": self.order_chosen, "hints": self.hints,
             "arena_bytes": str(self.arena_bytes), "lower_bound_bytes": str(self.lower_bound_bytes),
-            "naive_bytes": str(self.naive_bytes), "figures": self.figures(),
+            "naive_bytes": str(self.naive_bytes), "figures": self.figures(), "reuses": dict(self.reuses),
             "slots": {n: {"offset": str(s.offset), "nbytes": str(s.nbytes), "start": s.start,
                           "end": s.end} for n, s in self.slots.items()},
         }
@@ -157,6 +164,29 @@ def _live_ranges(schedule: Schedule, order: list[int], sizes: dict[str, sympy.Ex
                 start, end = ranges[base]
                 ranges[base] = (start, max(end, position[k]))
     return ranges
+
+
+def _merge_reuses(schedule: Schedule, order: list[int], ranges: dict[str, tuple[int, int]],
+                  sizes: dict[str, sympy.Expr]) -> tuple[dict[str, tuple[int, int]], dict[str, str]]:
+    """Let a kernel's output take the memory of an input that dies at that kernel, where the
+    kernel allows it (``Kernel.overwritable``) and the sizes agree. Returns the live ranges of the
+    storage groups (keyed by the first buffer of each group) and ``{buffer: input it overwrites}``."""
+    merged = dict(ranges)
+    reuses: dict[str, str] = {}
+    group: dict[str, str] = {}  # buffer -> first buffer of its storage group
+    for position, k in enumerate(order):
+        kernel = schedule.kernels[k]
+        if not kernel.overwritable or kernel.writes[0] not in merged:
+            continue
+        out = kernel.writes[0]
+        for x in kernel.overwritable:
+            root = group.get(x, x)
+            if x in sizes and root in merged and merged[root][1] == position and \
+                    sympy.expand(sizes[x] - sizes[out]) == 0:
+                merged[root] = (merged[root][0], merged.pop(out)[1])
+                group[out], reuses[out] = root, x
+                break
+    return merged, reuses
 
 
 def _peak(ranges: dict[str, tuple[int, int]], sizes: dict[str, int], steps: int) -> int:
@@ -263,18 +293,23 @@ def plan_memory(schedule: Schedule, hints: Mapping[str, int] | None = None) -> M
     best_name, best_order, best_ranges, best_peak = None, None, None, None
     for name, order in candidates.items():
         ranges = _live_ranges(schedule, order, sizes)
-        peak = _peak(ranges, hint_sizes, len(order))
+        merged, reuses = _merge_reuses(schedule, order, ranges, sizes)
+        peak = _peak(merged, hint_sizes, len(order))
         if best_peak is None or peak < best_peak:
-            best_name, best_order, best_ranges, best_peak = name, order, ranges, peak
-    offsets = _offsets(best_ranges, sizes, hint_sizes)
-    slots = {n: Slot(n, offsets[n], sizes[n], *best_ranges[n]) for n in best_ranges}
+            best_name, best_order, best_peak = name, order, peak
+            best_ranges, best_merged, best_reuses = ranges, merged, reuses
+    offsets = _offsets(best_merged, sizes, hint_sizes)
+    group_of = {}
+    for buffer, overwritten in best_reuses.items():  # reuses come in execution order
+        group_of[buffer] = group_of.get(overwritten, overwritten)
+    slots = {n: Slot(n, offsets[group_of.get(n, n)], sizes[n], *best_ranges[n]) for n in best_ranges}
     arena = _arena_bytes(slots)
-    lower = _symbolic_peak(best_ranges, sizes, len(best_order))
+    lower = _symbolic_peak(best_merged, sizes, len(best_order))
     return MemoryPlan(
         order=tuple(schedule.kernels[i].name for i in best_order), slots=slots,
         arena_bytes=arena,
         lower_bound_bytes=lower, naive_bytes=sympy.Add(*sizes.values()),
-        hints=hints, order_chosen=best_name,
+        hints=hints, order_chosen=best_name, reuses=best_reuses,
     )
 
 
@@ -313,5 +348,7 @@ def check_plan(plan: MemoryPlan, values: Mapping[str, int] | None = None) -> Non
         for other_offset, other_size, other_start, other_end, other in spans[i + 1:]:
             if other_offset >= offset + size:
                 break  # sorted by offset: nothing further can overlap this one
-            if other_start <= end and start <= other_end:
+            in_place = (plan.reuses.get(other) == name and other_offset == offset and other_start == end) \
+                or (plan.reuses.get(name) == other and other_offset == offset and start == other_end)
+            if other_start <= end and start <= other_end and not in_place:
                 raise AssertionError(f"buffers {name} and {other} overlap in the arena while both live")

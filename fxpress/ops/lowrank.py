@@ -1,0 +1,222 @@
+"""Low-rank ops: Linear layers stored as factor pairs, computed without their wide intermediates.
+
+Factors are in ``nn.Linear`` layout, as ``fxpress.compress.LowRankLinear`` stores them:
+``down: [rank, in]`` and ``up: [out, rank]``, contiguous, so ``linear(x) = x @ down.T @ up.T + bias``.
+
+- ``lowrank_linear(x, down, up, bias)``: one factored Linear.
+- ``lowrank_ffn(x, down1, up1, bias1, down2, up2, bias2, activation, gate_down, gate_up, gate_bias)``:
+  ``act(L1(x)) -> L2``, or gated (SwiGLU) ``act(L_gate(x)) * L1(x) -> L2``; the D-wide activation
+  never exists at full sequence length.
+- ``lowrank_attention(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, ..., o_down)``: attention
+  over Q, K, V rebuilt from their rank-r factors ``p = x @ down.T`` (FlashSVD's interface): the
+  full-width Q, K and V never exist at once. The ``p`` factors stay ordinary graph values because
+  every query needs every key: rebuilding them per query tile from ``x`` would cost ``in/64`` times
+  the attention. With ``o_down`` (the output projection's first factor) the op returns
+  ``merge_heads(attention) @ o_down.T``, ``[B, S, rank_o]``, accumulated head by head, so the
+  attention output never exists at full width either.
+
+The references below are what the cpu target runs. They stream: the factored Linears and the FFN
+go over blocks of ``ROWS`` rows, attention over one head at a time, so their peak extra memory is
+one block's intermediates, not the full-length ones.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fxpress.ops._define import define_op
+
+ROWS = 256  # rows per streamed block on the cpu target; the block's D-wide activation is ROWS x D
+
+ACTIVATIONS = {
+    "gelu": lambda t: F.gelu(t),
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "silu": F.silu,
+    "relu": F.relu,
+}
+
+
+def check_factors(op: str, x_features: int, down: torch.Tensor, up: torch.Tensor,
+                  bias: torch.Tensor | None, what: str = "") -> None:
+    """Raise a ValueError naming the op and the factor when a factor pair is malformed."""
+    where = f"fxpress::{op}{f' ({what})' if what else ''}"
+    if down.dim() != 2 or up.dim() != 2:
+        raise ValueError(f"{where}: down and up must be 2-D, got {tuple(down.shape)} and {tuple(up.shape)}")
+    if down.shape[0] == 0:
+        raise ValueError(f"{where}: rank 0 factors ({tuple(down.shape)}) hold no information")
+    if down.shape[1] != x_features:
+        raise ValueError(f"{where}: down is {tuple(down.shape)} = [rank, in], but x has {x_features} features")
+    if up.shape[1] != down.shape[0]:
+        raise ValueError(f"{where}: up is {tuple(up.shape)} = [out, rank], but down has rank {down.shape[0]}")
+    for name, t in (("down", down), ("up", up), ("bias", bias)):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{where}: {name} must be contiguous, got strides {t.stride()} "
+                             f"for shape {tuple(t.shape)}")
+    if bias is not None and tuple(bias.shape) != (up.shape[0],):
+        raise ValueError(f"{where}: bias is {tuple(bias.shape)}, expected ({up.shape[0]},)")
+    dtypes = {down.dtype, up.dtype} | ({bias.dtype} if bias is not None else set())
+    if len(dtypes) != 1:
+        raise ValueError(f"{where}: factors have mixed dtypes {sorted(map(str, dtypes))}")
+
+
+def _factored(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    y = (x @ down.T) @ up.T
+    return y if bias is None else y + bias
+
+
+def _row_blocks(rows: int):
+    for start in range(0, rows, ROWS):
+        yield slice(start, min(start + ROWS, rows))
+
+
+# lowrank_linear ---------------------------------------------------------------------------------
+
+def _linear_reference(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+    _linear_checks(x, down, up, bias)
+    flat = x.reshape(-1, x.shape[-1])
+    out = flat.new_empty(flat.shape[0], up.shape[0])
+    for rows in _row_blocks(flat.shape[0]):
+        out[rows] = _factored(flat[rows], down, up, bias)
+    return out.view(*x.shape[:-1], up.shape[0])
+
+
+def _linear_checks(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None) -> None:
+    check_factors("lowrank_linear", x.shape[-1], down, up, bias)
+    if x.dtype != down.dtype:
+        raise ValueError(f"fxpress::lowrank_linear: x is {x.dtype}, factors are {down.dtype}")
+
+
+def _linear_fake(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    _linear_checks(x, down, up, bias)
+    return x.new_empty(*x.shape[:-1], up.shape[0])
+
+
+lowrank_linear = define_op("lowrank_linear", _linear_reference, _linear_fake, overwritable=0)
+
+
+# lowrank_ffn ------------------------------------------------------------------------------------
+
+def _ffn_checks(x, down1, up1, bias1, down2, up2, bias2, activation, gate_down, gate_up, gate_bias) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"fxpress::lowrank_ffn: activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
+    check_factors("lowrank_ffn", x.shape[-1], down1, up1, bias1, "first projection")
+    check_factors("lowrank_ffn", up1.shape[0], down2, up2, bias2, "second projection")
+    if (gate_down is None) != (gate_up is None):
+        raise ValueError("fxpress::lowrank_ffn: give both gate_down and gate_up, or neither")
+    if gate_down is not None:
+        check_factors("lowrank_ffn", x.shape[-1], gate_down, gate_up, gate_bias, "gate projection")
+        if gate_up.shape[0] != up1.shape[0]:
+            raise ValueError(f"fxpress::lowrank_ffn: gate width {gate_up.shape[0]} != up width {up1.shape[0]}")
+    if x.dtype != down1.dtype or down2.dtype != down1.dtype:
+        raise ValueError(f"fxpress::lowrank_ffn: x is {x.dtype}, factors are {down1.dtype} and {down2.dtype}")
+
+
+def _ffn_reference(x: torch.Tensor, down1: torch.Tensor, up1: torch.Tensor, bias1: torch.Tensor | None,
+                   down2: torch.Tensor, up2: torch.Tensor, bias2: torch.Tensor | None, activation: str,
+                   gate_down: torch.Tensor | None, gate_up: torch.Tensor | None,
+                   gate_bias: torch.Tensor | None) -> torch.Tensor:
+    _ffn_checks(x, down1, up1, bias1, down2, up2, bias2, activation, gate_down, gate_up, gate_bias)
+    act = ACTIVATIONS[activation]
+    flat = x.reshape(-1, x.shape[-1])
+    out = flat.new_empty(flat.shape[0], up2.shape[0])
+    for rows in _row_blocks(flat.shape[0]):
+        block = flat[rows]
+        if gate_down is None:
+            hidden = act(_factored(block, down1, up1, bias1))
+        else:
+            hidden = act(_factored(block, gate_down, gate_up, gate_bias)) * _factored(block, down1, up1, bias1)
+        out[rows] = _factored(hidden, down2, up2, bias2)
+    return out.view(*x.shape[:-1], up2.shape[0])
+
+
+def _ffn_fake(x, down1, up1, bias1, down2, up2, bias2, activation, gate_down, gate_up, gate_bias):
+    _ffn_checks(x, down1, up1, bias1, down2, up2, bias2, activation, gate_down, gate_up, gate_bias)
+    return x.new_empty(*x.shape[:-1], up2.shape[0])
+
+
+lowrank_ffn = define_op("lowrank_ffn", _ffn_reference, _ffn_fake, overwritable=0)
+
+
+# lowrank_attention ------------------------------------------------------------------------------
+
+def _attention_checks(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, num_heads, num_kv_heads,
+                      attn_mask, o_down) -> int:
+    """Validate; return the head dimension."""
+    where = "fxpress::lowrank_attention"
+    for name, p, up, bias in (("q", pq, q_up, q_bias), ("k", pk, k_up, k_bias), ("v", pv, v_up, v_bias)):
+        if p.dim() != 3:
+            raise ValueError(f"{where}: p{name} must be [batch, seq, rank], got {tuple(p.shape)}")
+        if up.dim() != 2 or up.shape[1] != p.shape[-1] or p.shape[-1] == 0:
+            raise ValueError(f"{where}: {name}_up is {tuple(up.shape)} = [out, rank], p{name} has rank {p.shape[-1]}")
+        if not up.is_contiguous() or (bias is not None and not bias.is_contiguous()):
+            raise ValueError(f"{where}: {name}_up and {name}_bias must be contiguous")
+        if bias is not None and tuple(bias.shape) != (up.shape[0],):
+            raise ValueError(f"{where}: {name}_bias is {tuple(bias.shape)}, expected ({up.shape[0]},)")
+    if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
+        raise ValueError(f"{where}: num_heads={num_heads} must be a positive multiple of num_kv_heads={num_kv_heads}")
+    if q_up.shape[0] % num_heads:
+        raise ValueError(f"{where}: q width {q_up.shape[0]} is not divisible by {num_heads} heads")
+    head_dim = q_up.shape[0] // num_heads
+    if k_up.shape[0] != num_kv_heads * head_dim or v_up.shape[0] != num_kv_heads * head_dim:
+        raise ValueError(f"{where}: k and v widths {k_up.shape[0]}, {v_up.shape[0]} != "
+                         f"{num_kv_heads} kv heads x {head_dim}")
+    if pk.shape[:2] != pv.shape[:2] or pq.shape[0] != pk.shape[0]:
+        raise ValueError(f"{where}: pq {tuple(pq.shape)}, pk {tuple(pk.shape)} and pv {tuple(pv.shape)} disagree")
+    if o_down is not None and (o_down.dim() != 2 or o_down.shape[1] != q_up.shape[0] or o_down.shape[0] == 0
+                               or not o_down.is_contiguous()):
+        raise ValueError(f"{where}: o_down must be a contiguous [rank, {q_up.shape[0]}] factor, got "
+                         f"{tuple(o_down.shape)} with strides {o_down.stride()}")
+    if attn_mask is not None and attn_mask.dim() != 4:
+        raise ValueError(f"{where}: attn_mask must be 4-D [batch|1, heads|1, q, k], got {tuple(attn_mask.shape)}")
+    return head_dim
+
+
+def _attention_reference(pq: torch.Tensor, q_up: torch.Tensor, q_bias: torch.Tensor | None,
+                         pk: torch.Tensor, k_up: torch.Tensor, k_bias: torch.Tensor | None,
+                         pv: torch.Tensor, v_up: torch.Tensor, v_bias: torch.Tensor | None,
+                         num_heads: int, num_kv_heads: int, attn_mask: torch.Tensor | None,
+                         is_causal: bool, scale: float | None, o_down: torch.Tensor | None) -> torch.Tensor:
+    d = _attention_checks(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, num_heads, num_kv_heads,
+                          attn_mask, o_down)
+    batch, seq = pq.shape[:2]
+    if o_down is None:
+        out = pq.new_empty(batch, seq, num_heads, d)  # [B, S, H, d]: the layout SDPA returns, permuted
+    else:
+        out = pq.new_zeros(batch, seq, o_down.shape[0])
+    group = num_heads // num_kv_heads
+
+    def head(p, up, bias, h):
+        cols = slice(h * d, (h + 1) * d)
+        return _factored_up(p, up[cols], None if bias is None else bias[cols]).unsqueeze(1)
+
+    for kv in range(num_kv_heads):
+        k, v = head(pk, k_up, k_bias, kv), head(pv, v_up, v_bias, kv)
+        for h in range(kv * group, (kv + 1) * group):
+            q = head(pq, q_up, q_bias, h)
+            mask = None if attn_mask is None else attn_mask[:, h:h + 1] if attn_mask.shape[1] > 1 else attn_mask
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)[:, 0]
+            if o_down is None:
+                out[:, :, h] = context
+            else:
+                out += context @ o_down[:, h * d:(h + 1) * d].T
+    return out.permute(0, 2, 1, 3) if o_down is None else out
+
+
+def _factored_up(p: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    y = p @ up.T
+    return y if bias is None else y + bias
+
+
+def _attention_fake(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, num_heads, num_kv_heads,
+                    attn_mask, is_causal, scale, o_down):
+    d = _attention_checks(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, num_heads, num_kv_heads,
+                          attn_mask, o_down)
+    if o_down is not None:
+        return pq.new_empty(pq.shape[0], pq.shape[1], o_down.shape[0])
+    return pq.new_empty(pq.shape[0], pq.shape[1], num_heads, d).permute(0, 2, 1, 3)
+
+
+lowrank_attention = define_op("lowrank_attention", _attention_reference, _attention_fake)
+
