@@ -36,8 +36,41 @@ def _rms_norm(kernel: Kernel, node: fx.Node) -> TritonKernel | str:
                         launch=launch)
 
 
+def _lowrank(launcher: str) -> Callable[[Kernel, fx.Node], TritonKernel | str]:
+    """The low-rank ops launch a Python launcher with the op's own arguments plus ``out``; it
+    reads sizes at run time, so symbolic sequence lengths need nothing here."""
+    from fxpress.codegen.kernels.lowrank import MAX_RANK_PAD, _pad
+
+    def lower(kernel: Kernel, node: fx.Node) -> TritonKernel | str:
+        tensors = [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
+        values = [a.meta["val"] for a in tensors] + [node.meta["val"]]
+        if any(v.dtype not in TL_DTYPES for v in values):
+            return f"{launcher} on a dtype outside {sorted(map(str, TL_DTYPES))}"
+        if not node.args[0].meta["val"].is_contiguous():
+            return f"{launcher} of a non-contiguous input"
+        ranks = [v.shape[0] for a, v in zip(tensors, values) if "down" in _argument_name(node, a)]
+        ranks += [v.shape[-1] for a, v in zip(tensors, values) if _argument_name(node, a).startswith("p")]
+        if any(_pad(r) > MAX_RANK_PAD for r in ranks if not isinstance(r, torch.SymInt)):
+            return f"{launcher} with a rank above {MAX_RANK_PAD} (its on-chip accumulator would spill)"
+        from fxpress.codegen.wrapper import _render
+
+        args = ", ".join([_render(a) for a in node.args] + [node.name])
+        return TritonKernel(kernel.name, "", tuple(a.name for a in tensors), (node.name,), 0,
+                            imports=(f"from fxpress.codegen.kernels.lowrank import {launcher}",),
+                            launch=f"{launcher}({args})")
+    return lower
+
+
+def _argument_name(node: fx.Node, arg: fx.Node) -> str:
+    schema = node.target._schema
+    return next((a.name for a, value in zip(schema.arguments, node.args) if value is arg), "")
+
+
 OP_KERNELS: dict[object, Callable[[Kernel, fx.Node], TritonKernel | str]] = {
     torch.ops.fxpress.rms_norm.default: _rms_norm,
+    torch.ops.fxpress.lowrank_linear.default: _lowrank("lowrank_linear"),
+    torch.ops.fxpress.lowrank_ffn.default: _lowrank("lowrank_ffn"),
+    torch.ops.fxpress.lowrank_attention.default: _lowrank("lowrank_attention"),
 }
 
 

@@ -33,7 +33,8 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 import fxpress.ops  # noqa: F401  (registers torch.ops.fxpress)
 from fxpress.compiler.options import Options
-from fxpress.passes._match import Match, Miss, Rule, apply_rules, aten, insert_call, is_op, only_user, val
+from fxpress.passes._match import (
+    Match, Miss, Rule, apply_rules, aten, insert_call, is_op, only_user, same_size, val)
 
 _RESHAPES = (aten.view, aten._unsafe_view, aten.reshape)
 _ACTIVATIONS = {aten.silu: "silu", aten.relu: "relu"}
@@ -286,10 +287,14 @@ def _boolean_mask(mask: fx.Node | None) -> fx.Node | None:
 def _output_down_projection(result: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
     """When the attention result only feeds a low-rank output projection (heads merged back,
     flattened, ``mm`` by the first factor): that factor, and the nodes up to that ``mm``."""
+    taken = []
     permute = only_user(result)
+    while is_op(permute, *_RESHAPES) and same_size(val(permute).shape, val(result).shape):
+        taken.append(permute)  # a view that changes nothing
+        permute = only_user(permute)
     if not (is_op(permute, aten.permute) and list(permute.args[1]) == [0, 2, 1, 3]):
         return None
-    taken = [permute]
+    taken.append(permute)
     node = only_user(permute)
     while is_op(node, *_RESHAPES):
         taken.append(node)
