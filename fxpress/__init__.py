@@ -3,7 +3,10 @@
     compiled = torch.compile(model, backend="fxpress")
     compiled = torch.compile(model, backend=fxpress.backend(passes=[my_pass]))
     print(fxpress.explain(model, inputs))
+    low_rank = fxpress.compress.svd(model, rank_ratio=0.5).model   # then compile it: fuse_low_rank
 """
+
+from fxpress import compress
 
 from fxpress.compiler.backend import Backend, FallbackWarning, backend
 from fxpress.compiler.counters import counters
@@ -27,6 +30,7 @@ __all__ = [
     "Report",
     "UnsupportedGraphError",
     "backend",
+    "compress",
     "counters",
     "explain",
     "plot_memory",

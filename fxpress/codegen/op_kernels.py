@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
+from fxpress.codegen.render import render
 from fxpress.codegen.schedule import Kernel
 from fxpress.codegen.triton_ops import TL_DTYPES
 from fxpress.codegen.triton_pointwise import TritonKernel, _static
@@ -52,9 +53,7 @@ def _lowrank(launcher: str) -> Callable[[Kernel, fx.Node], TritonKernel | str]:
         ranks += [v.shape[-1] for a, v in zip(tensors, values) if _argument_name(node, a).startswith("p")]
         if any(_pad(r) > MAX_RANK_PAD for r in ranks if not isinstance(r, torch.SymInt)):
             return f"{launcher} with a rank above {MAX_RANK_PAD} (its on-chip accumulator would spill)"
-        from fxpress.codegen.wrapper import _render
-
-        args = ", ".join([_render(a) for a in node.args] + [node.name])
+        args = ", ".join([render(a) for a in node.args] + [node.name])
         return TritonKernel(kernel.name, "", tuple(a.name for a in tensors), (node.name,), 0,
                             imports=(f"from fxpress.codegen.kernels.lowrank import {launcher}",),
                             launch=f"{launcher}({args})")

@@ -3,7 +3,7 @@
 The module checks its inputs, binds the size symbols from them, carves every planned buffer from
 one arena (kept between calls while the sizes stay the same), runs the kernels in the plan's order
 and returns the outputs. Each kernel's result is written straight into its slot through the op's
-``.out`` overload where one exists, else computed and copied in. The source is deterministic and
+``.out`` overload (an fxpress op: its ``out_impl``) where one exists, else computed and copied in. The source is deterministic and
 readable: a comment per kernel names it and the nodes it came from.
 """
 
@@ -15,11 +15,12 @@ from typing import Any
 import sympy
 import torch
 import torch.fx as fx
-from sympy.printing.pycode import pycode
 
+from fxpress.codegen.cpu_rows import emit_row_blocked
+from fxpress.codegen.render import call, code, render
 from fxpress.codegen.schedule import Schedule
 from fxpress.codegen.triton_pointwise import TritonKernel
-from fxpress.compiler.support import SIZE_ARITHMETIC
+from fxpress.ops import OPS
 from fxpress.passes.plan_memory import MemoryPlan
 from fxpress.runtime.wrapper_support import out_variant
 
@@ -31,48 +32,6 @@ class _Writer:
 
     def line(self, text: str = "") -> None:
         self.lines.append("    " * self.level + text if text else "")
-
-
-def _code(expr: Any) -> str:
-    if isinstance(expr, torch.SymInt):
-        expr = expr.node.expr
-    expr = sympy.sympify(expr)
-    return str(int(expr)) if expr.is_number else pycode(expr, fully_qualified_modules=True)
-
-
-def _render(arg: Any) -> str:
-    if isinstance(arg, fx.Node):
-        return arg.name
-    if isinstance(arg, (list, tuple)):
-        inner = ", ".join(_render(a) for a in arg)
-        return f"[{inner}]" if isinstance(arg, list) else f"({inner}{',' if len(arg) == 1 else ''})"
-    if isinstance(arg, dict):
-        return "{" + ", ".join(f"{k!r}: {_render(v)}" for k, v in arg.items()) + "}"
-    if isinstance(arg, (torch.dtype, torch.layout, torch.memory_format)):
-        return str(arg)
-    if isinstance(arg, torch.device):
-        return f"torch.device({str(arg)!r})"
-    if isinstance(arg, float) and (arg != arg or arg in (float("inf"), float("-inf"))):
-        return f"float({str(arg)!r})"
-    if isinstance(arg, (torch.SymInt, sympy.Expr)):
-        return _code(arg)
-    return repr(arg)
-
-
-def _target(target: Any) -> str:
-    if isinstance(target, torch._ops.OpOverload):
-        return f"torch.ops.{target.namespace}.{target._schema.name.split('::')[1]}.{target._overloadname}"
-    if target in SIZE_ARITHMETIC:
-        module = "operator" if getattr(operator, target.__name__, None) is target else "torch"
-        return f"{module}.{target.__name__}"
-    raise NotImplementedError(f"the wrapper cannot call {target!r}")
-
-
-def _call(node: fx.Node, extra_kwargs: str = "", target: Any = None) -> str:
-    args = [_render(a) for a in node.args] + [f"{k}={_render(v)}" for k, v in node.kwargs.items()]
-    if extra_kwargs:
-        args.append(extra_kwargs)
-    return f"{_target(target or node.target)}({', '.join(args)})"
 
 
 def _symbol_bindings(gm: fx.GraphModule) -> list[str]:
@@ -121,6 +80,7 @@ def emit_wrapper(gm: fx.GraphModule, schedule: Schedule, plan: MemoryPlan, title
     w.line("import math")
     w.line("import operator")
     w.line("import torch")
+    w.line("from fxpress.ops import OPS as FXPRESS_OPS")
     w.line("from fxpress.runtime.wrapper_support import allocate_arena, check_input, slot")
     triton_kernels = triton_kernels or {}
     if triton_kernels:
@@ -136,18 +96,18 @@ def emit_wrapper(gm: fx.GraphModule, schedule: Schedule, plan: MemoryPlan, title
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             w.line(f"{node.name} = CONSTANTS[{node.target!r}]")
-    w.line(f"DEVICE = {_render(_device(schedule, gm))}")
+    w.line(f"DEVICE = {render(_device(schedule, gm))}")
     w.line("_cache = {}")
     w.line()
     w.line(f"def _slots({', '.join(symbol_names)}):")
     w.level += 1
-    w.line(f"arena = allocate_arena({_code(plan.arena_bytes)}, DEVICE)")
+    w.line(f"arena = allocate_arena({code(plan.arena_bytes)}, DEVICE)")
     w.line("return (")
     for name in slotted:
         value = nodes[name].meta["val"]
-        size = _render(tuple(value.shape))
-        stride = _render(tuple(value.stride()))
-        w.line(f"    slot(arena, {_code(plan.slots[name].offset)}, {value.dtype}, {size}, {stride}),  # {name}")
+        size = render(tuple(value.shape))
+        stride = render(tuple(value.stride()))
+        w.line(f"    slot(arena, {code(plan.slots[name].offset)}, {value.dtype}, {size}, {stride}),  # {name}")
     w.line(")")
     w.level -= 1
     w.line()
@@ -172,7 +132,7 @@ def emit_wrapper(gm: fx.GraphModule, schedule: Schedule, plan: MemoryPlan, title
         w.line(f"({', '.join(slotted)},) = slots")
     _emit_body(w, gm, schedule, plan, nodes, kernels, triton_kernels)
     output = next(n for n in gm.graph.nodes if n.op == "output")
-    w.line(f"return {_render(tuple(output.args[0]) if isinstance(output.args[0], (list, tuple)) else output.args[0])}")
+    w.line(f"return {render(tuple(output.args[0]) if isinstance(output.args[0], (list, tuple)) else output.args[0])}")
     return "\n".join(w.lines) + "\n"
 
 
@@ -203,6 +163,14 @@ def _emit_body(w: _Writer, gm: fx.GraphModule, schedule: Schedule, plan: MemoryP
                 w.line(f"del {', '.join(sorted(dead))}")
             position += len(kernel.nodes)
             continue
+        if kernel.kind == "reduction" and emit_row_blocked(w, kernel, nodes, set(plan.slots)):
+            internal = set(kernel.nodes) - set(kernel.writes)  # bound inside the loop
+            dead = [n for p in range(position, position + len(kernel.nodes))
+                    for n in dies_at.get(p, []) if n not in internal]
+            if dead:
+                w.line(f"del {', '.join(sorted(dead))}")
+            position += len(kernel.nodes)
+            continue
         for name in kernel.nodes:
             node = nodes[name]
             _emit_node(w, node, name in plan.slots, plan.reuses.get(name))
@@ -216,8 +184,8 @@ def _emit_launch(w: _Writer, kernel: TritonKernel, nodes: dict[str, fx.Node], pl
     for name in kernel.outputs:
         if name not in plan.slots:  # a graph output: the caller's memory, allocated per call
             value = nodes[name].meta["val"]
-            w.line(f"{name} = torch.empty_strided({_render(tuple(value.shape))}, "
-                   f"{_render(tuple(value.stride()))}, dtype={value.dtype}, device=DEVICE)")
+            w.line(f"{name} = torch.empty_strided({render(tuple(value.shape))}, "
+                   f"{render(tuple(value.stride()))}, dtype={value.dtype}, device=DEVICE)")
     if kernel.launch:
         w.line(kernel.launch)
         return
@@ -233,7 +201,11 @@ def _emit_node(w: _Writer, node: fx.Node, in_arena: bool, overwrites: str | None
             w.line(f"{node.name} = {source.name}[{index}]")
         return
     if not in_arena:
-        w.line(f"{node.name} = {_call(node)}")
+        w.line(f"{node.name} = {call(node)}")
+        return
+    spec = OPS.get(node.target._schema.name.split("::")[1]) if getattr(node.target, "namespace", "") == "fxpress" else None
+    if spec is not None and spec.out_impl is not None:  # an fxpress op writing straight into its slot
+        w.line(call(node, extra_kwargs=f"out={node.name}", callee=f"FXPRESS_OPS[{spec.name!r}].out_impl"))
         return
     out_op = out_variant(node.target)
     # An out= kernel that is not elementwise may read an element after writing over it: when the
@@ -242,6 +214,6 @@ def _emit_node(w: _Writer, node: fx.Node, in_arena: bool, overwrites: str | None
     if reads_own_slot and torch.Tag.pointwise not in getattr(node.target, "tags", ()):
         out_op = None
     if out_op is not None:
-        w.line(f"{_call(node, extra_kwargs=f'out={node.name}', target=out_op)}")
+        w.line(f"{call(node, extra_kwargs=f'out={node.name}', target=out_op)}")
     else:
-        w.line(f"{node.name}.copy_({_call(node)})")
+        w.line(f"{node.name}.copy_({call(node)})")

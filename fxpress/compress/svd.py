@@ -56,11 +56,18 @@ class SVDResult:
 
     @property
     def kept(self) -> float:
+        """Share of all the model's parameters kept (embeddings and dense layers included)."""
         return self.params_after / self.params_before
+
+    @property
+    def targets_kept(self) -> float:
+        """Share of the targeted Linear layers' weights kept."""
+        return sum(l.params_after for l in self.layers) / sum(l.params_before for l in self.layers)
 
     def __str__(self) -> str:
         lines = [f"fxpress.compress.svd: {len(self.ranks)} of {len(self.layers)} Linear layers factored; "
-                 f"parameters {self.params_before:,} -> {self.params_after:,} ({self.kept:.1%} kept)",
+                 f"parameters {self.params_before:,} -> {self.params_after:,} ({self.kept:.1%} kept; "
+                 f"{self.targets_kept:.1%} of the targeted layers' weights)",
                  f"{'layer':<48} {'shape':>11} {'rank':>5} {'weight err':>10} {'output err':>10}"]
         for layer in self.layers:
             shape = f"{layer.in_features}x{layer.out_features}"

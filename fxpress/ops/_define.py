@@ -24,6 +24,9 @@ class OpSpec:
     # Index of the argument the output may overwrite in place (the planner's choice): the op is
     # row-local in it, every kernel of the op reading a whole row before writing that row.
     overwritable: int | None = None
+    # The reference writing into a given ``out=`` tensor (same arguments, then ``out``): what the
+    # cpu target calls so the result lands in its planned slot with no full-size temporary.
+    out_impl: Callable[..., None] | None = None
 
     @property
     def qualname(self) -> str:
@@ -41,6 +44,7 @@ def define_op(
     *,
     mutates_args: tuple[str, ...] = (),
     overwritable: int | None = None,
+    out_impl: Callable[..., None] | None = None,
 ) -> torch._ops.OpOverload:
     """Register ``fxpress::<name>``; the schema is inferred from ``reference``'s type hints."""
     if name in OPS:
@@ -48,5 +52,5 @@ def define_op(
     custom = torch.library.custom_op(f"{NAMESPACE}::{name}", reference, mutates_args=mutates_args)
     custom.register_fake(fake)
     overload = getattr(getattr(torch.ops, NAMESPACE), name).default
-    OPS[name] = OpSpec(name, overload, reference, fake, overwritable)
+    OPS[name] = OpSpec(name, overload, reference, fake, overwritable, out_impl)
     return overload

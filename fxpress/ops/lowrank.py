@@ -16,8 +16,10 @@ Factors are in ``nn.Linear`` layout, as ``fxpress.compress.LowRankLinear`` store
   attention output never exists at full width either.
 
 The references below are what the cpu target runs. They stream: the factored Linears and the FFN
-go over blocks of ``ROWS`` rows, attention over one head at a time, so their peak extra memory is
-one block's intermediates, not the full-length ones.
+go over blocks of rows, attention over one head and one block of queries at a time; each block's
+widest temporary holds about ``BLOCK_ELEMENTS`` values, so their extra memory is a block's, not the
+full-length intermediates. Results go straight into ``out`` (``addmm(..., out=)``), activations are
+applied in place.
 """
 
 from __future__ import annotations
@@ -27,13 +29,14 @@ import torch.nn.functional as F
 
 from fxpress.ops._define import define_op
 
-ROWS = 256  # rows per streamed block on the cpu target; the block's D-wide activation is ROWS x D
+BLOCK_ELEMENTS = 1 << 18  # widest temporary of one streamed block: 1 MiB in fp32
+MIN_ROWS = 16  # blocks never shrink below this many rows (matmul efficiency)
 
-ACTIVATIONS = {
-    "gelu": lambda t: F.gelu(t),
-    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-    "silu": F.silu,
-    "relu": F.relu,
+ACTIVATIONS = {  # applied in place to a block's pre-activation
+    "gelu": lambda t: torch.ops.aten.gelu_(t),
+    "gelu_tanh": lambda t: torch.ops.aten.gelu_(t, approximate="tanh"),
+    "silu": lambda t: F.silu(t, inplace=True),
+    "relu": lambda t: F.relu(t, inplace=True),
 }
 
 
@@ -60,26 +63,37 @@ def check_factors(op: str, x_features: int, down: torch.Tensor, up: torch.Tensor
         raise ValueError(f"{where}: factors have mixed dtypes {sorted(map(str, dtypes))}")
 
 
-def _factored(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    y = (x @ down.T) @ up.T
-    return y if bias is None else y + bias
+def _factored(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ down.T @ up.T + bias`` as ``nn.Linear`` twice computes it (``addmm`` with the bias)."""
+    inner = x @ down.T
+    if bias is None:
+        return torch.mm(inner, up.T, out=out)
+    return torch.addmm(bias, inner, up.T, out=out)
 
 
-def _row_blocks(rows: int):
-    for start in range(0, rows, ROWS):
-        yield slice(start, min(start + ROWS, rows))
+def _row_blocks(rows: int, width: int):
+    """Slices of at least MIN_ROWS rows whose ``width``-wide temporaries hold ~BLOCK_ELEMENTS values."""
+    step = max(MIN_ROWS, BLOCK_ELEMENTS // max(width, 1))
+    for start in range(0, rows, step):
+        yield slice(start, min(start + step, rows))
 
 
 # lowrank_linear ---------------------------------------------------------------------------------
 
+def _linear_into(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None,
+                 *, out: torch.Tensor) -> None:
+    _linear_checks(x, down, up, bias)
+    flat, rows_out = x.reshape(-1, x.shape[-1]), out.view(-1, up.shape[0])
+    for rows in _row_blocks(flat.shape[0], up.shape[0]):
+        _factored(flat[rows], down, up, bias, out=rows_out[rows])
+
+
 def _linear_reference(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
                       bias: torch.Tensor | None) -> torch.Tensor:
-    _linear_checks(x, down, up, bias)
-    flat = x.reshape(-1, x.shape[-1])
-    out = flat.new_empty(flat.shape[0], up.shape[0])
-    for rows in _row_blocks(flat.shape[0]):
-        out[rows] = _factored(flat[rows], down, up, bias)
-    return out.view(*x.shape[:-1], up.shape[0])
+    out = x.new_empty(*x.shape[:-1], up.shape[0])
+    _linear_into(x, down, up, bias, out=out)
+    return out
 
 
 def _linear_checks(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -93,7 +107,8 @@ def _linear_fake(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, bias: to
     return x.new_empty(*x.shape[:-1], up.shape[0])
 
 
-lowrank_linear = define_op("lowrank_linear", _linear_reference, _linear_fake, overwritable=0)
+lowrank_linear = define_op("lowrank_linear", _linear_reference, _linear_fake, overwritable=0,
+                           out_impl=_linear_into)
 
 
 # lowrank_ffn ------------------------------------------------------------------------------------
@@ -113,22 +128,28 @@ def _ffn_checks(x, down1, up1, bias1, down2, up2, bias2, activation, gate_down, 
         raise ValueError(f"fxpress::lowrank_ffn: x is {x.dtype}, factors are {down1.dtype} and {down2.dtype}")
 
 
+def _ffn_into(x, down1, up1, bias1, down2, up2, bias2, activation, gate_down, gate_up, gate_bias,
+              *, out: torch.Tensor) -> None:
+    _ffn_checks(x, down1, up1, bias1, down2, up2, bias2, activation, gate_down, gate_up, gate_bias)
+    act = ACTIVATIONS[activation]
+    flat, rows_out = x.reshape(-1, x.shape[-1]), out.view(-1, up2.shape[0])
+    for rows in _row_blocks(flat.shape[0], up1.shape[0]):
+        block = flat[rows]
+        hidden = _factored(block, down1, up1, bias1)
+        if gate_down is None:
+            act(hidden)
+        else:
+            hidden.mul_(act(_factored(block, gate_down, gate_up, gate_bias)))
+        _factored(hidden, down2, up2, bias2, out=rows_out[rows])
+
+
 def _ffn_reference(x: torch.Tensor, down1: torch.Tensor, up1: torch.Tensor, bias1: torch.Tensor | None,
                    down2: torch.Tensor, up2: torch.Tensor, bias2: torch.Tensor | None, activation: str,
                    gate_down: torch.Tensor | None, gate_up: torch.Tensor | None,
                    gate_bias: torch.Tensor | None) -> torch.Tensor:
-    _ffn_checks(x, down1, up1, bias1, down2, up2, bias2, activation, gate_down, gate_up, gate_bias)
-    act = ACTIVATIONS[activation]
-    flat = x.reshape(-1, x.shape[-1])
-    out = flat.new_empty(flat.shape[0], up2.shape[0])
-    for rows in _row_blocks(flat.shape[0]):
-        block = flat[rows]
-        if gate_down is None:
-            hidden = act(_factored(block, down1, up1, bias1))
-        else:
-            hidden = act(_factored(block, gate_down, gate_up, gate_bias)) * _factored(block, down1, up1, bias1)
-        out[rows] = _factored(hidden, down2, up2, bias2)
-    return out.view(*x.shape[:-1], up2.shape[0])
+    out = x.new_empty(*x.shape[:-1], up2.shape[0])
+    _ffn_into(x, down1, up1, bias1, down2, up2, bias2, activation, gate_down, gate_up, gate_bias, out=out)
+    return out
 
 
 def _ffn_fake(x, down1, up1, bias1, down2, up2, bias2, activation, gate_down, gate_up, gate_bias):
@@ -136,7 +157,7 @@ def _ffn_fake(x, down1, up1, bias1, down2, up2, bias2, activation, gate_down, ga
     return x.new_empty(*x.shape[:-1], up2.shape[0])
 
 
-lowrank_ffn = define_op("lowrank_ffn", _ffn_reference, _ffn_fake, overwritable=0)
+lowrank_ffn = define_op("lowrank_ffn", _ffn_reference, _ffn_fake, overwritable=0, out_impl=_ffn_into)
 
 
 # lowrank_attention ------------------------------------------------------------------------------
@@ -173,35 +194,61 @@ def _attention_checks(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, num_
     return head_dim
 
 
-def _attention_reference(pq: torch.Tensor, q_up: torch.Tensor, q_bias: torch.Tensor | None,
-                         pk: torch.Tensor, k_up: torch.Tensor, k_bias: torch.Tensor | None,
-                         pv: torch.Tensor, v_up: torch.Tensor, v_bias: torch.Tensor | None,
-                         num_heads: int, num_kv_heads: int, attn_mask: torch.Tensor | None,
-                         is_causal: bool, scale: float | None, o_down: torch.Tensor | None) -> torch.Tensor:
+def _attention_into(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, num_heads, num_kv_heads,
+                    attn_mask, is_causal, scale, o_down, *, out: torch.Tensor) -> None:
+    """``out`` is [B, H, S, d] (any strides), or [B, S, rank_o] with ``o_down``."""
     d = _attention_checks(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, num_heads, num_kv_heads,
                           attn_mask, o_down)
-    batch, seq = pq.shape[:2]
-    if o_down is None:
-        out = pq.new_empty(batch, seq, num_heads, d)  # [B, S, H, d]: the layout SDPA returns, permuted
-    else:
-        out = pq.new_zeros(batch, seq, o_down.shape[0])
     group = num_heads // num_kv_heads
+    if o_down is not None:
+        out.zero_()
 
     def head(p, up, bias, h):
         cols = slice(h * d, (h + 1) * d)
         return _factored_up(p, up[cols], None if bias is None else bias[cols]).unsqueeze(1)
 
+    batch, seq, seq_k = pq.shape[0], pq.shape[1], pk.shape[1]
     for kv in range(num_kv_heads):
         k, v = head(pk, k_up, k_bias, kv), head(pv, v_up, v_bias, kv)
         for h in range(kv * group, (kv + 1) * group):
             q = head(pq, q_up, q_bias, h)
-            mask = None if attn_mask is None else attn_mask[:, h:h + 1] if attn_mask.shape[1] > 1 else attn_mask
-            context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)[:, 0]
-            if o_down is None:
-                out[:, :, h] = context
-            else:
-                out += context @ o_down[:, h * d:(h + 1) * d].T
-    return out.permute(0, 2, 1, 3) if o_down is None else out
+            # Query blocks keep the mask SDPA needs (a boolean becomes a float one) to a block's worth.
+            for rows in _row_blocks(seq, batch * seq_k):
+                mask = _block_mask(attn_mask, h, rows, seq_k, is_causal, q.dtype)
+                context = F.scaled_dot_product_attention(q[:, :, rows], k, v, attn_mask=mask, scale=scale)[:, 0]
+                if o_down is None:
+                    out[:, h, rows] = context
+                else:
+                    out[:, rows] += context @ o_down[:, h * d:(h + 1) * d].T
+
+
+def _block_mask(attn_mask: torch.Tensor | None, h: int, rows: slice, seq_k: int, is_causal: bool,
+                dtype: torch.dtype) -> torch.Tensor | None:
+    """The additive mask of one head and block of queries (causality included), or None."""
+    mask = None
+    if attn_mask is not None:
+        mask = attn_mask[:, h:h + 1] if attn_mask.shape[1] > 1 else attn_mask
+        mask = mask[:, :, rows] if mask.shape[2] > 1 else mask
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
+    if is_causal:
+        queries = torch.arange(rows.start, rows.stop).unsqueeze(1)
+        future = torch.arange(seq_k).unsqueeze(0) > queries  # SDPA's is_causal: top-left aligned
+        causal = torch.zeros(future.shape, dtype=dtype).masked_fill_(future, float("-inf"))
+        mask = causal if mask is None else mask + causal
+    return mask
+
+
+def _attention_reference(pq: torch.Tensor, q_up: torch.Tensor, q_bias: torch.Tensor | None,
+                         pk: torch.Tensor, k_up: torch.Tensor, k_bias: torch.Tensor | None,
+                         pv: torch.Tensor, v_up: torch.Tensor, v_bias: torch.Tensor | None,
+                         num_heads: int, num_kv_heads: int, attn_mask: torch.Tensor | None,
+                         is_causal: bool, scale: float | None, o_down: torch.Tensor | None) -> torch.Tensor:
+    out = _attention_fake(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, num_heads, num_kv_heads,
+                          attn_mask, is_causal, scale, o_down)
+    _attention_into(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, num_heads, num_kv_heads,
+                    attn_mask, is_causal, scale, o_down, out=out)
+    return out
 
 
 def _factored_up(p: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -218,5 +265,6 @@ def _attention_fake(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, num_he
     return pq.new_empty(pq.shape[0], pq.shape[1], num_heads, d).permute(0, 2, 1, 3)
 
 
-lowrank_attention = define_op("lowrank_attention", _attention_reference, _attention_fake)
+lowrank_attention = define_op("lowrank_attention", _attention_reference, _attention_fake,
+                              out_impl=_attention_into)
 

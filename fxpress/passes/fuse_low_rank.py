@@ -88,6 +88,12 @@ def _chain_at(outer: fx.Node) -> _Chain | Miss | None:
     inner = _through_reshapes(rank_input, nodes)
     if not is_op(inner, aten.mm, aten.addmm):
         return None
+    n_in, rank = val(inner.args[-1]).shape
+    n_out = val(outer_factor).shape[1]
+    if rank >= min(n_in, n_out):
+        return None  # two Linear layers in a row, not a factorisation
+    if rank * (n_in + n_out) >= n_in * n_out:
+        return Miss(outer, f"rank {rank} is not small for {n_in}->{n_out} (r*(in+out) >= in*out)")
     up, down = _transposed_weight(outer_factor), _transposed_weight(inner.args[-1])
     if is_op(inner, aten.addmm):
         return Miss(outer, "the inner (rank-r) projection has a bias")
@@ -95,10 +101,6 @@ def _chain_at(outer: fx.Node) -> _Chain | Miss | None:
         return Miss(outer, "a factor is not a transposed contiguous 2-D weight")
     if len(inner.users) != 1:
         return Miss(outer, "the rank-r intermediate has other users")
-    rank, n_in = val(down).shape
-    n_out = val(up).shape[0]
-    if rank * (n_in + n_out) >= n_in * n_out:
-        return Miss(outer, f"rank {rank} is not small for {n_in}->{n_out} (r*(in+out) >= in*out)")
     if len({val(n).dtype for n in (inner, outer, down, up) + ((bias,) if bias is not None else ())}) != 1:
         return Miss(outer, "factors and activations have mixed dtypes")
     nodes += [inner, outer_factor, inner.args[-1]]
@@ -232,14 +234,17 @@ def _match_attention(node: fx.Node) -> Match | Miss | None:
     if bound is None:
         return Miss(node, "could not read the attention arguments")
     kwargs = bound.kwargs
+    found = {name: _split_heads(kwargs[name]) for name in ("query", "key", "value")}
+    if all(f is None for f in found.values()) and not any(
+            _low_rank_upstream(kwargs[name]) for name in ("query", "key", "value")):
+        return None  # dense attention: not a candidate
     parts = []
-    for name in ("query", "key", "value"):
-        found = _split_heads(kwargs[name])
-        if found is None:
-            return Miss(node, f"{name} is not a low-rank projection split into heads")
-        if isinstance(found, Miss):
-            return found
-        parts.append(found)
+    for name, f in found.items():
+        if f is None:
+            return Miss(node, f"{name} is not a low-rank projection split into heads (other ops in between?)")
+        if isinstance(f, Miss):
+            return f
+        parts.append(f)
     if kwargs.get("dropout_p", 0.0) != 0.0:
         return Miss(node, "attention with dropout")
     mask = _boolean_mask(kwargs.get("attn_mask", kwargs.get("attn_bias")))
@@ -269,6 +274,17 @@ def _match_attention(node: fx.Node) -> Match | Miss | None:
         "chains": (q, k, v), "heads": heads, "kv_heads": kv_heads, "mask": mask,
         "is_causal": bool(kwargs.get("is_causal", False)), "scale": kwargs.get("scale"), "o_down": o_down,
     })
+
+
+def _low_rank_upstream(node: fx.Node, depth: int = 10) -> bool:
+    """A low-rank chain feeds ``node`` within ``depth`` ops (say, through a rotary embedding)."""
+    frontier, seen = [node], set()
+    for _ in range(depth):
+        frontier = [i for n in frontier for i in n.all_input_nodes if i not in seen and i.op == "call_function"]
+        seen.update(frontier)
+        if any(isinstance(_chain_at(n), _Chain) for n in frontier):
+            return True
+    return False
 
 
 def _boolean_mask(mask: fx.Node | None) -> fx.Node | None:

@@ -60,3 +60,23 @@ def test_plot_memory_draws_the_plan(tmp_path):
 def test_explain_reports_kernels_and_plan():
     text = str(fxpress.explain(tiny_bert(), token_ids()))
     assert "kernels:" in text and "x lower bound" in text
+
+
+@pytest.mark.parametrize("batch", [3, 1])
+def test_row_reductions_run_in_blocks_and_overwrite_their_dying_input(batch, monkeypatch):
+    import fxpress.codegen.cpu_rows as cpu_rows
+
+    monkeypatch.setattr(cpu_rows, "BLOCK_ELEMENTS", 64)  # several blocks even at test sizes
+    position = torch.randn(1, 10, 16)  # broadcast over the batch, as position embeddings are
+    weight, bias, m = torch.randn(16), torch.randn(16), torch.randn(16, 16)
+
+    def fn(x, y):
+        h = x @ m  # an arena buffer that dies in the LayerNorm kernel: its memory may be reused
+        out = torch.nn.functional.layer_norm(h + y + position, (16,), weight, bias)
+        return torch.softmax(out * 3, -1) + 1
+
+    x, y = torch.randn(batch, 10, 16), torch.randn(batch, 10, 16)
+    report, out = _compile(fn, x, y)
+    assert report.wrapper.count("for start in range(") == 2
+    assert report.memory_plan.reuses  # the LayerNorm output took h's slot
+    assert (out - fn(x, y)).abs().max() <= 1e-6

@@ -119,7 +119,8 @@ def test_llama_attention_with_rotary_is_refused_but_its_mlp_fuses():
     _, counts = _fuse(lambda i: model(i).logits, token_ids())
     assert counts[FFN] == 2
     refused = [k for k in counts if k.startswith(ATTENTION)]
-    assert refused == [f"{ATTENTION} [not applied: query is not a low-rank projection split into heads]"]
+    assert refused == [f"{ATTENTION} [not applied: query is not a low-rank projection split into heads "
+                       "(other ops in between?)]"]
 
 
 def _plan(model, *args, disable=()):
@@ -158,3 +159,13 @@ def test_compressed_bert_through_the_backend_matches_eager(target, monkeypatch):
     if target == "triton":
         generated = {name for name, kind, _ in reports[-1].kernels if kind == "op"} - set(reports[-1].not_generated)
         assert len(generated) == 4  # 2 attention + 2 FFN kernels
+
+
+def test_dense_models_are_not_candidates():
+    model = tiny_bert()
+    ids = token_ids()
+    _, counts = _fuse(lambda i: model(i).last_hidden_state, ids)
+    assert counts == {}  # nothing fired, nothing refused: no noise in explain() for dense models
+    stacked = nn.Sequential(nn.Linear(16, 64), nn.Linear(64, 16))  # two Linears, not a factorisation
+    _, counts = _fuse(stacked, torch.randn(3, 16))
+    assert counts == {}
