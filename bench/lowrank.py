@@ -12,9 +12,9 @@ Workloads, batch 16:
 Variants: ``dense`` (the original model), ``unfused`` (the low-rank model as written: two matmuls
 per Linear) and ``fused`` (fxpress with fuse_low_rank). Each runs in its own process. The arena is
 fxpress's planned activation memory (inputs, weights and outputs excluded). The measured peak is
-what one call adds to the resident set (``VmHWM`` reset after the timed calls, then malloc set to
-give freed memory back to the OS) plus, for fxpress, the arena it holds between calls; outputs count.
-Latency is the median of the timed calls. Also printed: max |fused - unfused| on the same inputs,
+the most tensor bytes one call holds at once (torch's profiler: allocations minus frees, in order;
+on a GPU, ``torch.cuda.max_memory_allocated`` minus the memory before the call) plus, for fxpress,
+the arena it holds between calls; the output counts. Latency is the median of the timed calls. Also printed: max |fused - unfused| on the same inputs,
 and for MiniLM the mean cosine of its sentence embeddings (mean pooling) to the dense model's on
 lee_background sentences.
 
@@ -100,21 +100,19 @@ def compress_models(folder: Path) -> dict[str, str]:
     return paths
 
 
-def _status(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        return int(next(l for l in fh if l.startswith(field + ":")).split()[1]) * 1024
+def _peak_live_bytes(fn: Any) -> tuple[Any, int]:
+    """Run ``fn`` under torch's profiler; the most tensor bytes it held at once (its allocations
+    minus its frees, in order), as ``torch.cuda.max_memory_allocated`` counts on a GPU."""
+    import torch
 
-
-def _return_freed_memory_to_the_os() -> None:
-    """From here on every allocation above 128 KiB is its own mapping, unmapped when freed, so the
-    resident set follows live memory and VmHWM measures the peak of live bytes."""
-    import ctypes
-
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 131072)
-    libc.mallopt(m_trim_threshold, 131072)
-    libc.malloc_trim(0)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    live = peak = 0
+    for event in sorted(prof.profiler.kineto_results.events(), key=lambda e: e.start_ns()):
+        if event.name() == "[memory]":
+            live += event.nbytes()
+            peak = max(peak, live)
+    return result, peak
 
 
 def measure(workload: str, seq: int, variant: str, backend: str, checkpoint: str, save_to: str | None,
@@ -138,18 +136,13 @@ def measure(workload: str, seq: int, variant: str, backend: str, checkpoint: str
     with torch.no_grad():
         fn(**kwargs)  # compile and warm up
         seconds = []
-        for _ in range(repeats):  # timed with glibc's default malloc settings
+        for _ in range(repeats):
             start = time.perf_counter()
             out = fn(**kwargs).last_hidden_state
             seconds.append(time.perf_counter() - start)
         del out
-        _return_freed_memory_to_the_os()
         gc.collect()
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")  # VmHWM := VmRSS
-        before = _status("VmRSS")
-        out = fn(**kwargs).last_hidden_state
-        peak = _status("VmHWM") - before
+        out, peak = _peak_live_bytes(lambda: fn(**kwargs).last_hidden_state)
     if save_to:
         torch.save(out, save_to)
     plan = reports[-1].plan if reports else {}

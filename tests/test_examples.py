@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,11 @@ def test_quickstart():
     assert "MiniLM (8," in out and "max |fxpress - eager| = 0" in out
     assert "32 greedy tokens identical to eager: True" in out
     assert "Paris" in out and "fuse_rms_norm" in out
+    fused_vs_unfused = re.search(r"low-rank MiniLM: max \|fused - unfused\| = ([0-9.e+-]+)", out)
+    assert fused_vs_unfused and float(fused_vs_unfused.group(1)) <= 1e-5
+    assert "lowrank_ffn: 6" in out and "lowrank_attention: 6" in out
+    unfused, fused = map(float, re.search(r"unfused ([0-9.]+) MiB, fused ([0-9.]+) MiB", out).groups())
+    assert fused < unfused
 
 
 def test_custom_pass():

@@ -71,7 +71,7 @@ def emit_row_blocked(w: Any, kernel: Kernel, nodes: dict[str, fx.Node], slotted:
     x, out_node = val(root.args[0]), members[-1]
     out = val(out_node)
     ndim = x.dim()
-    dim = next((d for d in range(ndim - 1) if x.shape[d] != 1), None)
+    dim = next((d for d in range(ndim - 1) if x.shape[d] not in (0, 1)), None)
     if dim is None or not isinstance(out, torch.Tensor) or out.dim() != ndim:
         return False
     size = x.shape[dim]
@@ -105,4 +105,5 @@ def emit_row_blocked(w: Any, kernel: Kernel, nodes: dict[str, fx.Node], slotted:
         target = _index(out_node.name, out, ndim, dim) if node is out_node else node.name
         w.line(f"{target} = {expr}")
     w.level -= 1
+    w.line(f"del {', '.join(n.name for n in members[:-1])}")  # the last block's temporaries
     return True

@@ -111,7 +111,7 @@ def _chain_at(outer: fx.Node) -> _Chain | Miss | None:
     if is_op(x, *_RESHAPES) and is_op(back, *_RESHAPES):
         source = x.args[0]
         expected = (*val(source).shape[:-1], n_out)
-        if val(source).shape[-1] == n_in and tuple(val(back).shape) == expected:
+        if same_size(val(source).shape[-1:], [n_in]) and same_size(val(back).shape, expected):
             nodes += [x, back]
             x, root = source, back
     return _Chain(x, down, up, bias, inner, root, _in_graph_order(nodes))
@@ -292,12 +292,15 @@ def _boolean_mask(mask: fx.Node | None) -> fx.Node | None:
     exactly that additive one, and the boolean is a quarter of the bytes (fp32) to keep alive."""
     if not is_op(mask, aten.where) or val(mask.args[0]).dtype != torch.bool:
         return mask
-    def scalar(node):
-        if is_op(node, aten.scalar_tensor):
-            return node.args[0]
-        return node if isinstance(node, (int, float)) else None
-    keep, drop = scalar(mask.args[1]), scalar(mask.args[2])
+    keep, drop = _scalar_value(mask.args[1]), _scalar_value(mask.args[2])
     return mask.args[0] if keep == 0 and drop == float("-inf") else mask
+
+
+def _scalar_value(arg: object) -> object:
+    """The number a ``scalar_tensor`` node (or a literal) stands for; None otherwise."""
+    if is_op(arg, aten.scalar_tensor):
+        return arg.args[0]
+    return arg if isinstance(arg, (int, float)) else None
 
 
 def _output_down_projection(result: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
