@@ -45,3 +45,14 @@ def minilm():
 @pytest.fixture(scope="session")
 def smollm2():
     return _load_or_skip(workloads.load_smollm2)
+
+
+@pytest.fixture(params=["interpreter", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request, monkeypatch):
+    """Where Triton kernels run: Triton's interpreter on CPU, and a CUDA device when there is one."""
+    if request.param == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA device")
+        return "cuda"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return "cpu"

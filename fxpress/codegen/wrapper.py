@@ -154,17 +154,14 @@ def _emit_body(w: _Writer, gm: fx.GraphModule, schedule: Schedule, plan: MemoryP
     for kernel_name in plan.order:
         kernel = kernels[kernel_name]
         w.line(f"# {kernel.name}: {', '.join(kernel.nodes)}")
-        if kernel_name in triton_kernels:
+        whole = kernel_name in triton_kernels
+        if whole:
             _emit_launch(w, triton_kernels[kernel_name], nodes, plan)
-            internal = set(kernel.nodes) - set(kernel.writes)  # lived in registers only
-            dead = [n for p in range(position, position + len(kernel.nodes))
-                    for n in dies_at.get(p, []) if n not in internal]
-            if dead:
-                w.line(f"del {', '.join(sorted(dead))}")
-            position += len(kernel.nodes)
-            continue
-        if kernel.kind == "reduction" and emit_row_blocked(w, kernel, nodes, set(plan.slots)):
-            internal = set(kernel.nodes) - set(kernel.writes)  # bound inside the loop
+        else:
+            whole = kernel.kind == "reduction" and emit_row_blocked(w, kernel, nodes, set(plan.slots))
+        if whole:
+            # Values internal to the kernel lived in registers or inside its loop (freed there).
+            internal = set(kernel.nodes) - set(kernel.writes)
             dead = [n for p in range(position, position + len(kernel.nodes))
                     for n in dies_at.get(p, []) if n not in internal]
             if dead:

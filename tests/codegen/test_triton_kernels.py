@@ -9,17 +9,6 @@ import torch.nn.functional as F
 
 import fxpress
 
-CUDA = torch.cuda.is_available()
-
-
-@pytest.fixture(params=["interpreter", pytest.param("cuda", marks=pytest.mark.gpu)])
-def device(request, monkeypatch):
-    if request.param == "cuda":
-        if not CUDA:
-            pytest.skip("needs a CUDA device")
-        return "cuda"
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    return "cpu"
 
 
 def _run(fn, *args):

@@ -13,7 +13,6 @@ from tests.conftest import max_diff
 
 lowrank = torch.ops.fxpress
 TOL = 2e-5
-CUDA = torch.cuda.is_available()
 
 
 def _factors(n_in, rank, n_out, bias=True, seed=0):
@@ -125,14 +124,6 @@ def test_bad_ffn_and_attention_arguments_are_refused():
 
 # Triton kernels ---------------------------------------------------------------------------------
 
-@pytest.fixture(params=["interpreter", pytest.param("cuda", marks=pytest.mark.gpu)])
-def device(request, monkeypatch):
-    if request.param == "cuda":
-        if not CUDA:
-            pytest.skip("needs a CUDA device")
-        return "cuda"
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    return "cpu"
 
 
 def _on(device, *tensors):
