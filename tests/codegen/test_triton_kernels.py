@@ -10,7 +10,6 @@ import torch.nn.functional as F
 import fxpress
 
 
-
 def _run(fn, *args):
     reports = []
     backend = fxpress.Backend(fxpress.Options(target="triton", strict=True), on_report=reports.append)
