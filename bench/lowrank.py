@@ -14,9 +14,9 @@ per Linear) and ``fused`` (fxpress with fuse_low_rank). Each runs in its own pro
 fxpress's planned activation memory (inputs, weights and outputs excluded). The measured peak is
 the most tensor bytes one call holds at once (torch's profiler: allocations minus frees, in order;
 on a GPU, ``torch.cuda.max_memory_allocated`` minus the memory before the call) plus, for fxpress,
-the arena it holds between calls; the output counts. Latency is the median of the timed calls. Also printed: max |fused - unfused| on the same inputs,
-and for MiniLM the mean cosine of its sentence embeddings (mean pooling) to the dense model's on
-lee_background sentences.
+the arena it holds between calls; the output counts. Latency is the median of the timed calls.
+Also printed: max |fused - unfused| on the same inputs, and for MiniLM the mean cosine of its
+sentence embeddings (mean pooling) to the dense model's on lee_background sentences.
 
 Run: ``python bench/lowrank.py [--seqs 128 512 2048] [--json PATH] [--markdown PATH]``
 """
@@ -147,7 +147,8 @@ def measure(workload: str, seq: int, variant: str, backend: str, checkpoint: str
         torch.save(out, save_to)
     plan = reports[-1].plan if reports else {}
     held = plan.get("arena_bytes", 0)
-    return {"peak_bytes": peak + held, "arena_bytes": held, "latency_s": statistics.median(seconds)}
+    return {"peak_bytes": peak + held, "arena_bytes": held, "latency_s": statistics.median(seconds),
+            "output_bytes": out.numel() * out.element_size()}
 
 
 def minilm_cosine(checkpoint: str) -> float:
@@ -172,10 +173,15 @@ def _child(args: list[str], env: dict[str, str]) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _without_output(run: dict[str, Any]) -> int:
+    return run["peak_bytes"] - run["output_bytes"]
+
+
 def table(results: list[dict[str, Any]], cosine: float | None) -> str:
     head = ("| workload | seq | arena dense | arena unfused | arena fused | **fused/unfused arena** "
             "| peak eager dense | peak eager unfused | peak fxpress unfused | peak fxpress fused "
-            "| **fused/unfused peak** | ms eager dense | ms eager unfused | ms fxpress unfused "
+            "| **fused/unfused peak** | fused/unfused peak without the output | ms eager dense "
+            "| ms eager unfused | ms fxpress unfused "
             "| ms fxpress fused | max abs fused-unfused |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
@@ -189,11 +195,13 @@ def table(results: list[dict[str, Any]], cosine: float | None) -> str:
             f"| {mib('dense/eager', 'peak_bytes')} | {mib('unfused/eager', 'peak_bytes')} "
             f"| {mib('unfused/fxpress', 'peak_bytes')} | {mib('fused/fxpress', 'peak_bytes')} "
             f"| **{m['fused/fxpress']['peak_bytes'] / m['unfused/eager']['peak_bytes']:.3f}** "
+            f"| {_without_output(m['fused/fxpress']) / _without_output(m['unfused/eager']):.3f} "
             f"| {ms('dense/eager')} | {ms('unfused/eager')} | {ms('unfused/fxpress')} | {ms('fused/fxpress')} "
             f"| {r['max_abs_fused_vs_unfused']:.2e} |")
     text = "\n".join(lines)
-    text += ("\n\nMemory in MiB. fused/unfused peak = measured peak of fxpress fused over eager unfused. "
-             "Arena: planned activation memory.")
+    text += ("\n\nMemory in MiB. Arena: planned activation memory. fused/unfused peak: measured peak of "
+             "fxpress fused over eager unfused (the returned hidden states count in both; the next column "
+             "leaves them out).")
     if cosine is not None:
         text += f"\nMiniLM (activation-aware SVD, 50 % of encoder Linear parameters): mean cosine to the dense " \
                 f"model's sentence embeddings on 64 lee_background sentences = {cosine:.4f}"
