@@ -105,5 +105,6 @@ def emit_row_blocked(w: Any, kernel: Kernel, nodes: dict[str, fx.Node], slotted:
         target = _index(out_node.name, out, ndim, dim) if node is out_node else node.name
         w.line(f"{target} = {expr}")
     w.level -= 1
-    w.line(f"del {', '.join(n.name for n in members[:-1])}")  # the last block's temporaries
+    if len(members) > 1:
+        w.line(f"del {', '.join(n.name for n in members[:-1])}")  # the last block's temporaries
     return True
