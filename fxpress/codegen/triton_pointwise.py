@@ -81,6 +81,15 @@ def _render(node: fx.Node, names: dict[fx.Node, str]) -> str:
     return OPS[node.target](*args, **kwargs)
 
 
+def load(pointer: str, value: torch.Tensor, idx: list[sympy.Symbol], masked: str = "mask=mask") -> str:
+    """A load of ``value`` broadcast over the iteration. A tensor of size-1 dimensions only is one
+    scalar load: compiled Triton refuses a block mask on a scalar pointer."""
+    offset = _index(tuple(value.shape), tuple(value.stride()), idx)
+    if sympy.sympify(offset).is_number:
+        return f"tl.load({pointer} + ({offset}))"
+    return f"tl.load({pointer} + ({offset}), {masked})"
+
+
 def _index(shape: tuple[int, ...], strides: tuple[int, ...], idx: list[sympy.Symbol]) -> str:
     """Offset of element ``idx`` (over the iteration shape) in a tensor of ``shape``/``strides``
     broadcast to it from the right."""
@@ -113,8 +122,7 @@ def emit_pointwise(kernel: Kernel, nodes: dict[str, fx.Node]) -> TritonKernel:
     names: dict[fx.Node, str] = {}
     for k, node in enumerate(inputs):
         value = node.meta["val"]
-        load = f"tl.load(in{k} + ({_index(tuple(value.shape), tuple(value.stride()), idx)}), mask=mask)"
-        body.append(f"tmp_{node.name} = {load}" + (".to(tl.float32)" if value.dtype in (torch.float16, torch.bfloat16) else ""))
+        body.append(f"tmp_{node.name} = {load(f'in{k}', value, idx)}" + (".to(tl.float32)" if value.dtype in (torch.float16, torch.bfloat16) else ""))
         names[node] = f"tmp_{node.name}"
     for node in members:
         body.append(f"tmp_{node.name} = {_render(node, names)}")

@@ -18,7 +18,7 @@ import torch.fx as fx
 
 from fxpress.codegen.schedule import Kernel
 from fxpress.codegen.triton_ops import TL_DTYPES
-from fxpress.codegen.triton_pointwise import TritonKernel, _index, _render, _static, pointwise_refusal
+from fxpress.codegen.triton_pointwise import TritonKernel, _index, _render, _static, load, pointwise_refusal
 from fxpress.passes._match import aten, is_op
 
 MAX_BLOCK = 1024
@@ -100,8 +100,7 @@ def emit_reduction(kernel: Kernel, nodes: dict[str, fx.Node]) -> TritonKernel:
         names: dict[fx.Node, str] = {}
         for node in inputs:
             value = node.meta["val"]
-            load = f"tl.load({arg[node]} + ({_index(tuple(value.shape), tuple(value.stride()), idx)}), mask=mask, other=0.0)"
-            b.add(f"v_{node.name} = {load}" + (".to(tl.float32)" if value.dtype != torch.bool else ""))
+            b.add(f"v_{node.name} = {load(arg[node], value, idx, 'mask=mask, other=0.0')}" + (".to(tl.float32)" if value.dtype != torch.bool else ""))
             names[node] = f"v_{node.name}"
         for node in prologue:
             b.add(f"v_{node.name} = {_render(node, names)}")
