@@ -29,6 +29,9 @@ SQRT1_2 = 0.7071067811865476
 GELU, GELU_TANH, SILU, RELU = 0, 1, 2, 3
 ACTIVATION_CODES = {"gelu": GELU, "gelu_tanh": GELU_TANH, "silu": SILU, "relu": RELU}
 MAX_RANK_PAD = 512  # widest on-chip rank accumulator a program keeps (per row block)
+# Factor tiles are [rank, block] wide; software pipelining (several stages in flight) of those
+# loads needs more shared memory than an H100 has at BERT-base ranks (seen: 312 KB > 227 KB).
+NUM_STAGES = 1
 
 
 def _pad(n: int) -> int:
@@ -238,7 +241,7 @@ def lowrank_linear(x, down, up, bias, out, BM: int = 32, BK: int = 32, BN: int =
     N = up.shape[0]
     lowrank_linear_kernel[(triton.cdiv(rows, BM),)](
         flat, down, up, _ptr(bias, up), out, rows, K, R, N, HAS_BIAS=bias is not None,
-        BM=BM, BK=BK, R_PAD=_pad(R), BN=BN, PRECISION=_precision(x.dtype))
+        BM=BM, BK=BK, R_PAD=_pad(R), BN=BN, PRECISION=_precision(x.dtype), num_stages=NUM_STAGES)
 
 
 def lowrank_ffn(x, down1, up1, bias1, down2, up2, bias2, activation, gate_down, gate_up, gate_bias, out,
@@ -252,7 +255,8 @@ def lowrank_ffn(x, down1, up1, bias1, down2, up2, bias2, activation, gate_down, 
         down2, up2, _ptr(bias2, up2), out, rows, K, R1, D, RG, R2, N,
         ACT=ACTIVATION_CODES[activation], GATED=gate_down is not None, HAS_B1=bias1 is not None,
         HAS_GB=gate_bias is not None, HAS_B2=bias2 is not None, BM=BM, BK=BK, R1_PAD=_pad(R1),
-        RG_PAD=_pad(RG), BD=BD, R2_PAD=_pad(R2), BN=BN, PRECISION=_precision(x.dtype))
+        RG_PAD=_pad(RG), BD=BD, R2_PAD=_pad(R2), BN=BN, PRECISION=_precision(x.dtype),
+        num_stages=NUM_STAGES)
 
 
 def lowrank_attention(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, num_heads, num_kv_heads,
@@ -279,4 +283,5 @@ def lowrank_attention(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, num_
         HAS_QB=q_bias is not None, HAS_KB=k_bias is not None, HAS_VB=v_bias is not None,
         MASK=attn_mask is not None, BOOL_MASK=attn_mask is not None and attn_mask.dtype == torch.bool,
         CAUSAL=bool(is_causal), O_DOWN=o_down is not None, BM=BM, BN=BN, D_PAD=_pad(d),
-        RQ_PAD=_pad(RQ), RK_PAD=_pad(RK), RV_PAD=_pad(RV), RO_PAD=_pad(RO), PRECISION=_precision(pq.dtype))
+        RQ_PAD=_pad(RQ), RK_PAD=_pad(RK), RV_PAD=_pad(RV), RO_PAD=_pad(RO), PRECISION=_precision(pq.dtype),
+        num_stages=NUM_STAGES)
