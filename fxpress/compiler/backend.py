@@ -53,8 +53,9 @@ class Backend:
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         report = GraphReport(index=next(_graph_ids), target=self.opts.resolved_target())
         start = time.perf_counter()
+        frozen: list[int] = []
         try:
-            compiled = _compile(gm, example_inputs, self.opts, self.passes, report)
+            compiled = _compile(gm, example_inputs, self.opts, self.passes, report, frozen)
         except UnsupportedGraphError as e:
             if self.opts.strict:
                 raise
@@ -65,7 +66,35 @@ class Backend:
         compile_log.info("fxpress: %s", report.summary())
         if self.on_report is not None:
             self.on_report(report)
-        return compiled
+        if not frozen:
+            return compiled
+        return _WeightGuard(compiled, frozen, example_inputs, lambda args: self(gm, args))
+
+
+class _WeightGuard:
+    """Runs the graph compiled for the weights it froze, and compiles another for other weights.
+
+    Dynamo hands one graph the weights of whichever module instance runs it: after a graph break
+    inside a decoder layer, every layer resumes into the same graph with its own parameters as
+    inputs. fxpress freezes the weights it saw at compile time into the program, so a call with
+    other weight tensors gets (and caches) a program compiled for those.
+    """
+
+    def __init__(self, compiled: Callable[..., Any], frozen: list[int], example_inputs: Sequence[Any],
+                 compile_for: Callable[[list[Any]], Callable[..., Any]]) -> None:
+        self.frozen, self.compile_for = frozen, compile_for
+        self.variants = {self._key(example_inputs): compiled}
+
+    def _key(self, args: Sequence[Any]) -> tuple[Any, ...]:
+        return tuple((args[i].data_ptr(), tuple(args[i].shape)) for i in self.frozen)
+
+    def __call__(self, *args: Any) -> Any:
+        key = self._key(args)
+        compiled = self.variants.get(key)
+        if compiled is None:
+            compile_log.info("fxpress: graph reused with other weights; compiling a variant for them")
+            compiled = self.variants[key] = self.compile_for(list(args))
+        return compiled(*args)
 
 
 def backend(**options: Any) -> Backend:
@@ -111,7 +140,9 @@ def _compile(
     opts: Options,
     passes: tuple[tuple[str, PassFn], ...],
     report: GraphReport,
+    frozen: list[int],
 ) -> Callable[..., Any]:
+    """``frozen`` receives the indices of the inputs frozen into the program."""
     _refuse_autograd(gm, example_inputs)
     lowering_started = False
 
@@ -120,6 +151,8 @@ def _compile(
         lowering_started = True
         dump = _dump_dir(opts, report.index)
         report.inputs, report.frozen_weights = len(captured.runtime_inputs), len(captured.frozen)
+        frozen[:] = [i for i in range(len(example_inputs)) if i not in set(captured.runtime_inputs)
+                     and isinstance(example_inputs[i], torch.Tensor)]
         report.ops_before = op_histogram(captured.gm)
         unsupported = find_unsupported(captured.gm)
         if unsupported:

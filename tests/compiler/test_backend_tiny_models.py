@@ -80,3 +80,31 @@ def test_dynamic_sequence_length_compiles_once(make):
             ids = token_ids(batch=2, length=length)
             assert max_diff(compiled(ids)[0], model(ids)[0]) <= TOL
     assert len(reports) == 1 and reports[0].fallback_reason is None
+
+
+class _BrokenBlock(torch.nn.Module):
+    """A graph break inside a repeated block: Dynamo resumes every instance into one graph and
+    passes each instance's weights as its inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = torch.relu(self.first(x))
+        torch._dynamo.graph_break()
+        return self.second(x) + x
+
+
+def test_a_graph_shared_by_several_modules_runs_each_ones_weights():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_BrokenBlock(), _BrokenBlock(), _BrokenBlock()).eval()
+    x = torch.randn(2, 8)
+    reports = []
+    compiled = torch.compile(model, backend=fxpress.Backend(fxpress.Options(), on_report=reports.append))
+    with torch.no_grad():
+        assert (compiled(x) - model(x)).abs().max() <= 1e-6
+        first_call = len(reports)
+        assert (compiled(x + 1) - model(x + 1)).abs().max() <= 1e-6
+    # Each block's weights got their own program on the first call; the second call compiled nothing.
+    assert first_call >= 3 and len(reports) == first_call
