@@ -101,17 +101,9 @@ def compress_models(folder: Path) -> dict[str, str]:
 
 
 def _peak_live_bytes(fn: Any) -> tuple[Any, int]:
-    """Run ``fn`` under torch's profiler; the most tensor bytes it held at once (its allocations
-    minus its frees, in order), as ``torch.cuda.max_memory_allocated`` counts on a GPU."""
-    import torch
+    from _memory import live_bytes
 
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-    live = peak = 0
-    for event in sorted(prof.profiler.kineto_results.events(), key=lambda e: e.start_ns()):
-        if event.name() == "[memory]":
-            live += event.nbytes()
-            peak = max(peak, live)
+    result, peak, _ = live_bytes(fn)
     return result, peak
 
 

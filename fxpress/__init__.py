@@ -4,9 +4,12 @@
     compiled = torch.compile(model, backend=fxpress.backend(passes=[my_pass]))
     print(fxpress.explain(model, inputs))
     low_rank = fxpress.compress.svd(model, rank_ratio=0.5).model   # then compile it: fuse_low_rank
+    cache = fxpress.kv_cache(model, max_len=4096, policy=fxpress.KIVI(bits=2))  # for generate()
 """
 
-from fxpress import compress
+from typing import Any
+
+from fxpress import compress, kv
 
 from fxpress.compiler.backend import Backend, FallbackWarning, backend
 from fxpress.compiler.counters import counters
@@ -15,23 +18,38 @@ from fxpress.compiler.explain import Report, explain
 from fxpress.compiler.options import Options, Pass
 from fxpress.compiler.pipeline import PIPELINE
 from fxpress.compiler.plot import plot_memory
+from fxpress.kv.policies import KIVI, DuoAttentionKV, FullKV, HeavyHitterKV, StreamingKV
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "KIVI",
     "PIPELINE",
     "Backend",
+    "DuoAttentionKV",
     "FallbackWarning",
+    "FullKV",
     "FxpressError",
+    "HeavyHitterKV",
     "OptionError",
     "Options",
     "Pass",
     "PassError",
     "Report",
+    "StreamingKV",
     "UnsupportedGraphError",
     "backend",
     "compress",
     "counters",
     "explain",
+    "kv",
+    "kv_cache",
     "plot_memory",
 ]
+
+
+def kv_cache(model: Any, max_len: int, policy: Any, **kwargs: Any) -> Any:
+    """A compressed KV cache for ``model.generate``; see :func:`fxpress.kv.hf_cache.kv_cache`."""
+    from fxpress.kv.hf_cache import kv_cache as make
+
+    return make(model, max_len, policy, **kwargs)

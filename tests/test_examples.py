@@ -36,3 +36,11 @@ def test_custom_pass():
     out = _run("custom_pass.py")
     assert "gelu_to_tanh fired {'gelu(x) => gelu(x, tanh)': 6}" in out
     assert "max |approximate - eager|" in out
+
+
+def test_kv_cache():
+    out = _run("kv_cache.py")
+    assert "KIVI-4 (G=32, R=128, sink=4)" in out and "greedy agreement 1.00" in out
+    fractions = [float(f) for f in re.findall(r"\(([0-9.]+) of fp16\)", out)]
+    assert len(fractions) == 4 and all(f < 0.65 for f in fractions)
+    assert "'cache update -> sdpa => kv_attend': 60" in out and "identical to eager: True" in out

@@ -18,3 +18,7 @@ class PassError(FxpressError):
 class UnsupportedGraphError(FxpressError):
     """The graph holds something fxpress cannot compile (raised under ``strict=True``;
     otherwise the graph runs eagerly with a warning)."""
+
+
+class KVCacheError(FxpressError, ValueError):
+    """A compressed KV cache was used beyond what it was built for (too long, padded, out of order)."""

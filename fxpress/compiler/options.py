@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 
 from fxpress.compiler import flags
 from fxpress.compiler.errors import OptionError
+from fxpress.kv.policies import POLICIES
 
 TARGETS = ("auto", "cpu", "triton")
 
@@ -69,6 +70,9 @@ _VALID: dict[str, tuple[Callable[[Any], bool], str]] = {
     "disable": (_is_name_list, "list of pass names to skip"),
     "check": (lambda v: v is None or isinstance(v, bool), "bool: lint and verify after each pass"),
     "dump_dir": (lambda v: v is None or isinstance(v, str), "str: folder for per-pass graph dumps"),
+    "kv": (lambda v: v is None or isinstance(v, POLICIES),
+           "a KV policy (fxpress.KIVI(...), StreamingKV, DuoAttentionKV, HeavyHitterKV, FullKV) or None: "
+           "compress KV caches kept in fixed buffers"),
 }
 
 
@@ -80,6 +84,7 @@ class Options:
     disable: tuple[str, ...] = ()
     check: bool = field(default_factory=flags.CHECK.get)
     dump_dir: str = field(default_factory=flags.DUMP_DIR.get)
+    kv: Any = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

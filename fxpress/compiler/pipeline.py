@@ -21,6 +21,7 @@ from fxpress.compiler.errors import OptionError, PassError
 from fxpress.compiler.logs import graph_log
 from fxpress.compiler.options import Options
 from fxpress.compiler.verify import verify_graph
+from fxpress.passes.compress_kv_cache import compress_kv_cache
 from fxpress.passes.cse import cse
 from fxpress.passes.fuse_low_rank import fuse_low_rank
 from fxpress.passes.fuse_rms_norm import fuse_rms_norm
@@ -31,6 +32,7 @@ from fxpress.passes.remove_noop_views import remove_noop_views
 PassFn = Callable[..., PassResult]
 
 PIPELINE: tuple[PassFn, ...] = (
+    compress_kv_cache,  # first: it leaves the replaced cache updates to remove_dead_code
     remove_dead_code,
     remove_noop_views,
     cse,

@@ -1,0 +1,64 @@
+"""Compressed KV state that a compiled graph owns, for caches the model keeps in fixed buffers.
+
+``compress_kv_cache`` rewrites a StaticCache-style update (``index_copy`` / ``index_put`` into a
+fixed buffer) and the attention reading it into ``fxpress::kv_attend``, which reaches its state
+here by handle. The state lives across calls, keyed to the graph node it replaced, and starts over
+whenever a call writes position 0 (a new sequence in the same buffers). The model's own buffers
+are no longer written or read, but they stay allocated: only ``fxpress.kv_cache`` avoids them.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from fxpress.compiler.errors import KVCacheError
+from fxpress.kv.attention import attend
+from fxpress.kv.policies import Policy
+from fxpress.kv.stores import Store, make_store
+
+_STATES: dict[int, GraphKVState] = {}
+_HANDLES = itertools.count()
+
+
+class GraphKVState:
+    def __init__(self, policy: Policy, layer: int, max_len: int, where: str) -> None:
+        self.policy, self.layer, self.max_len, self.where = policy, layer, max_len, where
+        self.store: Store | None = None
+        self.seen = 0
+        self.handle = next(_HANDLES)
+        _STATES[self.handle] = self
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+               mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+        t = k.shape[2]
+        first = int(positions.reshape(-1)[0])
+        if first == 0 or self.store is None:
+            b, h, _, d = k.shape
+            self.store = make_store(self.policy, self.layer, batch=b, kv_heads=h, head_dim=d, max_len=self.max_len,
+                                    dtype=k.dtype, device=k.device)
+            self.seen = 0
+        if first != self.seen:
+            raise KVCacheError(f"{self.where}: the cache is written at position {first}, but the compressed state "
+                               f"holds {self.seen} tokens; positions must continue the sequence (or restart at 0)")
+        if self.seen + t > self.max_len:
+            raise KVCacheError(f"{self.where}: {self.seen + t} tokens do not fit the cache's {self.max_len}")
+        if mask is not None:
+            last = mask[..., -1, : self.seen + t]
+            visible = last if mask.dtype == torch.bool else last == 0
+            if not bool(visible.all()):
+                raise KVCacheError(f"{self.where}: the attention mask hides earlier tokens (a padded batch?); "
+                                   "compressed KV state supports unpadded sequences only")
+        out, mass = attend(self.store, q, k, v, scale)
+        self.store.append(k, v, self.seen, mass)
+        self.seen += t
+        return out.to(q.dtype)
+
+
+def state(handle: int) -> GraphKVState:
+    return _STATES[handle]
+
+
+def release(handle: int) -> None:
+    _STATES.pop(handle, None)

@@ -1,0 +1,162 @@
+"""A transformers ``Cache`` that keeps K/V compressed, for ``model.generate(past_key_values=...)``.
+
+    cache = fxpress.kv_cache(model, max_len=4096, policy=fxpress.KIVI(bits=2))
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=64)
+
+How it plugs in without touching the model's code, through two public transformers registries:
+
+- each layer's ``update(k, v)`` holds the new chunk back and returns it unchanged; no
+  full-precision copy of the past is ever made;
+- the model's attention implementation becomes ``"fxpress_kv"`` (registered with
+  ``AttentionInterface``): it attends the queries to the layer's compressed store plus the chunk,
+  then appends the chunk to the store (H2O stores also receive the attention each key got).
+  Attention calls that do not come from a compressed cache (a ``DynamicCache``, no cache) go to
+  transformers' own SDPA path with its usual mask, so the model keeps working for them.
+
+Token positions continue from the tokens *seen*, not the tokens kept, so rotary embeddings stay
+right after eviction. Padded batches are refused: the stores keep no per-token padding mask.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AttentionInterface, Cache
+from transformers.cache_utils import CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from fxpress.compiler.errors import KVCacheError
+from fxpress.kv.attention import attend
+from fxpress.kv.policies import Policy, check_policy
+from fxpress.kv.stores import Store, make_store
+
+ATTENTION = "fxpress_kv"
+
+# layer index -> the compressed layer whose chunk is waiting for its attention call. update() and
+# the attention call of one layer run back to back, so one slot per layer index is enough.
+_WAITING: dict[int, CompressedLayer] = {}
+
+
+class CompressedLayer(CacheLayerMixin):
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, policy: Policy, layer_idx: int, max_len: int, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.policy, self.layer_idx, self.max_len, self.storage_dtype = policy, layer_idx, max_len, dtype
+        self.store: Store | None = None
+        self.seen = 0
+        self.chunk: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        self.store = make_store(self.policy, self.layer_idx, batch=b, kv_heads=h, head_dim=d, max_len=self.max_len,
+                                dtype=self.storage_dtype or key_states.dtype, device=key_states.device)
+        self.is_initialized = True
+
+    # update() and the attention call are opaque to torch.compile: the handshake between them and
+    # the stores' bookkeeping (token counts, eviction) are host code that must run for real. A
+    # compiled model breaks its graph around them and stays correct.
+    @torch.compiler.disable
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        store, t = self.store, key_states.shape[2]
+        if (key_states.shape[0], key_states.shape[1]) != (store.batch, store.heads):
+            raise KVCacheError(f"fxpress KV cache layer {self.layer_idx} was built for batch {store.batch} with "
+                               f"{store.heads} KV heads; got keys of shape {tuple(key_states.shape)}")
+        if self.seen + t > self.max_len:
+            raise KVCacheError(f"fxpress KV cache layer {self.layer_idx} holds contexts of at most {self.max_len} "
+                               f"tokens (max_len); this call brings it to {self.seen + t}. Build the cache "
+                               "with a larger max_len.")
+        self.chunk = (key_states, value_states)
+        _WAITING[self.layer_idx] = self
+        return key_states, value_states
+
+    def attend_and_append(self, query: torch.Tensor, scale: float) -> torch.Tensor:
+        k, v = self.chunk
+        self.chunk = None
+        out, mass = attend(self.store, query, k, v, scale)
+        self.store.append(k, v, self.seen, mass)
+        self.seen += k.shape[2]
+        return out.to(query.dtype)
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return self.max_len
+
+    def get_mask_sizes(self, query: int | torch.Tensor, *args: Any) -> tuple[int, int]:
+        # The mask transformers builds covers the new chunk only (kv offset = tokens seen); the
+        # stored tokens are all in the past and need none. Older transformers pass cache_position.
+        t = query if isinstance(query, int) else query.shape[0]
+        return t, self.seen
+
+    def nbytes(self) -> int:
+        return 0 if self.store is None else self.store.nbytes()
+
+    def reset(self) -> None:
+        self.store, self.seen, self.chunk, self.is_initialized = None, 0, None, False
+
+
+class CompressedKVCache(Cache):
+    """One :class:`CompressedLayer` per decoder layer; ``nbytes()`` is every byte of KV state."""
+
+    def __init__(self, num_layers: int, policy: Policy, max_len: int, dtype: torch.dtype | None) -> None:
+        super().__init__(layers=[CompressedLayer(policy, i, max_len, dtype) for i in range(num_layers)])
+        self.policy, self.max_len = policy, max_len
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def stored_tokens(self) -> list[int]:
+        return [0 if layer.store is None else layer.store.filled for layer in self.layers]
+
+
+@torch.compiler.disable
+def fxpress_kv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                         **kwargs: Any) -> tuple[torch.Tensor, None]:
+    layer = _WAITING.get(getattr(module, "layer_idx", None))
+    # The keys are the chunk the layer holds back (the same memory: under torch.compile they may
+    # arrive as another tensor object), or they come from some other cache.
+    if layer is None or layer.chunk is None or not _same_tensor(layer.chunk[0], key):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    del _WAITING[layer.layer_idx]
+    if attention_mask is not None and attention_mask.dtype == torch.bool and not attention_mask[..., -1, :].all():
+        raise KVCacheError("fxpress KV caches do not support padded batches yet: the last query of the chunk "
+                           "cannot see every key. Use prompts of equal length.")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return layer.attend_and_append(query, scale).transpose(1, 2).contiguous(), None
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+
+
+AttentionInterface.register(ATTENTION, fxpress_kv_attention)
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
+def kv_cache(model: torch.nn.Module, max_len: int, policy: Policy, *, dtype: torch.dtype | None = torch.float16
+             ) -> CompressedKVCache:
+    """A compressed KV cache for ``model`` holding up to ``max_len`` tokens per sequence.
+
+    ``dtype`` is the storage type of what stays at full precision (residual windows, kept tokens,
+    scales); ``None`` keeps the model's own. Switches the model's attention implementation to
+    ``"fxpress_kv"``, which behaves exactly like ``"sdpa"`` for other caches.
+    """
+    check_policy(policy, "fxpress.kv_cache")
+    if not isinstance(max_len, int) or max_len <= 0:
+        raise KVCacheError(f"fxpress.kv_cache: max_len must be a positive int, got {max_len!r}")
+    config = getattr(model, "config", None)
+    num_layers = getattr(getattr(config, "get_text_config", lambda: config)(), "num_hidden_layers", None)
+    if num_layers is None:
+        raise KVCacheError(f"fxpress.kv_cache needs a transformers model with config.num_hidden_layers; "
+                           f"got {type(model).__name__}")
+    if config._attn_implementation != ATTENTION:
+        model.set_attn_implementation(ATTENTION)
+    return CompressedKVCache(num_layers, policy, max_len, dtype)

@@ -1,0 +1,164 @@
+"""Pass compress_kv_cache: KV caches kept in fixed buffers become compressed state + one op.
+
+Runs only when a policy is given (``fxpress.backend(kv=fxpress.KIVI(bits=2))``): compression
+changes numbers and is never applied silently. It finds, per attention layer, a cache update
+feeding attention, whichever way the model wrote it:
+
+- HF ``StaticCache``: ``aten.index_copy(cache, 2, cache_position, k)``;
+- gpt-fast style ``cache[:, :, pos] = k``: ``aten.index_put(cache, [None, None, pos], k)``;
+
+(either one possibly sliced to the prefill length) for both K and V with the same positions, read
+by SDPA. Before/after::
+
+    %kc = index_copy(%k_cache, 2, %pos, %k)
+    %vc = index_copy(%v_cache, 2, %pos, %v)
+    %o = sdpa(%q, %kc, %vc, %mask)          ->   %o = fxpress.kv_attend(%q, %k, %v, %pos, %mask, handle, scale)
+    copy_(%k_cache, %kc) ...                     (the buffers are no longer written)
+
+The compressed state (``fxpress.kv.graph_state``) belongs to the backend's options: the prefill
+and the decode graph of a model are two compiles, and their n-th attention layers share one state.
+It persists across calls and restarts when a call writes position 0. Grouped-query attention and batches are
+native to the op. The model's full-precision buffers stay allocated (the model made them); to
+avoid them, build the cache with ``fxpress.kv_cache``.
+"""
+
+from __future__ import annotations
+
+import operator
+import weakref
+from functools import partial
+
+import torch.fx as fx
+from torch.fx.operator_schemas import normalize_function
+from torch.fx.passes.infra.pass_base import PassResult
+
+from fxpress.compiler.options import Options
+from fxpress.kv.graph_state import GraphKVState
+from fxpress.kv.policies import Policy
+from fxpress.ops import kv_attend
+from fxpress.passes._match import Match, Miss, Rule, apply_rules, aten, is_op, val
+
+_SDPA = (aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_efficient_attention,
+         aten._scaled_dot_product_flash_attention, aten.scaled_dot_product_attention)
+RULE = "cache update -> sdpa => kv_attend"
+
+
+def _strip_repeat_kv(node: fx.Node, taken: list[fx.Node]) -> fx.Node:
+    """transformers' ``repeat_kv`` for grouped-query attention with a mask:
+    ``view(clone(expand(unsqueeze(x, 2))))`` -> ``x`` (kv_attend groups the query heads itself)."""
+    chain, at = [], node
+    if is_op(at, aten.view, aten.reshape, aten._unsafe_view):
+        chain.append(at)
+        at = at.args[0]
+        if is_op(at, aten.clone):
+            chain.append(at)
+            at = at.args[0]
+        if is_op(at, aten.expand) and is_op(at.args[0], aten.unsqueeze) and at.args[0].args[1] == 2:
+            taken += [*chain, at, at.args[0]]
+            return at.args[0].args[0]
+    return node
+
+
+def _cache_update(node: fx.Node) -> tuple[list[fx.Node], fx.Node, fx.Node, fx.Node] | None:
+    """``[repeat_kv] <- [slice] <- index_copy|index_put``: (nodes, cache buffer, positions, new rows)."""
+    taken: list[fx.Node] = []
+    node = _strip_repeat_kv(node, taken)
+    if is_op(node, aten.slice) and node.args[1] == 2 and (len(node.args) < 3 or node.args[2] == 0):
+        taken.append(node)
+        node = node.args[0]
+    if is_op(node, aten.index_copy) and node.args[1] == 2:
+        return [node, *taken], node.args[0], node.args[2], node.args[3]
+    if is_op(node, aten.index_put):
+        indices = node.args[1]
+        if len(indices) == 3 and indices[0] is None and indices[1] is None and isinstance(indices[2], fx.Node):
+            rows = node.args[2]
+            # Indexing flattens the value it writes ([B, H, T, d] -> [B*H, T, d] when B is 1); undo that.
+            if is_op(rows, aten.view, aten.reshape, aten._unsafe_view) and val(rows.args[0]).dim() == 4:
+                rows = rows.args[0]
+            return [node, *taken], node.args[0], indices[2], rows
+    return None
+
+
+def _match(node: fx.Node) -> Match | Miss | None:
+    if not is_op(node, *_SDPA):
+        return None
+    bound = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+    if bound is None:
+        return None
+    kwargs = bound.kwargs
+    key, value = _cache_update(kwargs["key"]), _cache_update(kwargs["value"])
+    if key is None and value is None:
+        return None  # attention over plain tensors: not a cache
+    if key is None or value is None:
+        return Miss(node, "only one of key and value comes from a cache update")
+    if key[2] is not value[2]:
+        return Miss(node, "key and value caches are written at different positions")
+    if val(key[3]).dim() != 4 or val(key[1]).dim() != 4:
+        return Miss(node, "cache is not [batch, heads, length, head_dim]")
+    if kwargs.get("dropout_p", 0.0) != 0.0:
+        return Miss(node, "attention with dropout")
+    root = node
+    if node.target is not aten.scaled_dot_product_attention:
+        users = list(node.users)
+        if any(not (u.target is operator.getitem and u.args[1] == 0) for u in users) or len(users) != 1:
+            return Miss(node, "attention statistics (logsumexp) are used")
+        root = users[0]
+    mask = kwargs.get("attn_mask", kwargs.get("attn_bias"))
+    return Match(root, [node, root], {
+        "q": kwargs["query"], "k": key[3], "v": value[3], "positions": key[2], "mask": mask,
+        "scale": kwargs.get("scale") or val(kwargs["query"]).shape[-1] ** -0.5,
+        "updates": (key[0], value[0]), "buffers": (key[1], value[1]),
+    })
+
+
+def _replace(policy: Policy, states: dict[int, GraphKVState], counter: list[int], gm: fx.GraphModule,
+             m: Match) -> fx.Node:
+    o = m.operands
+    layer = counter[0]
+    counter[0] += 1
+    max_len = int(val(o["buffers"][0]).shape[2])
+    state = states.get(layer)
+    if state is None or state.max_len != max_len:
+        state = states[layer] = GraphKVState(policy, layer, max_len, f"compress_kv_cache layer {layer}")
+    with gm.graph.inserting_before(m.root):
+        new = gm.graph.call_function(kv_attend, (o["q"], o["k"], o["v"], o["positions"], o["mask"], state.handle,
+                                                 float(o["scale"])))
+    new.meta["val"] = val(m.root)
+    for nodes, buffer in zip(o["updates"], o["buffers"]):
+        _stop_writing(gm, nodes, buffer)
+    return new
+
+
+def _stop_writing(gm: fx.GraphModule, nodes: list[fx.Node], buffer: fx.Node) -> None:
+    """A buffer the model passes in keeps its old contents: uses of the updated copy become uses
+    of the buffer, and the write-back ``copy_(buffer, update)`` disappears. A buffer the graph
+    makes itself (transformers allocates StaticCache lazily, inside the first compiled call) is
+    still written once: returning the blank buffers instead would let cse merge them into one."""
+    update = nodes[0]
+    if buffer.op != "placeholder":
+        return
+    for user in list(update.users):
+        if is_op(user, aten.copy_) and user.args[0] is buffer:
+            user.replace_all_uses_with(buffer)
+            gm.graph.erase_node(user)
+    update.replace_all_uses_with(buffer)  # the views left reading it die with the attention
+
+
+# id(options) -> layer -> state. The prefill and decode graphs of one model are separate compiles
+# with the same options object; the n-th attention layer of each shares one state.
+_STATES: dict[int, dict[int, GraphKVState]] = {}
+
+
+def _states_for(opts: Options) -> dict[int, GraphKVState]:
+    key = id(opts)
+    if key not in _STATES:
+        _STATES[key] = {}
+        weakref.finalize(opts, _STATES.pop, key, None)
+    return _STATES[key]
+
+
+def compress_kv_cache(gm: fx.GraphModule, *, opts: Options) -> PassResult:
+    if opts.kv is None:
+        return PassResult(gm, False)
+    rule = Rule(RULE, _match, partial(_replace, opts.kv, _states_for(opts), [0]))
+    return PassResult(gm, apply_rules(gm, (rule,), "compress_kv_cache") > 0)
