@@ -88,7 +88,8 @@ def accuracy(model: Any, tokenizer: Any) -> list[dict[str, Any]]:
     runs: list[tuple[str, str, Any]] = [("none", "FullKV fp16", FullKV()),
                                         ("-", "KIVI-4", KIVI(bits=4)), ("-", "KIVI-2", KIVI(bits=2)),
                                         ("-", "KIVI-2 R=32", KIVI(bits=2, residual=32)),
-                                        ("-", "KIVI-2 sink=0 (paper)", KIVI(bits=2, sink=0))]
+                                        ("-", "KIVI-2 paper (sink=0, no key clipping)",
+                                         KIVI(bits=2, sink=0, clip_keys=False))]
     for reduction in (0.5, 0.75):
         runs += [(f"{reduction:.0%}", name, p) for name, p in eviction_policies(reduction, duo_scores).items()]
     runs.append(("75%", "StreamingKV + KIVI-4 codes", StreamingKV(sink=4, recent=508, bits=4)))
@@ -154,6 +155,7 @@ MEMORY_POLICIES: dict[str, Any] = {
     "FullKV fp16": FullKV(),
     "KIVI-4": KIVI(bits=4),
     "KIVI-2": KIVI(bits=2),
+    "KIVI-2 R=32": KIVI(bits=2, residual=32),
     "StreamingKV 4+1020": StreamingKV(sink=4, recent=1020),
     "HeavyHitterKV budget 1024": HeavyHitterKV(budget=1024, recent=512),
 }

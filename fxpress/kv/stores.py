@@ -116,6 +116,12 @@ class HeavyHitterStore(_RowStore):
         if mass is None:
             raise ValueError("HeavyHitterStore.append needs the attention mass of this call")
         t, filled = k.shape[2], self.filled
+        if t == 1 and filled == self.slots and k.is_cuda and self.keys.bits is None:
+            from fxpress.codegen.kernels.eviction import h2o_decode_update  # the decode step below, fused
+
+            h2o_decode_update(self.score, self.position, mass, self.keys.tensors["data"],
+                              self.values.tensors["data"], k, v, seen, self.recent)
+            return
         self.score[:, :, :filled] += mass[:, :, :filled]
         new_score = mass[:, :, filled:]
         new_position = torch.arange(seen, seen + t, dtype=torch.int32, device=k.device).expand(self.batch, self.heads, t)

@@ -115,3 +115,18 @@ def test_compressed_cache_under_torch_compile_matches_eager():
     finally:
         model.forward = forward
     assert torch.equal(got, expected)
+
+
+def test_multi_query_attention_is_exact_with_the_full_policy():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128)
+    model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa").eval()
+    ids = token_ids(batch=3, length=12)
+    expected = _generate(model, ids)
+    assert torch.equal(_generate(model, ids, fxpress.kv_cache(model, 12 + NEW, fxpress.FullKV(), dtype=None)),
+                       expected)
+    heavy = fxpress.kv_cache(model, 12 + NEW, fxpress.HeavyHitterKV(budget=8, recent=4))
+    assert _generate(model, ids, heavy).shape == (3, 12 + NEW)

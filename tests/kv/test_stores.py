@@ -137,3 +137,26 @@ def test_kivi2_marginal_bytes_per_token_are_three_bits_an_element():
     short, long = (_store(KIVI(bits=2), max_len=n, dtype=torch.float16).nbytes() for n in (1024, 2048))
     fp16_per_token = B * HKV * 2 * D * 2
     assert (long - short) / 1024 / fp16_per_token == pytest.approx(0.1875)
+
+
+def test_h2o_decode_kernel_matches_the_torch_bookkeeping(device):
+    from fxpress.codegen.kernels.eviction import h2o_decode_update
+
+    k, v = _tokens(30)
+    reference = _store(HeavyHitterKV(budget=12, recent=4))
+    _feed(reference, k, v, [20])
+    kernel = _store(HeavyHitterKV(budget=12, recent=4))
+    _feed(kernel, k, v, [20])
+    g = torch.Generator().manual_seed(4)
+    kn, vn = torch.randn(B, HKV, 1, D, generator=g), torch.randn(B, HKV, 1, D, generator=g)
+    mass = torch.rand(B, HKV, 13, generator=g)
+    mass[0, 0, :4] = 0.0  # ties among old slots: the first one goes, as torch.argmin picks
+    reference.append(kn, vn, 20, mass)
+    on = {n: t.to(device) for n, t in (("score", kernel.score), ("position", kernel.position),
+                                         ("keys", kernel.keys.tensors["data"]), ("values", kernel.values.tensors["data"]))}
+    h2o_decode_update(on["score"], on["position"], mass.to(device), on["keys"], on["values"], kn.to(device),
+                      vn.to(device), 20, 4)
+    assert torch.equal(on["position"].cpu(), reference.position)
+    assert torch.equal(on["score"].cpu(), reference.score)
+    assert torch.equal(on["keys"].cpu(), reference.keys.tensors["data"])
+    assert torch.equal(on["values"].cpu(), reference.values.tensors["data"])
