@@ -13,7 +13,6 @@ Last in the pipeline, so rewrites before it see only functional ops. Before/afte
 
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
