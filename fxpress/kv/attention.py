@@ -2,7 +2,7 @@
 
 Queries of the chunk see every stored token (all earlier) and the chunk's own keys causally. The
 stored part arrives one dequantised segment at a time and is folded in with an online softmax, so
-no dequantised copy of the cache is ever whole. Queries go in blocks to bound the score tiles.
+no dequantised copy of the cache is ever whole. Query rows go in blocks to bound the score tiles.
 
 Grouped-query attention is native: the ``G`` query heads of a KV head are stacked as extra query
 rows of that head, so K/V are never repeated.
@@ -17,7 +17,7 @@ import torch
 
 from fxpress.kv.stores import DuoStore, KIVIStore, Store
 
-QUERY_BLOCK = 256
+QUERY_ROWS = 256  # query rows per score tile: bounded temporaries for long chunks
 
 
 def attend(store: Store, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
@@ -34,51 +34,50 @@ def attend(store: Store, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     hkv = k.shape[1]
     if hq % hkv:
         raise ValueError(f"{hq} query heads cannot share {hkv} KV heads")
-    group = hq // hkv
-    # Row r of a head is query (g, i) with g = r // t, i = r % t.
-    qg = (q.float() * scale).reshape(b, hkv, group * t, d)
-    row_pos = torch.arange(t, device=q.device).repeat(group)
+    # Row r of a KV head is query (g, i) of its group, g = r // t, i = r % t.
+    qg = (q.float() * scale).reshape(b, hkv, hq // hkv * t, d)
+    row_pos = torch.arange(t, device=q.device).repeat(hq // hkv)
     kf, vf = k.float(), v.float()
-    out = torch.empty(b, hkv, group * t, d, dtype=torch.float32, device=q.device)
-    mass = torch.zeros(b, hkv, store.filled + t, device=q.device) if store.needs_mass else None
-    for start in range(0, t, QUERY_BLOCK):
-        stop = min(start + QUERY_BLOCK, t)
-        index = ((row_pos >= start) & (row_pos < stop)).nonzero().squeeze(1)
-        qb, pos = qg.index_select(2, index), row_pos[index]
-        m = torch.full((b, hkv, len(index), 1), float("-inf"), device=q.device)
-        l = torch.zeros_like(m)
-        acc = torch.zeros(b, hkv, len(index), d, device=q.device)
-        for _, kb, vb, mask in _key_blocks(store, kf, vf, pos, stop):
-            s = _scores(qb, kb, mask)
-            m_new = torch.maximum(m, s.amax(-1, keepdim=True))
-            p = torch.exp(s - m_new)
-            correction = torch.exp(m - m_new)
-            l = l * correction + p.sum(-1, keepdim=True)
-            acc = acc * correction + p @ vb
-            m = m_new
-        out.index_copy_(2, index, acc / l)
-        if mass is not None:
-            # Second pass with the rows' final log-sum-exp: each key's probability, summed.
-            lse = m + l.log()
-            for at, kb, _, mask in _key_blocks(store, kf, vf, pos, stop):
-                mass[:, :, at: at + kb.shape[2]] += (_scores(qb, kb, mask) - lse).exp().sum(2)
-    return out.reshape(b, hq, t, d), mass
+    m = torch.full((b, hkv, qg.shape[2], 1), float("-inf"), device=q.device)
+    l = torch.zeros_like(m)
+    acc = torch.zeros_like(qg)
+    # Each stored segment is dequantised once and met by every block of query rows.
+    for _, rows, s, vb in _score_tiles(store, qg, kf, vf, row_pos):
+        m_new = torch.maximum(m[:, :, rows], s.amax(-1, keepdim=True))
+        p = torch.exp(s - m_new)
+        correction = torch.exp(m[:, :, rows] - m_new)
+        l[:, :, rows] = l[:, :, rows] * correction + p.sum(-1, keepdim=True)
+        acc[:, :, rows] = acc[:, :, rows] * correction + p @ vb
+        m[:, :, rows] = m_new
+    out = (acc / l).reshape(b, hq, t, d)
+    if not store.needs_mass:
+        return out, None
+    # Second pass with each row's final log-sum-exp: every key's probability, summed over rows.
+    lse = m + l.log()
+    mass = torch.zeros(b, hkv, store.filled + t, device=q.device)
+    for at, rows, s, _ in _score_tiles(store, qg, kf, vf, row_pos):
+        mass[:, :, at: at + s.shape[-1]] += (s - lse[:, :, rows]).exp().sum(2)
+    return out, mass
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
-    s = q @ k.transpose(-1, -2)
-    return s if visible is None else s.masked_fill(~visible, float("-inf"))
-
-
-def _key_blocks(store: Store, k: torch.Tensor, v: torch.Tensor, query_pos: torch.Tensor, stop: int):
-    """(offset, K, V, visibility or None): the stored segments, then the chunk's first ``stop`` keys
-    (later ones are in every query's future)."""
+def _score_tiles(store: Store, qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_pos: torch.Tensor):
+    """(key offset, row slice, scores, V) tiles: every stored segment (visible to all rows), then the
+    chunk's own keys (causal: row ``r`` sees keys up to ``row_pos[r]``), over blocks of query rows."""
+    blocks = [slice(r, min(r + QUERY_ROWS, qg.shape[2])) for r in range(0, qg.shape[2], QUERY_ROWS)]
     at = 0
     for kb, vb in store.segments():
-        yield at, kb, vb, None
+        for rows in blocks:
+            yield at, rows, qg[:, :, rows] @ kb.transpose(-1, -2), vb
         at += kb.shape[2]
-    key_pos = torch.arange(stop, device=k.device)
-    yield at, k[:, :, :stop], v[:, :, :stop], key_pos[None, :] <= query_pos[:, None]
+    t = k.shape[2]
+    for rows in blocks:
+        pos = row_pos[rows]
+        # The latest query in the block (rows wrap around t); later keys are in every row's future.
+        wraps = rows.stop - rows.start >= t or rows.start % t > (rows.stop - 1) % t
+        stop = t if wraps else (rows.stop - 1) % t + 1
+        s = qg[:, :, rows] @ k[:, :, :stop].transpose(-1, -2)
+        visible = torch.arange(stop, device=k.device)[None, :] <= pos[:, None]
+        yield at, rows, s.masked_fill(~visible, float("-inf")), v[:, :, :stop]
 
 
 def _attend_duo(store: DuoStore, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

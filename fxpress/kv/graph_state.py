@@ -14,51 +14,44 @@ import itertools
 import torch
 
 from fxpress.compiler.errors import KVCacheError
-from fxpress.kv.attention import attend
 from fxpress.kv.policies import Policy
-from fxpress.kv.stores import Store, make_store
+from fxpress.kv.sequence import KVSequence
 
 _STATES: dict[int, GraphKVState] = {}
 _HANDLES = itertools.count()
 
 
-class GraphKVState:
+class GraphKVState(KVSequence):
+    """A :class:`KVSequence` that ``fxpress::kv_attend`` finds by ``handle``."""
+
     def __init__(self, policy: Policy, layer: int, max_len: int, where: str) -> None:
-        self.policy, self.layer, self.max_len, self.where = policy, layer, max_len, where
-        self.store: Store | None = None
-        self.seen = 0
+        super().__init__(policy, layer, max_len, where)
         self.handle = next(_HANDLES)
         _STATES[self.handle] = self
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-        t = k.shape[2]
         first = int(positions.reshape(-1)[0])
         if first == 0 or self.store is None:
-            b, h, _, d = k.shape
-            self.store = make_store(self.policy, self.layer, batch=b, kv_heads=h, head_dim=d, max_len=self.max_len,
-                                    dtype=k.dtype, device=k.device)
-            self.seen = 0
+            self.start(k, k.dtype)
         if first != self.seen:
             raise KVCacheError(f"{self.where}: the cache is written at position {first}, but the compressed state "
                                f"holds {self.seen} tokens; positions must continue the sequence (or restart at 0)")
-        if self.seen + t > self.max_len:
-            raise KVCacheError(f"{self.where}: {self.seen + t} tokens do not fit the cache's {self.max_len}")
+        self.check(k)
         if mask is not None:
-            last = mask[..., -1, : self.seen + t]
+            last = mask[..., -1, : self.seen + k.shape[2]]
             visible = last if mask.dtype == torch.bool else last == 0
             if not bool(visible.all()):
                 raise KVCacheError(f"{self.where}: the attention mask hides earlier tokens (a padded batch?); "
                                    "compressed KV state supports unpadded sequences only")
-        out, mass = attend(self.store, q, k, v, scale)
-        self.store.append(k, v, self.seen, mass)
-        self.seen += t
-        return out.to(q.dtype)
+        return self.step(q, k, v, scale)
 
 
 def state(handle: int) -> GraphKVState:
     return _STATES[handle]
 
 
-def release(handle: int) -> None:
-    _STATES.pop(handle, None)
+def release(handles: list[int]) -> None:
+    """Free the state of a backend that is gone."""
+    for handle in handles:
+        _STATES.pop(handle, None)

@@ -28,9 +28,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from fxpress.compiler.errors import KVCacheError
-from fxpress.kv.attention import attend
 from fxpress.kv.policies import Policy, check_policy
-from fxpress.kv.stores import Store, make_store
+from fxpress.kv.sequence import KVSequence
+from fxpress.kv.stores import Store
 
 ATTENTION = "fxpress_kv"
 
@@ -45,15 +45,16 @@ class CompressedLayer(CacheLayerMixin):
 
     def __init__(self, policy: Policy, layer_idx: int, max_len: int, dtype: torch.dtype | None) -> None:
         super().__init__()
-        self.policy, self.layer_idx, self.max_len, self.storage_dtype = policy, layer_idx, max_len, dtype
-        self.store: Store | None = None
-        self.seen = 0
+        self.layer_idx, self.storage_dtype = layer_idx, dtype
+        self.sequence = KVSequence(policy, layer_idx, max_len, f"fxpress KV cache layer {layer_idx}")
         self.chunk: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    @property
+    def store(self) -> Store | None:
+        return self.sequence.store
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        b, h, _, d = key_states.shape
-        self.store = make_store(self.policy, self.layer_idx, batch=b, kv_heads=h, head_dim=d, max_len=self.max_len,
-                                dtype=self.storage_dtype or key_states.dtype, device=key_states.device)
+        self.sequence.start(key_states, self.storage_dtype or key_states.dtype)
         self.is_initialized = True
 
     # update() and the attention call are opaque to torch.compile: the handshake between them and
@@ -63,43 +64,32 @@ class CompressedLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        store, t = self.store, key_states.shape[2]
-        if (key_states.shape[0], key_states.shape[1]) != (store.batch, store.heads):
-            raise KVCacheError(f"fxpress KV cache layer {self.layer_idx} was built for batch {store.batch} with "
-                               f"{store.heads} KV heads; got keys of shape {tuple(key_states.shape)}")
-        if self.seen + t > self.max_len:
-            raise KVCacheError(f"fxpress KV cache layer {self.layer_idx} holds contexts of at most {self.max_len} "
-                               f"tokens (max_len); this call brings it to {self.seen + t}. Build the cache "
-                               "with a larger max_len.")
+        self.sequence.check(key_states)
         self.chunk = (key_states, value_states)
         _WAITING[self.layer_idx] = self
         return key_states, value_states
 
     def attend_and_append(self, query: torch.Tensor, scale: float) -> torch.Tensor:
-        k, v = self.chunk
-        self.chunk = None
-        out, mass = attend(self.store, query, k, v, scale)
-        self.store.append(k, v, self.seen, mass)
-        self.seen += k.shape[2]
-        return out.to(query.dtype)
+        (k, v), self.chunk = self.chunk, None
+        return self.sequence.step(query, k, v, scale)
 
     def get_seq_length(self) -> int:
-        return self.seen
+        return self.sequence.seen
 
     def get_max_length(self) -> int:
-        return self.max_len
+        return self.sequence.max_len
 
     def get_mask_sizes(self, query: int | torch.Tensor, *args: Any) -> tuple[int, int]:
         # The mask transformers builds covers the new chunk only (kv offset = tokens seen); the
         # stored tokens are all in the past and need none. Older transformers pass cache_position.
         t = query if isinstance(query, int) else query.shape[0]
-        return t, self.seen
+        return t, self.sequence.seen
 
     def nbytes(self) -> int:
-        return 0 if self.store is None else self.store.nbytes()
+        return self.sequence.nbytes()
 
     def reset(self) -> None:
-        self.store, self.seen, self.chunk, self.is_initialized = None, 0, None, False
+        self.sequence.store, self.sequence.seen, self.chunk, self.is_initialized = None, 0, None, False
 
 
 class CompressedKVCache(Cache):

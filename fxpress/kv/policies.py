@@ -39,6 +39,11 @@ def _check_positive(policy: str, **values: int) -> None:
                  policy, f"{name} must be a positive int, got {value!r}")
 
 
+def _check_sink(policy: str, sink: int) -> None:
+    _require(isinstance(sink, int) and not isinstance(sink, bool) and sink >= 0, policy,
+             f"sink must be an int >= 0, got {sink!r}")
+
+
 def _check_bits(policy: str, bits: int | None, group_size: int) -> None:
     if bits is not None:
         _require(bits in QUANT_BITS, policy, f"bits must be one of {QUANT_BITS} or None, got {bits!r}")
@@ -71,7 +76,7 @@ class KIVI:
     def __post_init__(self) -> None:
         _require(self.bits in QUANT_BITS, "KIVI", f"bits must be one of {QUANT_BITS}, got {self.bits!r}")
         _check_positive("KIVI", group_size=self.group_size, residual=self.residual)
-        _require(isinstance(self.sink, int) and self.sink >= 0, "KIVI", f"sink must be an int >= 0, got {self.sink!r}")
+        _check_sink("KIVI", self.sink)
         _require(isinstance(self.clip_keys, bool), "KIVI", f"clip_keys must be a bool, got {self.clip_keys!r}")
         per = 32 // self.bits
         _require(self.group_size % per == 0, "KIVI",
@@ -91,8 +96,7 @@ class StreamingKV:
     group_size: int = 32
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.sink, int) and self.sink >= 0, "StreamingKV",
-                 f"sink must be an int >= 0, got {self.sink!r}")
+        _check_sink("StreamingKV", self.sink)
         _check_positive("StreamingKV", recent=self.recent)
         _check_bits("StreamingKV", self.bits, self.group_size)
 
@@ -120,8 +124,7 @@ class DuoAttentionKV:
             _require(all(isinstance(h, int) and h >= 0 for h in layer), "DuoAttentionKV",
                      f"retrieval_heads[{i}] must hold KV-head indices >= 0, got {layer!r}")
         object.__setattr__(self, "retrieval_heads", normalised)
-        _require(isinstance(self.sink, int) and self.sink >= 0, "DuoAttentionKV",
-                 f"sink must be an int >= 0, got {self.sink!r}")
+        _check_sink("DuoAttentionKV", self.sink)
         _check_positive("DuoAttentionKV", recent=self.recent)
         _check_bits("DuoAttentionKV", self.bits, self.group_size)
 

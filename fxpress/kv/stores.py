@@ -235,17 +235,20 @@ class KIVIStore(Store):
             self.sunk += into_sink
             k, v = k[:, :, into_sink:], v[:, :, into_sink:]
         waiting = self.waiting - k.shape[2]
+        g = self.policy.group_size
+        flush = max(0, waiting + k.shape[2] - self.policy.residual) // g * g
+        if not flush:  # most decode steps: the new tokens just join the window
+            self.k_residual[:, :, waiting:waiting + k.shape[2]] = k
+            self.v_residual[:, :, waiting:waiting + v.shape[2]] = v
+            return
         pending_k = torch.cat([self.k_residual[:, :, :waiting].float(), k.float()], 2)
         pending_v = torch.cat([self.v_residual[:, :, :waiting].float(), v.float()], 2)
-        g = self.policy.group_size
-        flush = max(0, pending_k.shape[2] - self.policy.residual) // g * g
-        if flush:
-            per, start = quant.codes_per_word(self.policy.bits), self.quantised
-            for name, block in self.quantize_block(pending_k[:, :, :flush], pending_v[:, :, :flush]).items():
-                tensor = getattr(self, name)
-                at = {"k_codes": start // per, "k_scale": start // g, "k_lo": start // g}.get(name, start)
-                tensor[:, :, at: at + block.shape[2]] = block
-            self.quantised += flush
+        per, start = quant.codes_per_word(self.policy.bits), self.quantised
+        for name, block in self.quantize_block(pending_k[:, :, :flush], pending_v[:, :, :flush]).items():
+            tensor = getattr(self, name)
+            at = {"k_codes": start // per, "k_scale": start // g, "k_lo": start // g}.get(name, start)
+            tensor[:, :, at: at + block.shape[2]] = block
+        self.quantised += flush
         left = pending_k.shape[2] - flush
         self.k_residual[:, :, :left] = pending_k[:, :, flush:]
         self.v_residual[:, :, :left] = pending_v[:, :, flush:]

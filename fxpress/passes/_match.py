@@ -11,9 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+import operator
+
 import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
+from torch.fx.operator_schemas import normalize_function
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fxpress.compiler.counters import counters
@@ -121,3 +124,26 @@ def insert_call(
     with mode:
         node.meta["val"] = target(*fake_args, **fake_kwargs)
     return node
+
+
+# Scaled dot-product attention as capture leaves it: the public op, or the backend it dispatched to.
+SDPA_OPS = (aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_efficient_attention,
+            aten._scaled_dot_product_flash_attention, aten.scaled_dot_product_attention)
+
+
+def sdpa_arguments(node: fx.Node) -> dict[str, Any] | None:
+    """An SDPA node's arguments by name (``query``, ``key``, ``value``, ``attn_mask`` or
+    ``attn_bias``, ``dropout_p``, ``is_causal``, ``scale``); None if they cannot be read."""
+    bound = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+    return None if bound is None else bound.kwargs
+
+
+def sdpa_result(node: fx.Node) -> fx.Node | Miss | None:
+    """The node holding an SDPA node's attention output: itself for the public op, else its one
+    ``getitem(0)``; a Miss when the backend's statistics (logsumexp) are read too."""
+    if node.target is aten.scaled_dot_product_attention:
+        return node
+    users = list(node.users)
+    if not users or any(not (u.target is operator.getitem and u.args[1] == 0) for u in users):
+        return Miss(node, "attention statistics (logsumexp) are used")
+    return users[0] if len(users) == 1 else None

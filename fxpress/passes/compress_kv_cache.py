@@ -24,22 +24,19 @@ avoid them, build the cache with ``fxpress.kv_cache``.
 
 from __future__ import annotations
 
-import operator
 import weakref
 from functools import partial
 
 import torch.fx as fx
-from torch.fx.operator_schemas import normalize_function
 from torch.fx.passes.infra.pass_base import PassResult
 
 from fxpress.compiler.options import Options
-from fxpress.kv.graph_state import GraphKVState
+from fxpress.kv.graph_state import GraphKVState, release
 from fxpress.kv.policies import Policy
 from fxpress.ops import kv_attend
-from fxpress.passes._match import Match, Miss, Rule, apply_rules, aten, is_op, val
+from fxpress.passes._match import (Match, Miss, Rule, SDPA_OPS, apply_rules, aten, is_op, sdpa_arguments,
+                                   sdpa_result, val)
 
-_SDPA = (aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_efficient_attention,
-         aten._scaled_dot_product_flash_attention, aten.scaled_dot_product_attention)
 RULE = "cache update -> sdpa => kv_attend"
 
 
@@ -80,12 +77,11 @@ def _cache_update(node: fx.Node) -> tuple[list[fx.Node], fx.Node, fx.Node, fx.No
 
 
 def _match(node: fx.Node) -> Match | Miss | None:
-    if not is_op(node, *_SDPA):
+    if not is_op(node, *SDPA_OPS):
         return None
-    bound = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
-    if bound is None:
+    kwargs = sdpa_arguments(node)
+    if kwargs is None:
         return None
-    kwargs = bound.kwargs
     key, value = _cache_update(kwargs["key"]), _cache_update(kwargs["value"])
     if key is None and value is None:
         return None  # attention over plain tensors: not a cache
@@ -97,12 +93,9 @@ def _match(node: fx.Node) -> Match | Miss | None:
         return Miss(node, "cache is not [batch, heads, length, head_dim]")
     if kwargs.get("dropout_p", 0.0) != 0.0:
         return Miss(node, "attention with dropout")
-    root = node
-    if node.target is not aten.scaled_dot_product_attention:
-        users = list(node.users)
-        if any(not (u.target is operator.getitem and u.args[1] == 0) for u in users) or len(users) != 1:
-            return Miss(node, "attention statistics (logsumexp) are used")
-        root = users[0]
+    root = sdpa_result(node)
+    if not isinstance(root, fx.Node):
+        return root
     mask = kwargs.get("attn_mask", kwargs.get("attn_bias"))
     return Match(root, [node, root], {
         "q": kwargs["query"], "k": key[3], "v": value[3], "positions": key[2], "mask": mask,
@@ -119,6 +112,8 @@ def _replace(policy: Policy, states: dict[int, GraphKVState], counter: list[int]
     max_len = int(val(o["buffers"][0]).shape[2])
     state = states.get(layer)
     if state is None or state.max_len != max_len:
+        if state is not None:
+            release([state.handle])
         state = states[layer] = GraphKVState(policy, layer, max_len, f"compress_kv_cache layer {layer}")
     with gm.graph.inserting_before(m.root):
         new = gm.graph.call_function(kv_attend, (o["q"], o["k"], o["v"], o["positions"], o["mask"], state.handle,
@@ -153,8 +148,13 @@ def _states_for(opts: Options) -> dict[int, GraphKVState]:
     key = id(opts)
     if key not in _STATES:
         _STATES[key] = {}
-        weakref.finalize(opts, _STATES.pop, key, None)
+        weakref.finalize(opts, _forget, key)
     return _STATES[key]
+
+
+def _forget(key: int) -> None:
+    """The options (and so every graph compiled with them) are gone: free their compressed state."""
+    release([state.handle for state in _STATES.pop(key, {}).values()])
 
 
 def compress_kv_cache(gm: fx.GraphModule, *, opts: Options) -> PassResult:

@@ -23,18 +23,17 @@ an unknown activation, ...) and explain() lists them.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-from torch.fx.operator_schemas import normalize_function
 from torch.fx.passes.infra.pass_base import PassResult
 
 import fxpress.ops  # noqa: F401  (registers torch.ops.fxpress)
 from fxpress.compiler.options import Options
 from fxpress.passes._match import (
-    Match, Miss, Rule, apply_rules, aten, insert_call, is_op, only_user, same_size, val)
+    SDPA_OPS, Match, Miss, Rule, apply_rules, aten, insert_call, is_op, only_user, same_size, sdpa_arguments,
+    sdpa_result, val)
 
 _RESHAPES = (aten.view, aten._unsafe_view, aten.reshape)
 _ACTIVATIONS = {aten.silu: "silu", aten.relu: "relu"}
@@ -207,10 +206,6 @@ def _replace_ffn(gm: fx.GraphModule, m: Match) -> fx.Node:
 
 # lowrank_attention ------------------------------------------------------------------------------
 
-_SDPA = (aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_efficient_attention,
-         aten._scaled_dot_product_flash_attention, aten.scaled_dot_product_attention)
-
-
 def _split_heads(node: fx.Node) -> tuple[_Chain, int] | Miss | None:
     """``permute(view(chain, [B, S, H, d]), [0, 2, 1, 3])``: the chain and its head count H."""
     if not (is_op(node, aten.permute) and list(node.args[1]) == [0, 2, 1, 3] and len(node.users) == 1):
@@ -228,12 +223,11 @@ def _split_heads(node: fx.Node) -> tuple[_Chain, int] | Miss | None:
 
 
 def _match_attention(node: fx.Node) -> Match | Miss | None:
-    if not is_op(node, *_SDPA):
+    if not is_op(node, *SDPA_OPS):
         return None
-    bound = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
-    if bound is None:
+    kwargs = sdpa_arguments(node)
+    if kwargs is None:
         return Miss(node, "could not read the attention arguments")
-    kwargs = bound.kwargs
     found = {name: _split_heads(kwargs[name]) for name in ("query", "key", "value")}
     if all(f is None for f in found.values()) and not any(
             _low_rank_upstream(kwargs[name]) for name in ("query", "key", "value")):
@@ -250,16 +244,9 @@ def _match_attention(node: fx.Node) -> Match | Miss | None:
     mask = _boolean_mask(kwargs.get("attn_mask", kwargs.get("attn_bias")))
     if mask is not None and val(mask).dim() != 4:
         return Miss(node, f"attention mask of rank {val(mask).dim()}")
-    if node.target is aten.scaled_dot_product_attention:
-        root = node
-    else:
-        result_users = list(node.users)
-        if not result_users or any(not (u.target is operator.getitem and u.args[1] == 0)
-                                   for u in result_users):
-            return Miss(node, "attention statistics (logsumexp) are used")
-        if len(result_users) != 1:
-            return None
-        root = result_users[0]
+    root = sdpa_result(node)
+    if not isinstance(root, fx.Node):
+        return root
     (q, heads), (k, kv_heads), (v, v_heads) = parts
     if kv_heads != v_heads:
         return Miss(node, "key and value have different head counts")

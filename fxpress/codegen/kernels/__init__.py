@@ -3,3 +3,10 @@
 Kernel modules import triton, so this package is imported only by generated wrappers of the
 triton target, never by fxpress itself.
 """
+
+
+def dot_pad(n: int) -> int:
+    """``n`` rounded up to a power of two of at least 16: the smallest ``tl.dot`` tile side."""
+    import triton
+
+    return max(16, triton.next_power_of_2(int(n)))

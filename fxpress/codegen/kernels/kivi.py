@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fxpress.codegen.kernels import dot_pad as _pad
 from fxpress.kv import quant
 
 
@@ -212,18 +213,11 @@ def _decode_kernel(q, kc, ks, kl, vc, vs, vl, kr, vr, ksk, vsk, kn, vn, part_acc
     if split == n_splits - 1:
         m, l, acc = _exact_block(qt, kr, vr, seq, n_res, cap_res, m, l, acc, scale, D, R_PAD)
         m, l, acc = _exact_block(qt, ksk, vsk, seq, n_sink, cap_sink, m, l, acc, scale, D, S_PAD)
-        one = tl.arange(0, 16)  # the new token, as row 0 of a minimal dot tile
-        k = tl.load(kn + seq * D + one[:, None] * 0 + ch[None, :], mask=(one < 1)[:, None], other=0.0).to(tl.float32)
-        v = tl.load(vn + seq * D + one[:, None] * 0 + ch[None, :], mask=(one < 1)[:, None], other=0.0).to(tl.float32)
-        m, l, acc = _online_update(qt, k, v, one < 1, m, l, acc, scale)
+        m, l, acc = _exact_block(qt, kn, vn, seq, 1, 1, m, l, acc, scale, D, 16)  # the new token
     at = (seq * n_splits + split) * GQ_PAD + rows
     tl.store(part_m + at, m)
     tl.store(part_l + at, l)
     tl.store(part_acc + at[:, None] * D + ch[None, :], acc)
-
-
-def _pad(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
 
 
 def decode_attention(q: torch.Tensor, store, k_new: torch.Tensor, v_new: torch.Tensor, scale: float,

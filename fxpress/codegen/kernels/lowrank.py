@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fxpress.codegen.kernels import dot_pad as _pad
+
 SQRT1_2 = 0.7071067811865476
 GELU, GELU_TANH, SILU, RELU = 0, 1, 2, 3
 ACTIVATION_CODES = {"gelu": GELU, "gelu_tanh": GELU_TANH, "silu": SILU, "relu": RELU}
@@ -32,10 +34,6 @@ MAX_RANK_PAD = 512  # widest on-chip rank accumulator a program keeps (per row b
 # Factor tiles are [rank, block] wide; software pipelining (several stages in flight) of those
 # loads needs more shared memory than an H100 has at BERT-base ranks (seen: 312 KB > 227 KB).
 NUM_STAGES = 1
-
-
-def _pad(n: int) -> int:
-    return max(16, triton.next_power_of_2(int(n)))
 
 
 def _precision(dtype: torch.dtype) -> str | None:
