@@ -18,6 +18,8 @@ from fxpress.compiler.explain import Report, explain
 from fxpress.compiler.options import Options, Pass
 from fxpress.compiler.pipeline import PIPELINE
 from fxpress.compiler.plot import plot_memory
+from fxpress.integer.calibration import IntegerCalibration, calibrate_integer
+from fxpress.integer.config import IntegerError, IntegerOnly
 from fxpress.kv.policies import KIVI, DuoAttentionKV, FullKV, HeavyHitterKV, StreamingKV
 
 __version__ = "0.1.0"
@@ -31,6 +33,9 @@ __all__ = [
     "FullKV",
     "FxpressError",
     "HeavyHitterKV",
+    "IntegerCalibration",
+    "IntegerError",
+    "IntegerOnly",
     "OptionError",
     "Options",
     "Pass",
@@ -39,6 +44,7 @@ __all__ = [
     "StreamingKV",
     "UnsupportedGraphError",
     "backend",
+    "calibrate_integer",
     "compress",
     "counters",
     "explain",

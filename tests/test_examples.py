@@ -44,3 +44,10 @@ def test_kv_cache():
     fractions = [float(f) for f in re.findall(r"\(([0-9.]+) of fp16\)", out)]
     assert len(fractions) == 4 and all(f < 0.65 for f in fractions)
     assert "'cache update -> sdpa => kv_attend': 60" in out and "identical to eager: True" in out
+
+
+def test_integer_only():
+    out = _run("integer_only.py")
+    cosines = [float(c) for c in re.findall(r"mean ([0-9.]+), min", out)]
+    assert len(cosines) == 2 and all(c >= 0.99 for c in cosines), out
+    assert "encoder.layer.0.attention.self:softmax" in out and "fxpress.int_layer_norm.default" in out

@@ -21,6 +21,7 @@ from fxpress.codegen.schedule import Kernel
 from fxpress.codegen.triton_ops import OPS, TL_DTYPES
 
 BLOCK = 1024
+INTEGER_LOADS = {torch.int8, torch.uint8, torch.int16, torch.int32}
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,11 @@ def pointwise_refusal(node: fx.Node) -> str | None:
     if node.target not in OPS:
         return f"{node.target} has no Triton form"
     values = [node.meta["val"]] + [a.meta["val"] for a in node.all_input_nodes]
-    if not all(_static(v) and v.dtype in TL_DTYPES for v in values):
+    # Integer codes may be read only to be converted (a dequantisation): other ops would compute
+    # on them in float, where int32 loses bits.
+    readable = TL_DTYPES.keys() | (INTEGER_LOADS if node.target is torch.ops.aten._to_copy.default else set())
+    if not all(_static(v) for v in values) or values[0].dtype not in TL_DTYPES or \
+            not all(v.dtype in readable for v in values[1:]):
         return f"{node.name}: symbolic shape or dtype outside {sorted(map(str, TL_DTYPES))}"
     if any(isinstance(a, (list, tuple, torch.SymInt)) for a in node.args):
         return f"{node.name}: non-scalar literal argument"

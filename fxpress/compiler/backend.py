@@ -29,6 +29,7 @@ from fxpress.compiler.pipeline import PassFn, build_pipeline, run_pipeline
 from fxpress.compiler.report import GraphReport, op_histogram
 from fxpress.compiler.support import find_unsupported
 from fxpress.codegen.schedule import build_schedule, size_hints
+from fxpress.integer.measure import has_sites, measure_sites
 from fxpress.passes.plan_memory import plan_memory
 from fxpress.runtime import build_program
 
@@ -55,7 +56,8 @@ class Backend:
         start = time.perf_counter()
         frozen: list[int] = []
         try:
-            compiled = _compile(gm, example_inputs, self.opts, self.passes, report, frozen)
+            compiled = _compile(gm, example_inputs, self.opts, self.passes, report, frozen,
+                                measure=self.on_report is not None)
         except UnsupportedGraphError as e:
             if self.opts.strict:
                 raise
@@ -134,6 +136,26 @@ def _dump_dir(opts: Options, index: int) -> Path | None:
     return path
 
 
+class _MeasureFirstCall:
+    """The program, which on its first call also measures each integer-only rewrite's error on
+    that call's inputs into ``report.integer_errors`` (explain() asks for this)."""
+
+    _boxed_call = True  # AOTAutograd hands it the flat argument list, as it does the program
+
+    def __init__(self, program: Callable[[list[Any]], Any], final: fx.GraphModule, runtime: tuple[int, ...],
+                 report: GraphReport) -> None:
+        self.program, self.final, self.runtime, self.report = program, final, runtime, report
+
+    def __call__(self, args: list[Any]) -> Any:
+        if self.final is None:
+            return self.program(args)
+        inputs = [args[i] for i in self.runtime]
+        out = self.program(args)
+        self.report.integer_errors = measure_sites(self.final, inputs)
+        self.final = None
+        return out
+
+
 def _compile(
     gm: fx.GraphModule,
     example_inputs: Sequence[Any],
@@ -141,8 +163,10 @@ def _compile(
     passes: tuple[tuple[str, PassFn], ...],
     report: GraphReport,
     frozen: list[int],
+    measure: bool = False,
 ) -> Callable[..., Any]:
-    """``frozen`` receives the indices of the inputs frozen into the program."""
+    """``frozen`` receives the indices of the inputs frozen into the program; with ``measure`` the
+    first call records the error of each approximate (integer-only) rewrite in ``report``."""
     _refuse_autograd(gm, example_inputs)
     lowering_started = False
 
@@ -176,6 +200,8 @@ def _compile(
             (dump / "options.txt").write_text(repr(opts) + "\n")
             (dump / "wrapper.py").write_text(program.source)
             (dump / "plan.json").write_text(json.dumps(plan.to_dict(), indent=1))
+        if measure and has_sites(final):
+            return _MeasureFirstCall(program, final, captured.runtime_inputs, report)
         return program
 
     try:

@@ -51,6 +51,7 @@ class Report:
             for op in sorted(set(g.ops_before) | set(g.ops_after),
                              key=lambda o: -max(g.ops_before.get(o, 0), g.ops_after.get(o, 0))):
                 out.append(f"    {op:<50} {g.ops_before.get(op, 0):>5} -> {g.ops_after.get(op, 0)}")
+            out.extend(g.integer_summary())
             out.append(g.plan_summary())
             out.append("  left to fallback: none" if not g.unsupported else
                        "  left to fallback: " + ", ".join(map(str, g.unsupported)))

@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 
 from fxpress.compiler import flags
 from fxpress.compiler.errors import OptionError
+from fxpress.integer.config import IntegerOnly
 from fxpress.kv.policies import POLICIES
 
 TARGETS = ("auto", "cpu", "triton")
@@ -73,6 +74,8 @@ _VALID: dict[str, tuple[Callable[[Any], bool], str]] = {
     "kv": (lambda v: v is None or isinstance(v, POLICIES),
            "a KV policy (fxpress.KIVI(...), StreamingKV, DuoAttentionKV, HeavyHitterKV, FullKV) or None: "
            "compress KV caches kept in fixed buffers"),
+    "integer": (lambda v: v is None or isinstance(v, IntegerOnly),
+                "fxpress.IntegerOnly(...) or None: integer-only softmax, GELU and LayerNorm (I-BERT / I-ViT)"),
 }
 
 
@@ -85,6 +88,7 @@ class Options:
     check: bool = field(default_factory=flags.CHECK.get)
     dump_dir: str = field(default_factory=flags.DUMP_DIR.get)
     kv: Any = None
+    integer: Any = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

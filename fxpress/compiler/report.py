@@ -45,6 +45,7 @@ class GraphReport:
     memory_plan: Any = None  # the MemoryPlan itself, for fxpress.plot_memory
     generated: dict[str, str] = field(default_factory=dict)  # kernel -> generated Triton source
     not_generated: dict[str, str] = field(default_factory=dict)  # kernel -> why it stays torch
+    integer_errors: list[dict[str, Any]] = field(default_factory=list)  # per integer-only site, measured
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -64,6 +65,7 @@ class GraphReport:
             "wrapper": self.wrapper,
             "generated": self.generated,
             "not_generated": self.not_generated,
+            "integer_errors": self.integer_errors,
         }
 
     def plan_summary(self) -> str:
@@ -77,6 +79,16 @@ class GraphReport:
                 f"{arena / max(naive, 1):.3f} x naive ({self.plan['order']} order)"
                 + (f"\n  triton kernels generated: {len(self.generated)}, left to torch: "
                    f"{len(self.not_generated)}" if self.target == "triton" else ""))
+
+    def integer_summary(self) -> list[str]:
+        lines = []
+        for row in self.integer_errors:
+            if "note" in row:
+                lines.append(f"    {row['note']}")
+                continue
+            lines.append(f"    {row['key']:<48} {row['method']:<6} max |err| {row['max_abs_error']:.3g}, "
+                         f"mean {row['mean_abs_error']:.3g} (float max |y| {row['max_abs_value']:.3g})")
+        return ["  integer-only rewrites, error vs the float op on the same input:", *lines] if lines else []
 
     def summary(self) -> str:
         if self.fallback_reason:

@@ -24,6 +24,7 @@ import triton.language as tl
 from fxpress.codegen.kernels import dot_pad as _pad
 from fxpress.kv import quant
 
+EXACT_ROWS = tl.constexpr(16)  # full-precision tokens per step of _exact_block (the smallest tl.dot side)
 
 @triton.jit
 def _round_half_even(x):
@@ -165,21 +166,23 @@ def _online_update(q, k, v, valid, m, l, acc, scale):
 
 
 @triton.jit
-def _exact_block(qt, kp, vp, seq, n, cap, m, l, acc, scale, D: tl.constexpr, PAD: tl.constexpr):
-    """The first ``n`` of ``cap`` full-precision tokens of this (sequence, head)."""
+def _exact_block(qt, kp, vp, seq, n, cap, m, l, acc, scale, D: tl.constexpr):
+    """The first ``n`` of ``cap`` full-precision tokens of this (sequence, head), EXACT_ROWS at a
+    time: a whole residual window of 128-wide heads would not fit in shared memory."""
     ch = tl.arange(0, D)
-    at = tl.arange(0, PAD)
-    ok = at < n
-    k = tl.load(kp + (seq * cap + at[:, None]) * D + ch[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-    v = tl.load(vp + (seq * cap + at[:, None]) * D + ch[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-    return _online_update(qt, k, v, ok, m, l, acc, scale)
+    for start in range(0, n, EXACT_ROWS):
+        at = start + tl.arange(0, EXACT_ROWS)
+        ok = at < n
+        k = tl.load(kp + (seq * cap + at[:, None]) * D + ch[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        v = tl.load(vp + (seq * cap + at[:, None]) * D + ch[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        m, l, acc = _online_update(qt, k, v, ok, m, l, acc, scale)
+    return m, l, acc
 
 
 @triton.jit
 def _decode_kernel(q, kc, ks, kl, vc, vs, vl, kr, vr, ksk, vsk, kn, vn, part_acc, part_m, part_l, n_quant, n_res,
                    n_sink, cap_quant, cap_res, cap_sink, tokens_per_split, n_splits, scale, GQ: tl.constexpr,
-                   GQ_PAD: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, PW: tl.constexpr,
-                   R_PAD: tl.constexpr, S_PAD: tl.constexpr):
+                   GQ_PAD: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, PW: tl.constexpr):
     # Split-K over the quantised tokens (flash-decoding): program (seq, split) folds its share into
     # a partial (max, sum, acc); the last split also takes the residual window, the sinks and the
     # new token. decode_attention() combines the partials.
@@ -211,9 +214,9 @@ def _decode_kernel(q, kc, ks, kl, vc, vs, vl, kr, vr, ksk, vsk, kn, vn, part_acc
         v = tl.reshape(vcodes * v_scale[:, :, None] + v_lo[:, :, None], [G, D])
         m, l, acc = _online_update(qt, k, v, tok < G, m, l, acc, scale)
     if split == n_splits - 1:
-        m, l, acc = _exact_block(qt, kr, vr, seq, n_res, cap_res, m, l, acc, scale, D, R_PAD)
-        m, l, acc = _exact_block(qt, ksk, vsk, seq, n_sink, cap_sink, m, l, acc, scale, D, S_PAD)
-        m, l, acc = _exact_block(qt, kn, vn, seq, 1, 1, m, l, acc, scale, D, 16)  # the new token
+        m, l, acc = _exact_block(qt, kr, vr, seq, n_res, cap_res, m, l, acc, scale, D)
+        m, l, acc = _exact_block(qt, ksk, vsk, seq, n_sink, cap_sink, m, l, acc, scale, D)
+        m, l, acc = _exact_block(qt, kn, vn, seq, 1, 1, m, l, acc, scale, D)  # the new token
     at = (seq * n_splits + split) * GQ_PAD + rows
     tl.store(part_m + at, m)
     tl.store(part_l + at, l)
@@ -243,8 +246,7 @@ def decode_attention(q: torch.Tensor, store, k_new: torch.Tensor, v_new: torch.T
         store.k_residual, store.v_residual, store.k_sink, store.v_sink, k_new.contiguous(), v_new.contiguous(),
         part_acc, part_m, part_l, store.quantised, store.waiting, store.sunk, store.v_codes.shape[2],
         store.k_residual.shape[2], store.k_sink.shape[2], tokens_per_split, splits, scale, GQ=gq, GQ_PAD=gq_pad,
-        D=d, G=g, BITS=policy.bits, PW=quant.codes_per_word(policy.bits), R_PAD=_pad(store.k_residual.shape[2]),
-        S_PAD=_pad(store.k_sink.shape[2]))
+        D=d, G=g, BITS=policy.bits, PW=quant.codes_per_word(policy.bits))
     # Combine the splits' partial softmaxes (a split with no tokens has max -inf and weight 0).
     top = part_m.amax(1, keepdim=True)
     weight = torch.exp(part_m - top)

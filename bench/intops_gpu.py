@@ -1,0 +1,163 @@
+"""Integer-only kernels on a CUDA GPU against the float kernels, on BERT-base shapes.
+
+For softmax (8 x 12 heads x S x S attention scores, S = 128 and 512), GELU (8 x S x 3072) and
+LayerNorm (8 x S x 768): the median time (``triton.testing.do_bench``) of
+
+- torch's float kernel in fp16 and in fp32;
+- the integer kernel alone (codes in, codes out: what runs between two integer ops);
+- the whole integer path from a float input: per-row scale, quantise kernel, integer kernel and
+  the dequantising multiply (what a float graph pays for one rewritten op);
+- the op compiled by fxpress (``target="triton"``) as a float op (its generated Triton kernel)
+  and with ``integer=IntegerOnly()`` (the same path as generated code, wrapper included).
+
+Each integer kernel's output on the GPU is also compared with the torch reference on the CPU
+(``bit-exact`` column), and its error against the fp32 op is printed.
+
+Run (on a CUDA machine): ``TRITON_INTERPRET=0 python bench/intops_gpu.py [--markdown PATH]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+import fxpress  # noqa: F401  (registers the ops)
+from fxpress.codegen.kernels import integer as kernels
+from fxpress.integer import constants
+
+ops = torch.ops.fxpress
+CFG = fxpress.IntegerOnly()
+
+
+def _inputs(kind: str, seq: int, device: str) -> torch.Tensor:
+    g = torch.Generator(device="cpu").manual_seed(seq)
+    if kind == "softmax":
+        x = torch.randn(8, 12, seq, seq, generator=g) * 2.5
+        x[..., seq * 3 // 4:] = torch.finfo(torch.float32).min
+    elif kind == "gelu":
+        x = torch.randn(8, seq, 3072, generator=g) * 1.5 - 0.5
+    else:
+        x = torch.randn(8, seq, 768, generator=g)
+        x[..., [17, 301, 588]] *= 25
+    return x.to(device)
+
+
+def _layer_norm_parts(width: int, device: str):
+    g = torch.Generator().manual_seed(1)
+    weight, bias = torch.rand(width, generator=g) + 0.5, torch.randn(width, generator=g) * 0.1
+    out_shift, bias_codes, scale = constants.layer_norm_affine(weight, bias, width)
+    in_shift, var_shift = constants.layer_norm_shifts(width, CFG.layer_norm_input_bits - 1)
+    return weight.to(device), bias.to(device), out_shift, bias_codes.to(device), scale.to(device), in_shift, var_shift
+
+
+class _Module(torch.nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def _case(kind: str, seq: int, device: str) -> dict:
+    x = _inputs(kind, seq, device)
+    masked, bits = kind == "softmax", (CFG.layer_norm_input_bits if kind == "layer_norm" else 8)
+    if kind == "layer_norm":
+        weight, bias, out_shift, bias_codes, ln_scale, in_shift, var_shift = _layer_norm_parts(x.shape[-1], device)
+        norm = torch.nn.LayerNorm(x.shape[-1], device=device)
+        with torch.no_grad():
+            norm.weight.copy_(weight)
+            norm.bias.copy_(bias)
+        float_op = lambda t: F.layer_norm(t, (t.shape[-1],), norm.weight.to(t.dtype), norm.bias.to(t.dtype))  # noqa: E731
+    else:
+        float_op = (lambda t: torch.softmax(t, -1)) if kind == "softmax" else F.gelu
+    scale = ops.int_row_scale(x, masked, bits)
+    codes = torch.empty(x.shape, dtype=torch.int8 if bits == 8 else torch.int32, device=device)
+    kernels.int_quantize(x, scale, masked, bits, codes)
+
+    if kind == "softmax":
+        out = torch.empty(x.shape, dtype=torch.uint8, device=device)
+        run = lambda: kernels.int_softmax(codes, scale, CFG.method, CFG.clip("softmax"), CFG.softmax_exp_bits,  # noqa: E731
+                                          CFG.softmax_bits, out)
+        reference = lambda: ops.int_softmax(codes.cpu(), scale.cpu(), CFG.method, CFG.clip("softmax"),  # noqa: E731
+                                            CFG.softmax_exp_bits, CFG.softmax_bits)
+        dequantise = lambda: out.float() * 2.0 ** -CFG.softmax_bits  # noqa: E731
+    elif kind == "gelu":
+        out = torch.empty(x.shape, dtype=torch.int32, device=device)
+        run = lambda: kernels.int_gelu(codes, scale, CFG.method, CFG.clip("gelu"), CFG.gelu_exp_bits, out)  # noqa: E731
+        reference = lambda: ops.int_gelu(codes.cpu(), scale.cpu(), CFG.method, CFG.clip("gelu"), CFG.gelu_exp_bits)  # noqa: E731
+        gelu_scale = torch.empty_like(scale)
+        dequantise = lambda: out.float() * kernels.int_gelu_scale(scale, CFG.method, gelu_scale)  # noqa: E731
+    else:
+        out = torch.empty(x.shape, dtype=torch.int32, device=device)
+        run = lambda: kernels.int_layer_norm(codes, bias_codes, in_shift, var_shift, out_shift, out)  # noqa: E731
+        reference = lambda: ops.int_layer_norm(codes.cpu(), bias_codes.cpu(), in_shift, var_shift, out_shift)  # noqa: E731
+        dequantise = lambda: out.float() * ln_scale  # noqa: E731
+
+    row_scale = torch.empty_like(scale)
+
+    def whole_path():
+        kernels.int_row_scale(x, masked, bits, row_scale)
+        kernels.int_quantize(x, row_scale, masked, bits, codes)
+        run()
+        return dequantise()
+
+    run()
+    torch.cuda.synchronize()
+    exact = torch.equal(out.cpu(), reference())
+    quantise_exact = torch.equal(codes.cpu(), ops.int_quantize(x.cpu(), scale.cpu(), masked, bits))
+    error = (whole_path() - float_op(x)).abs()
+    x16 = x.half()
+    module = norm if kind == "layer_norm" else _Module(float_op)  # a LayerNorm's weights must be parameters
+    compiled = {}
+    for name, integer in (("fxpress float", None), ("fxpress int", CFG)):
+        torch._dynamo.reset()
+        fn = torch.compile(module, backend=fxpress.backend(target="triton", integer=integer))
+        fxpress.counters.clear()
+        with torch.no_grad():
+            fn(x)
+            compiled[name] = do_bench(lambda: fn(x), return_mode="median")
+        if integer is not None and not fxpress.counters["integer_only"].get(f"{kind} => int_{kind}"):
+            raise RuntimeError(f"the compiled {kind} was not rewritten: {dict(fxpress.counters['integer_only'])}")
+    times = {"fp16": do_bench(lambda: float_op(x16), return_mode="median"),
+             "fp32": do_bench(lambda: float_op(x), return_mode="median"),
+             "int kernel": do_bench(run, return_mode="median"),
+             "int path": do_bench(whole_path, return_mode="median"), **compiled}
+    return {"op": kind, "shape": "x".join(map(str, x.shape)), "bit_exact": exact and quantise_exact,
+            "max_abs_error": float(error.max()), "mean_abs_error": float(error.mean()), **times}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seqs", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--markdown", type=Path)
+    args = parser.parse_args()
+    device = "cuda"
+    torch.set_grad_enabled(False)
+    rows = [_case(kind, seq, device) for seq in args.seqs for kind in ("softmax", "gelu", "layer_norm")]
+    name = torch.cuda.get_device_name()
+    lines = [f"Integer-only kernels vs float, {name}, torch {torch.__version__}, {datetime.date.today()} "
+             f"(`bench/intops_gpu.py`; I-BERT method, per-row scales, LayerNorm input {CFG.layer_norm_input_bits} bits)",
+             "",
+             "| op | shape | bit-exact vs CPU reference | max abs err | mean abs err | torch fp16 ms | torch fp32 ms | "
+             "int kernel ms | int / fp16 | whole int path ms | path / fp16 | fxpress float (fp32) ms | "
+             "fxpress int ms | int / float, fxpress |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['op']} | {r['shape']} | {'yes' if r['bit_exact'] else 'NO'} | {r['max_abs_error']:.4f} | "
+                     f"{r['mean_abs_error']:.5f} | {r['fp16']:.4f} | {r['fp32']:.4f} | {r['int kernel']:.4f} | "
+                     f"{r['int kernel'] / r['fp16']:.2f} | {r['int path']:.4f} | {r['int path'] / r['fp16']:.2f} | "
+                     f"{r['fxpress float']:.4f} | {r['fxpress int']:.4f} | {r['fxpress int'] / r['fxpress float']:.2f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

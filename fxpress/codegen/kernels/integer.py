@@ -1,0 +1,316 @@
+"""Triton kernels of the integer-only ops: int32 arithmetic and shifts, one program per row.
+
+Each launcher takes the op's arguments plus ``out``. Each program first turns its row's float scale
+into the integer constants of ``fxpress.integer.constants``, with the same float64 operations in
+the same order (each exactly rounded on every device), so kernel and reference agree to the bit;
+a per-tensor scale is read with stride 0. Everything after that is integer arithmetic. Every
+integer division has a non-negative numerator and a positive denominator, so Triton's truncating
+``//`` and the references' floor division agree; every shift amount is in [0, 31].
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fxpress.integer import constants
+from fxpress.integer.arith import MASKED, NEWTON_STEPS, check_row_length
+from fxpress.integer.quantize import code_limit, mask_limit, reciprocal
+
+INT32_MAX = 2 ** 31 - 1
+MAX_BLOCK = 1024
+
+
+def _block(width: int) -> int:
+    return min(MAX_BLOCK, triton.next_power_of_2(max(int(width), 1)))
+
+
+@triton.jit
+def _shift(value, amount):
+    """value * 2**amount, floored; the right shift saturates at 31."""
+    left = value << tl.maximum(amount, 0)
+    right = value >> tl.minimum(tl.maximum(-amount, 0), 31)
+    return tl.where(amount >= 0, left, right)
+
+
+@triton.jit
+def _exponent(x):
+    """frexp's exponent of a positive normal float64: x in [2**(e-1), 2**e)."""
+    return (((x.to(tl.int64, bitcast=True) >> 52) & 0x7FF) - 1022).to(tl.int32)
+
+
+@triton.jit
+def _pow2(k):
+    """2.0**k as a float64, exactly, for an int k in [-1022, 1023]."""
+    return ((k.to(tl.int64) + 1023) << 52).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _normalise(s):
+    """constants._normalise: (pre, s * 2**pre) in [2**-14, 2**-13), pre >= -20."""
+    pre = tl.maximum(-13 - _exponent(s), -20)
+    return pre, s * _pow2(pre)
+
+
+@triton.jit
+def _softmax_constants(s, coef, POLY: tl.constexpr, EXP_BITS: tl.constexpr, MAX_Q: tl.constexpr):
+    """constants.softmax_constants for one float64 scale."""
+    pre, sp = _normalise(s)
+    if POLY:
+        x0 = tl.floor(tl.load(coef) / sp)
+        b = tl.floor(tl.load(coef + 1) / sp)
+        c = tl.floor(tl.load(coef + 2) / (sp * sp))
+        top = c
+    else:
+        x0 = tl.floor(-1.0 / sp)
+        b = x0 * 0.0
+        c = x0 * 0.0
+        top = -2.0 * x0
+    x0 = x0.to(tl.int32)
+    return pre, x0, b.to(tl.int32), c.to(tl.int32), EXP_BITS - _exponent(top), MAX_Q * x0
+
+
+@triton.jit
+def _shift_exp(d, pre, x0, b, c, norm, low, POLY: tl.constexpr):
+    """exp of codes d <= 0, normalised: I-BERT's polynomial (POLY) or I-ViT's shift form."""
+    d = _shift(d, -pre)
+    if not POLY:
+        d = d + (d >> 1) - (d >> 4)
+    d = tl.maximum(d, low)
+    q = (-d) // (-x0)
+    r = d - x0 * q
+    if POLY:
+        z = (r + b) * r + c
+    else:
+        z = r - 2 * x0
+    return _shift(z, norm - q)
+
+
+@triton.jit
+def int_row_scale_kernel(x, out, width, limit, MASK: tl.constexpr, INV_LIMIT: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    base = row.to(tl.int64) * width
+    top = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, width, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        v = tl.load(x + base + cols, mask=cols < width, other=0.0).to(tl.float32)
+        magnitude = tl.abs(v)
+        if MASK:
+            magnitude = tl.where(v <= limit, 0.0, magnitude)
+        top = tl.maximum(top, magnitude)
+    m = tl.max(top, 0)
+    tl.store(out + row, tl.where(m > 0, m * INV_LIMIT, 1.0))
+
+
+@triton.jit
+def int_gelu_scale_kernel(scale, coef, out, n, POLY: tl.constexpr, ERF_BITS: tl.constexpr, SIG_BITS: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    """constants.gelu_output_scale, elementwise over the scales."""
+    at = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    s = tl.load(scale + at, mask=at < n, other=1.0).to(tl.float64)
+    if POLY:
+        pre, se = _normalise(s / tl.load(coef + 3))
+        a = tl.load(coef + 6)
+        rs = tl.maximum(_exponent(-tl.floor(tl.load(coef + 5) / (se * se))) - ERF_BITS, 0)
+        result = -s * (se * se * a * _pow2(rs)) / 2.0
+    else:
+        result = s * (1.0 / (1 << SIG_BITS))  # a power of two: exact
+    tl.store(out + at, result.to(out.dtype.element_ty), mask=at < n)
+
+
+@triton.jit
+def int_quantize_kernel(x, inv, out, width, inv_stride, limit, MASK: tl.constexpr, LIMIT: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    base = row.to(tl.int64) * width
+    r = tl.load(inv + row * inv_stride)
+    for start in range(0, width, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        v = tl.load(x + base + cols, mask=cols < width, other=0.0).to(tl.float32)
+        code = tl.minimum(tl.maximum(tl.floor(v * r + 0.5), -LIMIT), LIMIT).to(tl.int32)
+        if MASK:
+            code = tl.where(v <= limit, -128, code)
+        tl.store(out + base + cols, code.to(out.dtype.element_ty), mask=cols < width)
+
+
+@triton.jit
+def int_softmax_kernel(q, scale, coef, out, width, s_stride, POLY: tl.constexpr, EXP_BITS: tl.constexpr,
+                       MAX_Q: tl.constexpr, OUT_BITS: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    base = row.to(tl.int64) * width
+    s = tl.load(scale + row * s_stride).to(tl.float64)
+    pre, x0, b, c, norm, low = _softmax_constants(s, coef, POLY, EXP_BITS, MAX_Q)
+    top = tl.full([BLOCK], -128, tl.int32)
+    for start in range(0, width, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        top = tl.maximum(top, tl.load(q + base + cols, mask=cols < width, other=-128).to(tl.int32))
+    m = tl.max(top, 0)
+    total = tl.zeros([BLOCK], tl.int32)
+    for start in range(0, width, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        v = tl.load(q + base + cols, mask=cols < width, other=-128).to(tl.int32)
+        e = _shift_exp(v - m, pre, x0, b, c, norm, low, POLY)
+        total += tl.where((cols < width) & ((v != -128) | (m == -128)), e, 0)
+    SHIFT: tl.constexpr = 31 - OUT_BITS
+    HALF: tl.constexpr = 1 << (SHIFT - 1)
+    factor = (2147483647 - HALF) // tl.sum(total, 0)
+    for start in range(0, width, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        v = tl.load(q + base + cols, mask=cols < width, other=-128).to(tl.int32)
+        e = tl.where((v != -128) | (m == -128), _shift_exp(v - m, pre, x0, b, c, norm, low, POLY), 0)
+        p = tl.minimum((e * factor + HALF) >> SHIFT, (1 << OUT_BITS) - 1)
+        tl.store(out + base + cols, p.to(out.dtype.element_ty), mask=cols < width)
+
+
+@triton.jit
+def int_gelu_kernel(q, scale, coef, out, width, s_stride, POLY: tl.constexpr, EXP_BITS: tl.constexpr,
+                    MAX_Q: tl.constexpr, ERF_BITS: tl.constexpr, SIG_BITS: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    base = row.to(tl.int64) * width
+    s = tl.load(scale + row * s_stride).to(tl.float64)
+    if POLY:  # I-BERT i-GELU: x (1 + erf(x / sqrt 2)) / 2, erf by a clipped second-order polynomial
+        pre, se = _normalise(s / tl.load(coef + 3))
+        b = tl.floor(tl.load(coef + 4) / se)
+        c = tl.floor(tl.load(coef + 5) / (se * se))
+        rs = tl.maximum(_exponent(-c) - ERF_BITS, 0)
+        one = tl.floor(1.0 / (se * se * tl.load(coef + 6) * _pow2(rs))).to(tl.int32)
+        b = b.to(tl.int32)
+        c = c.to(tl.int32)
+        for start in range(0, width, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            v = tl.load(q + base + cols, mask=cols < width, other=0).to(tl.int32)
+            x = _shift(v, -pre)
+            a = tl.minimum(tl.abs(x), -b)
+            sign = tl.where(x > 0, 1, tl.where(x < 0, -1, 0))
+            erf = (sign * ((a + b) * (a + b) + c)) >> rs
+            tl.store(out + base + cols, -v * (erf + one), mask=cols < width)
+    else:  # I-ViT ShiftGELU: x sigmoid(1.702 x), sigmoid = e^(x-m) / (e^(x-m) + e^-m), m = max(x, 0)
+        pre, sg = _normalise(s * tl.load(coef + 7))
+        x0f = tl.floor(-1.0 / sg)
+        norm = EXP_BITS - _exponent(-2.0 * x0f)
+        x0 = x0f.to(tl.int32)
+        low = MAX_Q * x0
+        for start in range(0, width, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            v = tl.load(q + base + cols, mask=cols < width, other=0).to(tl.int32)
+            e1 = _shift_exp(tl.minimum(v, 0), pre, x0, 0, 0, norm, low, False)
+            e2 = _shift_exp(-tl.maximum(v, 0), pre, x0, 0, 0, norm, low, False)
+            factor = 2147483647 // (e1 + e2)
+            tl.store(out + base + cols, v * ((e1 * factor) >> (31 - SIG_BITS)), mask=cols < width)
+
+
+@triton.jit
+def int_layer_norm_kernel(q, bias, out, width, IN_SHIFT: tl.constexpr, VAR_SHIFT: tl.constexpr,
+                          OUT_SHIFT: tl.constexpr, STEPS: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    base = row.to(tl.int64) * width
+    acc = tl.zeros([BLOCK], tl.int32)
+    for start in range(0, width, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        acc += tl.load(q + base + cols, mask=cols < width, other=0).to(tl.int32) >> IN_SHIFT
+    n = tl.sum(acc, 0) + width // 2
+    mean = tl.where(n >= 0, n // width, -((width - 1 - n) // width))  # floor division
+    acc = tl.zeros([BLOCK], tl.int32)
+    for start in range(0, width, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(q + base + cols, mask=cols < width, other=0).to(tl.int32) >> IN_SHIFT
+        y = tl.where(cols < width, (x - mean) >> VAR_SHIFT, 0)
+        acc += y * y
+    var = tl.sum(acc, 0)
+    std = tl.full([], 65536, tl.int32)
+    for _ in tl.static_range(STEPS):  # Newton's integer square root, from 2**16
+        std = tl.minimum(std, tl.maximum((std + var // std) >> 1, 1))
+    factor = 2147483647 // ((std << VAR_SHIFT) + ((1 << VAR_SHIFT) - 1))  # arith.deviation_bound
+    for start in range(0, width, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(q + base + cols, mask=cols < width, other=0).to(tl.int32) >> IN_SHIFT
+        y = x - mean
+        o = ((y * factor) >> OUT_SHIFT) + tl.load(bias + cols, mask=cols < width, other=0)
+        tl.store(out + base + cols, o, mask=cols < width)
+
+
+# Launchers: the op's arguments, then ``out``. -----------------------------------------------------
+
+def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    t = t.contiguous()
+    width = t.shape[-1]
+    return t, t.numel() // max(width, 1), width
+
+
+_COEFFICIENTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _coefficients(device: torch.device) -> torch.Tensor:
+    if device not in _COEFFICIENTS:
+        _COEFFICIENTS[device] = torch.tensor(constants.COEFFICIENTS, dtype=torch.float64, device=device)
+    return _COEFFICIENTS[device]
+
+
+def _scales(scale: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """One float32 scale per row (stride 1), or one for all rows (stride 0)."""
+    flat = scale.reshape(-1).to(torch.float32).contiguous()
+    return flat, 0 if flat.numel() == 1 else 1
+
+
+def int_row_scale(x: torch.Tensor, masked: bool, bits: int, out: torch.Tensor) -> torch.Tensor:
+    x, rows, width = _rows(x)
+    if rows:
+        int_row_scale_kernel[(rows,)](x, out, width, mask_limit(x.dtype), MASK=masked,
+                                      INV_LIMIT=float(torch.tensor(1.0 / code_limit(bits), dtype=torch.float32)),
+                                      BLOCK=_block(width))
+    return out
+
+
+def int_gelu_scale(scale: torch.Tensor, method: str, out: torch.Tensor) -> torch.Tensor:
+    n = scale.numel()
+    if n:
+        int_gelu_scale_kernel[(triton.cdiv(n, 256),)](scale.contiguous(), _coefficients(scale.device), out, n,
+                                                      POLY=method == "ibert", ERF_BITS=constants.ERF_BITS,
+                                                      SIG_BITS=constants.SIGMOID_BITS, BLOCK=256)
+    return out
+
+
+def int_quantize(x: torch.Tensor, scale: torch.Tensor, masked: bool, bits: int, out: torch.Tensor) -> torch.Tensor:
+    x, rows, width = _rows(x)
+    inv = reciprocal(scale).reshape(-1).contiguous()
+    if rows:
+        int_quantize_kernel[(rows,)](x, inv, out, width, 0 if inv.numel() == 1 else 1, mask_limit(x.dtype),
+                                     MASK=masked, LIMIT=float(code_limit(bits)), BLOCK=_block(width),
+                                     enable_fp_fusion=False)
+    return out
+
+
+def int_softmax(q: torch.Tensor, scale: torch.Tensor, method: str, max_q: int, exp_bits: int, out_bits: int,
+                out: torch.Tensor) -> torch.Tensor:
+    q, rows, width = _rows(q)
+    check_row_length(width, exp_bits)
+    scales, stride = _scales(scale)
+    if rows:
+        int_softmax_kernel[(rows,)](q, scales, _coefficients(q.device), out, width, stride, POLY=method == "ibert",
+                                    EXP_BITS=exp_bits, MAX_Q=max_q, OUT_BITS=out_bits, BLOCK=_block(width))
+    return out
+
+
+def int_gelu(q: torch.Tensor, scale: torch.Tensor, method: str, max_q: int, exp_bits: int,
+             out: torch.Tensor) -> torch.Tensor:
+    q, rows, width = _rows(q)
+    scales, stride = _scales(scale)
+    if rows:
+        int_gelu_kernel[(rows,)](q, scales, _coefficients(q.device), out, width, stride, POLY=method == "ibert",
+                                 EXP_BITS=exp_bits, MAX_Q=max_q, ERF_BITS=constants.ERF_BITS,
+                                 SIG_BITS=constants.SIGMOID_BITS, BLOCK=_block(width))
+    return out
+
+
+def int_layer_norm(q: torch.Tensor, bias_codes: torch.Tensor, in_shift: int, var_shift: int, out_shift: int,
+                   out: torch.Tensor) -> torch.Tensor:
+    q, rows, width = _rows(q)
+    if rows:
+        int_layer_norm_kernel[(rows,)](q, bias_codes.contiguous(), out, width, IN_SHIFT=in_shift,
+                                       VAR_SHIFT=var_shift, OUT_SHIFT=out_shift, STEPS=NEWTON_STEPS,
+                                       BLOCK=_block(width))
+    return out
+
+
+assert MASKED == -128  # the kernels spell the masked code as a literal

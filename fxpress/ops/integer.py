@@ -1,0 +1,151 @@
+"""Integer-only ops (I-BERT / I-ViT): quantise, softmax, GELU and LayerNorm on int8/int32 codes.
+
+- ``int_row_scale(x, masked, bits)``: ``max |x| / (2**(bits-1) - 1)`` per row, the dynamic scale;
+- ``int_quantize(x, scale, masked, bits)``: codes of ``x`` (int8; int32 above 8 bits);
+- ``int_softmax(q, scale, method, max_q, exp_bits, out_bits)``: probabilities at ``2**-out_bits``;
+- ``int_gelu(q, scale, method, max_q, exp_bits)``: int32 codes at ``int_gelu_scale(scale, method)``;
+- ``int_layer_norm(q, bias_codes, in_shift, var_shift, out_shift)``: int32 codes whose per-channel
+  scale folds in the LayerNorm weight (``fxpress.integer.constants.layer_norm_affine``).
+
+A float result is ``codes.float() * scale``: the ``integer_only`` pass writes that dequantisation
+as plain ATen ops only where a float op reads the result. The references are
+``fxpress.integer.arith``; the Triton kernels are ``fxpress.codegen.kernels.integer``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fxpress.integer import arith, constants, quantize
+from fxpress.integer.config import METHODS, IntegerError
+from fxpress.ops._define import define_op
+
+
+def _check_method(where: str, method: str) -> None:
+    if method not in METHODS:
+        raise IntegerError(f"fxpress::{where}: method {method!r} is not one of {METHODS}")
+
+
+def _check_scale_shape(where: str, x: torch.Tensor, scale: torch.Tensor) -> None:
+    per_row = tuple(x.shape[:-1]) + (1,)
+    if scale.numel() != 1 and tuple(scale.shape) != per_row:
+        raise IntegerError(f"fxpress::{where}: scale has shape {tuple(scale.shape)}; expected one element or "
+                           f"one per row {per_row} for input {tuple(x.shape)}")
+
+
+# int_row_scale / int_quantize ---------------------------------------------------------------------
+
+def _check_bits(where: str, masked: bool, bits: int) -> None:
+    if not 2 <= bits <= 24 or (masked and bits != 8):
+        raise IntegerError(f"fxpress::{where}: bits={bits} is invalid: expected 2..24 (exactly 8 with masked "
+                           "positions, whose code is -128)")
+
+
+def _row_scale_reference(x: torch.Tensor, masked: bool, bits: int) -> torch.Tensor:
+    _check_bits("int_row_scale", masked, bits)
+    return quantize.row_scale(x, masked, bits)
+
+
+def _row_scale_fake(x: torch.Tensor, masked: bool, bits: int) -> torch.Tensor:
+    _check_bits("int_row_scale", masked, bits)
+    return x.new_empty(*x.shape[:-1], 1, dtype=torch.float32)
+
+
+def _quantize_reference(x: torch.Tensor, scale: torch.Tensor, masked: bool, bits: int) -> torch.Tensor:
+    _check_scale_shape("int_quantize", x, scale)
+    _check_bits("int_quantize", masked, bits)
+    return quantize.quantize(x, scale, masked, bits)
+
+
+def _quantize_fake(x: torch.Tensor, scale: torch.Tensor, masked: bool, bits: int) -> torch.Tensor:
+    _check_scale_shape("int_quantize", x, scale)
+    _check_bits("int_quantize", masked, bits)
+    return torch.empty_like(x, dtype=quantize.code_dtype(bits), memory_format=torch.contiguous_format)
+
+
+int_row_scale = define_op("int_row_scale", _row_scale_reference, _row_scale_fake)
+int_quantize = define_op("int_quantize", _quantize_reference, _quantize_fake)
+
+
+# int_softmax --------------------------------------------------------------------------------------
+
+def _softmax_checks(q, scale, method, max_q, exp_bits, out_bits) -> None:
+    _check_method("int_softmax", method)
+    _check_scale_shape("int_softmax", q, scale)
+    if q.dtype != torch.int8:
+        raise IntegerError(f"fxpress::int_softmax: expects int8 codes, got {q.dtype}")
+    arith.check_row_length(q.shape[-1], exp_bits)
+
+
+def _softmax_reference(q: torch.Tensor, scale: torch.Tensor, method: str, max_q: int, exp_bits: int,
+                       out_bits: int) -> torch.Tensor:
+    _softmax_checks(q, scale, method, max_q, exp_bits, out_bits)
+    return arith.softmax_int(q, scale, method, max_q, exp_bits, out_bits)
+
+
+def _softmax_fake(q, scale, method, max_q, exp_bits, out_bits):
+    _softmax_checks(q, scale, method, max_q, exp_bits, out_bits)
+    return torch.empty_like(q, dtype=arith.softmax_dtype(out_bits), memory_format=torch.contiguous_format)
+
+
+int_softmax = define_op("int_softmax", _softmax_reference, _softmax_fake)
+
+
+# int_gelu / int_gelu_scale ------------------------------------------------------------------------
+
+def _gelu_checks(q, scale, method) -> None:
+    _check_method("int_gelu", method)
+    _check_scale_shape("int_gelu", q, scale)
+    if q.dtype != torch.int8:
+        raise IntegerError(f"fxpress::int_gelu: expects int8 codes, got {q.dtype}")
+
+
+def _gelu_reference(q: torch.Tensor, scale: torch.Tensor, method: str, max_q: int, exp_bits: int) -> torch.Tensor:
+    _gelu_checks(q, scale, method)
+    return arith.gelu_int(q, scale, method, max_q, exp_bits)
+
+
+def _gelu_fake(q, scale, method, max_q, exp_bits):
+    _gelu_checks(q, scale, method)
+    return torch.empty_like(q, dtype=torch.int32, memory_format=torch.contiguous_format)
+
+
+def _gelu_scale_reference(scale: torch.Tensor, method: str) -> torch.Tensor:
+    _check_method("int_gelu_scale", method)
+    return constants.gelu_output_scale(scale, method)
+
+
+def _gelu_scale_fake(scale: torch.Tensor, method: str) -> torch.Tensor:
+    return torch.empty_like(scale)
+
+
+int_gelu = define_op("int_gelu", _gelu_reference, _gelu_fake)
+int_gelu_scale = define_op("int_gelu_scale", _gelu_scale_reference, _gelu_scale_fake)
+
+
+# int_layer_norm -----------------------------------------------------------------------------------
+
+def _layer_norm_checks(q, bias_codes, in_shift, var_shift, out_shift) -> None:
+    where = "fxpress::int_layer_norm"
+    if q.dtype not in (torch.int8, torch.int32):
+        raise IntegerError(f"{where}: expects int8 or int32 codes, got {q.dtype}")
+    if bias_codes.dtype != torch.int32 or tuple(bias_codes.shape) != (q.shape[-1],):
+        raise IntegerError(f"{where}: bias_codes must be int32 of shape ({q.shape[-1]},), got "
+                           f"{bias_codes.dtype} {tuple(bias_codes.shape)}")
+    for name, value in (("in_shift", in_shift), ("var_shift", var_shift), ("out_shift", out_shift)):
+        if not 0 <= value <= 30:
+            raise IntegerError(f"{where}: {name}={value} is outside [0, 30]")
+
+
+def _layer_norm_reference(q: torch.Tensor, bias_codes: torch.Tensor, in_shift: int, var_shift: int,
+                          out_shift: int) -> torch.Tensor:
+    _layer_norm_checks(q, bias_codes, in_shift, var_shift, out_shift)
+    return arith.layer_norm_int(q, bias_codes, in_shift, var_shift, out_shift)
+
+
+def _layer_norm_fake(q, bias_codes, in_shift, var_shift, out_shift):
+    _layer_norm_checks(q, bias_codes, in_shift, var_shift, out_shift)
+    return torch.empty_like(q, dtype=torch.int32, memory_format=torch.contiguous_format)
+
+
+int_layer_norm = define_op("int_layer_norm", _layer_norm_reference, _layer_norm_fake, overwritable=0)
