@@ -179,7 +179,6 @@ class _Rewriter:
         counters[GROUP]["sdpa => matmul, softmax, matmul"] += 1
         return probs
 
-
     def _with_strides_of(self, like: fx.Node, out: fx.Node) -> fx.Node:
         """``out`` laid out as ``like`` is: the views after an SDPA were captured for its strides."""
         strides = val(like).stride()
