@@ -60,8 +60,9 @@ def _lowrank(launcher: str) -> Callable[[Kernel, fx.Node], TritonKernel | str]:
     return lower
 
 
-def _integer(launcher: str) -> Callable[[Kernel, fx.Node], TritonKernel | str]:
-    """The integer-only ops: a launcher with the op's arguments plus ``out``, one program per row."""
+def _launcher(module: str, launcher: str) -> Callable[[Kernel, fx.Node], TritonKernel | str]:
+    """Ops whose kernel module has a Python launcher taking the op's arguments plus ``out`` (the
+    integer-only and LUT ops): it reads sizes at run time, so symbolic shapes need nothing here."""
 
     def lower(kernel: Kernel, node: fx.Node) -> TritonKernel | str:
         x = node.args[0].meta["val"]
@@ -70,7 +71,7 @@ def _integer(launcher: str) -> Callable[[Kernel, fx.Node], TritonKernel | str]:
         tensors = [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
         args = ", ".join([render(a) for a in node.args] + [node.name])
         return TritonKernel(kernel.name, "", tuple(a.name for a in tensors), (node.name,), 0,
-                            imports=(f"from fxpress.codegen.kernels.integer import {launcher}",),
+                            imports=(f"from fxpress.codegen.kernels.{module} import {launcher}",),
                             launch=f"{launcher}({args})")
     return lower
 
@@ -85,12 +86,13 @@ OP_KERNELS: dict[object, Callable[[Kernel, fx.Node], TritonKernel | str]] = {
     torch.ops.fxpress.lowrank_linear.default: _lowrank("lowrank_linear"),
     torch.ops.fxpress.lowrank_ffn.default: _lowrank("lowrank_ffn"),
     torch.ops.fxpress.lowrank_attention.default: _lowrank("lowrank_attention"),
-    torch.ops.fxpress.int_row_scale.default: _integer("int_row_scale"),
-    torch.ops.fxpress.int_quantize.default: _integer("int_quantize"),
-    torch.ops.fxpress.int_gelu_scale.default: _integer("int_gelu_scale"),
-    torch.ops.fxpress.int_softmax.default: _integer("int_softmax"),
-    torch.ops.fxpress.int_gelu.default: _integer("int_gelu"),
-    torch.ops.fxpress.int_layer_norm.default: _integer("int_layer_norm"),
+    torch.ops.fxpress.int_row_scale.default: _launcher("integer", "int_row_scale"),
+    torch.ops.fxpress.int_quantize.default: _launcher("integer", "int_quantize"),
+    torch.ops.fxpress.int_gelu_scale.default: _launcher("integer", "int_gelu_scale"),
+    torch.ops.fxpress.int_softmax.default: _launcher("integer", "int_softmax"),
+    torch.ops.fxpress.int_gelu.default: _launcher("integer", "int_gelu"),
+    torch.ops.fxpress.int_layer_norm.default: _launcher("integer", "int_layer_norm"),
+    torch.ops.fxpress.lut_linear.default: _launcher("lut", "lut_linear"),
 }
 
 

@@ -74,6 +74,9 @@ _VALID: dict[str, tuple[Callable[[Any], bool], str]] = {
     "kv": (lambda v: v is None or isinstance(v, POLICIES),
            "a KV policy (fxpress.KIVI(...), StreamingKV, DuoAttentionKV, HeavyHitterKV, FullKV) or None: "
            "compress KV caches kept in fixed buffers"),
+    "lut_max_rows": (lambda v: v is None or isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                     "int >= 0 or None (by device: 4 on CPU, 0 on GPUs): lut_linear uses table lookup up to "
+                     "this many rows, dequantise-per-tile GEMM above"),
     "integer": (lambda v: v is None or isinstance(v, IntegerOnly),
                 "fxpress.IntegerOnly(...) or None: integer-only softmax, GELU and LayerNorm (I-BERT / I-ViT)"),
 }
@@ -88,6 +91,7 @@ class Options:
     check: bool = field(default_factory=flags.CHECK.get)
     dump_dir: str = field(default_factory=flags.DUMP_DIR.get)
     kv: Any = None
+    lut_max_rows: int | None = None
     integer: Any = None
 
     def __post_init__(self) -> None:

@@ -26,6 +26,7 @@ from fxpress.passes.cse import cse
 from fxpress.passes.fuse_low_rank import fuse_low_rank
 from fxpress.passes.fuse_rms_norm import fuse_rms_norm
 from fxpress.passes.integer_only import integer_only
+from fxpress.passes.lut_matmul import lut_matmul
 from fxpress.passes.reinplace_input_updates import reinplace_input_updates
 from fxpress.passes.remove_dead_code import remove_dead_code
 from fxpress.passes.remove_noop_views import remove_noop_views
@@ -38,6 +39,7 @@ PIPELINE: tuple[PassFn, ...] = (
     remove_noop_views,
     cse,
     fuse_low_rank,
+    lut_matmul,
     fuse_rms_norm,
     integer_only,  # after the fusions: a softmax or GELU they fold into their ops stays float there
     reinplace_input_updates,

@@ -4,10 +4,15 @@
     print(result)                      # parameters kept, per-layer error
     fxpress.compress.save(result.model, "model.safetensors")
     model = fxpress.compress.load(dense_model, "model.safetensors")
+    result = fxpress.compress.quantize(model, bits=3, method="bcq")   # then compile it: lut_matmul
 """
 
 from fxpress.compress.checkpoint import load, save
+from fxpress.compress.lowbit import BitPlaneWeight, QuantizeError
+from fxpress.compress.quantize import QuantizeResult, load_gguf_q4_1, quantize
+from fxpress.compress.quantized_linear import QuantizedLinear
 from fxpress.compress.low_rank_linear import LowRankLinear
 from fxpress.compress.svd import LayerReport, SVDResult, svd
 
-__all__ = ["LayerReport", "LowRankLinear", "SVDResult", "load", "save", "svd"]
+__all__ = ["BitPlaneWeight", "LayerReport", "LowRankLinear", "QuantizeError", "QuantizeResult", "QuantizedLinear",
+           "SVDResult", "load", "load_gguf_q4_1", "quantize", "save", "svd"]

@@ -126,6 +126,19 @@ def insert_call(
     return node
 
 
+def add_constant(gm: fx.GraphModule, before: fx.Node, name: str, tensor: torch.Tensor) -> fx.Node:
+    """A frozen constant (a non-persistent buffer read by ``get_attr``) with fake metadata."""
+    attr = name
+    while hasattr(gm, attr):
+        attr += "_"
+    gm.register_buffer(attr, tensor, persistent=False)
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(attr)
+    mode = torch._guards.detect_fake_mode([val(n) for n in before.all_input_nodes])
+    node.meta["val"] = mode.from_tensor(tensor) if mode is not None else tensor
+    return node
+
+
 # Scaled dot-product attention as capture leaves it: the public op, or the backend it dispatched to.
 SDPA_OPS = (aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_efficient_attention,
             aten._scaled_dot_product_flash_attention, aten.scaled_dot_product_attention)

@@ -31,23 +31,10 @@ from fxpress.integer import constants
 from fxpress.integer.config import IntegerError, IntegerOnly
 from fxpress.integer.measure import site_tag
 from fxpress.integer.sites import Site, find_sites
-from fxpress.passes._match import aten, insert_call, sdpa_arguments, sdpa_result, val
+from fxpress.passes._match import add_constant, aten, insert_call, sdpa_arguments, sdpa_result, val
 
 ops = torch.ops.fxpress
 GROUP = "integer_only"
-
-
-def add_constant(gm: fx.GraphModule, before: fx.Node, name: str, tensor: torch.Tensor) -> fx.Node:
-    """A frozen constant (a non-persistent buffer read by ``get_attr``) with fake metadata."""
-    attr = name
-    while hasattr(gm, attr):
-        attr += "_"
-    gm.register_buffer(attr, tensor, persistent=False)
-    with gm.graph.inserting_before(before):
-        node = gm.graph.get_attr(attr)
-    mode = torch._guards.detect_fake_mode([val(n) for n in before.all_input_nodes])
-    node.meta["val"] = mode.from_tensor(tensor) if mode is not None else tensor
-    return node
 
 
 class _Rewriter:
