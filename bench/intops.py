@@ -18,8 +18,6 @@ Run: ``python bench/intops.py [ops] [sites] [minilm] [--json PATH]``. No timing 
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 
@@ -169,21 +167,10 @@ def minilm_table() -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("sections", nargs="*", default=["ops", "sites", "minilm"])
-    parser.add_argument("--json")
-    args = parser.parse_args()
+    from _sections import run_sections
+
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    results = {}
-    if "ops" in args.sections:
-        results["ops"] = op_table()
-    if "sites" in args.sections:
-        results["sites"] = sites_table()
-    if "minilm" in args.sections:
-        results["minilm"] = minilm_table()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": "cpu", "torch": torch.__version__, **results}, f, indent=1)
+    run_sections({"ops": op_table, "sites": sites_table, "minilm": minilm_table})
 
 
 if __name__ == "__main__":

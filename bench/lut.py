@@ -17,8 +17,6 @@ Run: ``python bench/lut.py [accuracy] [weights] [speed] [--json PATH]``
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 
@@ -142,20 +140,9 @@ def speed() -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("sections", nargs="*", default=["accuracy", "weights", "speed"])
-    parser.add_argument("--json")
-    args = parser.parse_args()
-    results = {}
-    if "speed" in args.sections:
-        results["speed"] = speed()
-    if "accuracy" in args.sections:
-        results["accuracy"] = accuracy()
-    if "weights" in args.sections:
-        results["weights"] = weights()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": "cpu", "torch": torch.__version__, **results}, f, indent=1)
+    from _sections import run_sections
+
+    run_sections({"speed": speed, "accuracy": accuracy, "weights": weights})
 
 
 if __name__ == "__main__":

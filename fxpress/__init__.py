@@ -3,6 +3,7 @@
     compiled = torch.compile(model, backend="fxpress")
     compiled = torch.compile(model, backend=fxpress.backend(passes=[my_pass]))
     print(fxpress.explain(model, inputs))
+    fxpress.aot_compile(model, (x,), "model.fxpress"); loaded = fxpress.load("model.fxpress")
     low_rank = fxpress.compress.svd(model, rank_ratio=0.5).model   # then compile it: fuse_low_rank
     cache = fxpress.kv_cache(model, max_len=4096, policy=fxpress.KIVI(bits=2))  # for generate()
 """
@@ -11,6 +12,9 @@ from typing import Any
 
 from fxpress import compress, kv
 
+from fxpress.compiler.aot import aot_compile
+from fxpress.compiler.load import LoadedModel, load
+from fxpress.compiler.artifact import ArtifactError
 from fxpress.compiler.backend import Backend, FallbackWarning, backend
 from fxpress.compiler.counters import counters
 from fxpress.compiler.errors import FxpressError, OptionError, PassError, UnsupportedGraphError
@@ -25,6 +29,7 @@ from fxpress.kv.policies import KIVI, DuoAttentionKV, FullKV, HeavyHitterKV, Str
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArtifactError",
     "KIVI",
     "PIPELINE",
     "Backend",
@@ -36,6 +41,7 @@ __all__ = [
     "IntegerCalibration",
     "IntegerError",
     "IntegerOnly",
+    "LoadedModel",
     "OptionError",
     "Options",
     "Pass",
@@ -43,6 +49,7 @@ __all__ = [
     "Report",
     "StreamingKV",
     "UnsupportedGraphError",
+    "aot_compile",
     "backend",
     "calibrate_integer",
     "compress",
@@ -50,6 +57,7 @@ __all__ = [
     "explain",
     "kv",
     "kv_cache",
+    "load",
     "plot_memory",
 ]
 

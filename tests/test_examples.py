@@ -51,3 +51,9 @@ def test_integer_only():
     cosines = [float(c) for c in re.findall(r"mean ([0-9.]+), min", out)]
     assert len(cosines) == 2 and all(c >= 0.99 for c in cosines), out
     assert "encoder.layer.0.attention.self:softmax" in out and "fxpress.int_layer_norm.default" in out
+
+
+def test_aot():
+    out = _run("aot_artifact.py")
+    assert "'fxpress.lut_linear.default': 210" in out and "'fxpress.kv_attend.default': 30" in out
+    assert "identical to the in-process compile: True" in out

@@ -49,9 +49,26 @@ def target_name(target: Any) -> str:
     raise NotImplementedError(f"the wrapper cannot call {target!r}")
 
 
+class Source(str):
+    """Text :func:`render` emits as it is: a name the wrapper module defines."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def _state_handles(node: fx.Node, args: tuple) -> tuple:
+    """``kv_attend``'s state handle goes through the module's ``KV_HANDLES``, so a loaded artifact
+    can point it at a state of its own process."""
+    if node.target is not torch.ops.fxpress.kv_attend.default:
+        return args
+    handle = args[5]
+    return (*args[:5], Source(f"KV_HANDLES.get({handle}, {handle})"), *args[6:])
+
+
 def call(node: fx.Node, extra_kwargs: str = "", target: Any = None, callee: str = "",
          names: dict[str, str] | None = None, args: tuple | None = None) -> str:
-    args = [render(a, names) for a in (node.args if args is None else args)] + \
+    args = _state_handles(node, tuple(node.args if args is None else args))
+    args = [render(a, names) for a in args] + \
         [f"{k}={render(v, names)}" for k, v in node.kwargs.items()]
     if extra_kwargs:
         args.append(extra_kwargs)

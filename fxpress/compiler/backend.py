@@ -10,7 +10,6 @@ naming the pass.
 from __future__ import annotations
 
 import itertools
-import json
 import time
 import warnings
 from pathlib import Path
@@ -22,16 +21,13 @@ from torch._dynamo.exc import RestartAnalysis, SkipFrame
 
 import fxpress.ops  # noqa: F401  (registers torch.ops.fxpress before any graph uses them)
 from fxpress.compiler.capture import CapturedGraph, capture_and_compile
-from fxpress.compiler.logs import compile_log, configure_from_flags, kernel_log
+from fxpress.compiler.logs import compile_log, configure_from_flags
 from fxpress.compiler.errors import OptionError, PassError, UnsupportedGraphError
+from fxpress.compiler.lower import lower_captured
 from fxpress.compiler.options import Options
-from fxpress.compiler.pipeline import PassFn, build_pipeline, run_pipeline
-from fxpress.compiler.report import GraphReport, op_histogram
-from fxpress.compiler.support import find_unsupported
-from fxpress.codegen.schedule import build_schedule, size_hints
+from fxpress.compiler.pipeline import PassFn, build_pipeline
+from fxpress.compiler.report import GraphReport
 from fxpress.integer.measure import has_sites, measure_sites
-from fxpress.passes.plan_memory import plan_memory
-from fxpress.runtime import build_program
 
 _graph_ids = itertools.count()
 
@@ -173,36 +169,12 @@ def _compile(
     def lower(captured: CapturedGraph) -> Callable[[list[Any]], Any]:
         nonlocal lowering_started
         lowering_started = True
-        dump = _dump_dir(opts, report.index)
-        report.inputs, report.frozen_weights = len(captured.runtime_inputs), len(captured.frozen)
         frozen[:] = [i for i in range(len(example_inputs)) if i not in set(captured.runtime_inputs)
                      and isinstance(example_inputs[i], torch.Tensor)]
-        report.ops_before = op_histogram(captured.gm)
-        unsupported = find_unsupported(captured.gm)
-        if unsupported:
-            report.unsupported = unsupported
-            raise UnsupportedGraphError(f"{unsupported[0]}" + (
-                f" and {len(unsupported) - 1} more unsupported node(s)" if len(unsupported) > 1 else ""))
-        final, report.passes = run_pipeline(captured.gm, passes, opts, dump)
-        report.ops_after, report.code = op_histogram(final), final.code
-        schedule = build_schedule(final)
-        plan = plan_memory(schedule, hints=size_hints(final))
-        program = build_program(final, schedule, plan, captured.runtime_inputs, report.target,
-                                title=f"graph {report.index}")
-        report.kernels = [(k.name, k.kind, k.nodes) for k in schedule.kernels]
-        report.plan = plan.figures() | {"order": plan.order_chosen}
-        report.memory_plan = plan
-        report.wrapper = program.source
-        kernel_log.debug("wrapper of graph %d:\n%s", report.index, program.source)
-        report.generated = {name: k.source for name, k in program.triton_kernels.items()}
-        report.not_generated = program.not_generated
-        if dump is not None:
-            (dump / "options.txt").write_text(repr(opts) + "\n")
-            (dump / "wrapper.py").write_text(program.source)
-            (dump / "plan.json").write_text(json.dumps(plan.to_dict(), indent=1))
-        if measure and has_sites(final):
-            return _MeasureFirstCall(program, final, captured.runtime_inputs, report)
-        return program
+        lowered = lower_captured(captured, opts, passes, report, _dump_dir(opts, report.index))
+        if measure and has_sites(lowered.final):
+            return _MeasureFirstCall(lowered.program, lowered.final, captured.runtime_inputs, report)
+        return lowered.program
 
     try:
         return capture_and_compile(gm, example_inputs, lower)

@@ -63,37 +63,44 @@ def _mutated_inputs(gm: fx.GraphModule) -> set[fx.Node]:
     return mutated
 
 
-def _freeze(
-    aten_gm: fx.GraphModule, dynamo_gm: fx.GraphModule, example_inputs: Sequence[Any],
-    detached: Sequence[Any],
-) -> CapturedGraph:
+def _dynamo_state_paths(dynamo_gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[str | None]:
+    """Per graph input, the module state it is (``layers.0.weight``, or the source's own name for a
+    parameter Dynamo reached otherwise), or None for a runtime input."""
+    paths = []
+    for source_node, value in zip((n for n in dynamo_gm.graph.nodes if n.op == "placeholder"), example_inputs):
+        source = _source_name(source_node)
+        path = _state_path(source) if source else None
+        if path is None and isinstance(value, torch.nn.Parameter):
+            path = source or source_node.name
+        paths.append(path)
+    return paths
+
+
+def _freeze(aten_gm: fx.GraphModule, paths: Sequence[str | None], detached: Sequence[Any]) -> CapturedGraph:
+    """Inputs with a state path become ``get_attr`` constants, unless the graph writes them."""
     aten_inputs = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
-    dynamo_inputs = [n for n in dynamo_gm.graph.nodes if n.op == "placeholder"]
-    if not (len(aten_inputs) == len(dynamo_inputs) == len(example_inputs)):
+    if len(aten_inputs) != len(paths):
         raise RuntimeError(
-            f"capture: AOTAutograd produced {len(aten_inputs)} inputs for {len(example_inputs)} "
+            f"capture: AOTAutograd produced {len(aten_inputs)} inputs for {len(paths)} "
             "graph inputs; fxpress cannot map weights back"
         )
     mutated = _mutated_inputs(aten_gm)
     runtime_inputs, frozen = [], {}
-    for index, (node, source_node, value) in enumerate(zip(aten_inputs, dynamo_inputs, example_inputs)):
-        source = _source_name(source_node)
-        path = _state_path(source) if source else None
-        is_state = isinstance(value, torch.nn.Parameter) or path is not None
-        if not (is_state and isinstance(value, torch.Tensor)) or node in mutated:
+    for index, (node, path, value) in enumerate(zip(aten_inputs, paths, detached)):
+        if path is None or not isinstance(value, torch.Tensor) or node in mutated:
             runtime_inputs.append(index)
             continue
-        attr = re.sub(r"\W", "_", path or node.name)
+        attr = re.sub(r"\W", "_", path)
         while hasattr(aten_gm, attr):
             attr += "_"
         # A non-persistent buffer: get_attr-visible, not part of any state_dict.
-        aten_gm.register_buffer(attr, detached[index], persistent=False)
+        aten_gm.register_buffer(attr, value, persistent=False)
         with aten_gm.graph.inserting_before(node):
             constant = aten_gm.graph.get_attr(attr)
         constant.meta.update(node.meta)
         node.replace_all_uses_with(constant)
         aten_gm.graph.erase_node(node)
-        frozen[attr] = path or source or node.name
+        frozen[attr] = path
     aten_gm.recompile()
     return CapturedGraph(aten_gm, tuple(runtime_inputs), frozen)
 
@@ -112,8 +119,12 @@ def capture_and_compile(
     # Detached here, outside AOTAutograd's FakeTensorMode, which would turn them into fakes.
     detached = [x.detach() if isinstance(x, torch.Tensor) else x for x in example_inputs]
 
+    paths = _dynamo_state_paths(dynamo_gm, example_inputs)
+    if len(paths) != len(example_inputs):
+        raise RuntimeError(f"capture: {len(paths)} graph inputs for {len(example_inputs)} example inputs")
+
     def forward_compiler(aten_gm: fx.GraphModule, fake_inputs: Sequence[Any]) -> Callable:
-        return lower(_freeze(aten_gm, dynamo_gm, example_inputs, detached))
+        return lower(_freeze(aten_gm, paths, detached))
 
     with torch.no_grad():
         return aot_module_simplified(
@@ -123,3 +134,22 @@ def capture_and_compile(
             decompositions=DECOMPOSITIONS,
             keep_inference_input_mutations=True,
         )
+
+
+def capture_module(
+    gm: fx.GraphModule,
+    user_inputs: Sequence[Any],
+    lower: Callable[[CapturedGraph], Callable[[list[Any]], Any]],
+) -> Callable[..., Any]:
+    """The same for a module that holds its own weights (an exported program's): AOTAutograd passes
+    its parameters, then its buffers, ahead of ``user_inputs``; those are frozen by name."""
+    state = {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
+    paths = list(state) + [None] * len(user_inputs)
+    detached = [t.detach() for t in state.values()] + list(user_inputs)
+
+    def forward_compiler(aten_gm: fx.GraphModule, fake_inputs: Sequence[Any]) -> Callable:
+        return lower(_freeze(aten_gm, paths, detached))
+
+    with torch.no_grad():
+        return aot_module_simplified(gm, list(user_inputs), fw_compiler=forward_compiler,
+                                     decompositions=DECOMPOSITIONS, keep_inference_input_mutations=True)

@@ -26,7 +26,9 @@ from fxpress.compiler import flags
 from fxpress.passes.plan_memory import MemoryPlan
 
 
-def load_wrapper(source: str, constants: dict[str, torch.Tensor]) -> Any:
+def load_wrapper(source: str, constants: dict[str, torch.Tensor], kv_handles: dict[int, int] | None = None) -> Any:
+    """Import a wrapper module. ``kv_handles`` maps the KV-state handles written in its source to
+    the states of this process (a loaded artifact makes new ones)."""
     folder = Path(flags.CACHE_DIR.get()) / "wrappers"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"w{hashlib.sha256(source.encode()).hexdigest()[:20]}.py"
@@ -37,6 +39,7 @@ def load_wrapper(source: str, constants: dict[str, torch.Tensor]) -> Any:
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     module.CONSTANTS = constants
+    module.KV_HANDLES = kv_handles or {}
     spec.loader.exec_module(module)
     return module
 

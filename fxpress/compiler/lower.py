@@ -1,0 +1,63 @@
+"""Lowering a captured ATen graph: the pipeline, the schedule, the memory plan and the program.
+
+Both ways in share it: the torch.compile backend (a Dynamo graph) and ``fxpress.aot_compile`` (a
+torch.export program). It fills the :class:`GraphReport` as it goes, so explain() and an artifact's
+meta.json describe the same thing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.fx as fx
+
+from fxpress.codegen.schedule import Schedule, build_schedule, size_hints
+from fxpress.compiler.capture import CapturedGraph
+from fxpress.compiler.errors import UnsupportedGraphError
+from fxpress.compiler.options import Options
+from fxpress.compiler.pipeline import PassFn, run_pipeline
+from fxpress.compiler.report import GraphReport, op_histogram
+from fxpress.compiler.support import find_unsupported
+from fxpress.compiler.logs import kernel_log
+from fxpress.passes.plan_memory import MemoryPlan, plan_memory
+from fxpress.runtime import build_program
+from fxpress.runtime.program import WrapperProgram
+
+
+@dataclass
+class Lowered:
+    program: WrapperProgram
+    final: fx.GraphModule  # the graph after every pass
+    schedule: Schedule
+    plan: MemoryPlan
+
+
+def lower_captured(captured: CapturedGraph, opts: Options, passes: tuple[tuple[str, PassFn], ...],
+                   report: GraphReport, dump: Path | None) -> Lowered:
+    report.inputs, report.frozen_weights = len(captured.runtime_inputs), len(captured.frozen)
+    report.ops_before = op_histogram(captured.gm)
+    unsupported = find_unsupported(captured.gm)
+    if unsupported:
+        report.unsupported = unsupported
+        raise UnsupportedGraphError(f"{unsupported[0]}" + (
+            f" and {len(unsupported) - 1} more unsupported node(s)" if len(unsupported) > 1 else ""))
+    final, report.passes = run_pipeline(captured.gm, passes, opts, dump)
+    report.ops_after, report.code = op_histogram(final), final.code
+    schedule = build_schedule(final)
+    plan = plan_memory(schedule, hints=size_hints(final))
+    program = build_program(final, schedule, plan, captured.runtime_inputs, report.target,
+                            title=f"graph {report.index}")
+    report.kernels = [(k.name, k.kind, k.nodes) for k in schedule.kernels]
+    report.plan = plan.figures() | {"order": plan.order_chosen}
+    report.memory_plan = plan
+    report.wrapper = program.source
+    kernel_log.debug("wrapper of graph %d:\n%s", report.index, program.source)
+    report.generated = {name: k.source for name, k in program.triton_kernels.items()}
+    report.not_generated = program.not_generated
+    if dump is not None:
+        (dump / "options.txt").write_text(repr(opts) + "\n")
+        (dump / "wrapper.py").write_text(program.source)
+        (dump / "plan.json").write_text(json.dumps(plan.to_dict(), indent=1))
+    return Lowered(program, final, schedule, plan)
