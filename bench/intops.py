@@ -19,25 +19,17 @@ Run: ``python bench/intops.py [ops] [sites] [minilm] [--json PATH]``. No timing 
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import fxpress
+from _common import median_seconds, run_sections  # bench/ is on the path when run as a script
 from fxpress.integer import constants
 
 ops = torch.ops.fxpress
 
-
-def _time(fn, repeats: int = 7) -> float:
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+REPEATS = 7  # timed calls per median
 
 
 def _inputs(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -77,7 +69,7 @@ def op_table() -> list[dict]:
     rows = []
     for kind, x in inputs.items():
         expected = floats[kind](x)
-        float_time = _time(lambda: floats[kind](x))
+        float_time = median_seconds(lambda: floats[kind](x), REPEATS)
         for method in ("ibert", "shift"):
             for bits in ((8, 12, 22) if kind == "layer_norm" else (8,)):
                 if kind == "layer_norm" and method == "shift":
@@ -89,7 +81,7 @@ def op_table() -> list[dict]:
                              "input_bits": bits, "shape": list(x.shape),
                              "max_abs_error": float(error.max()), "mean_abs_error": float(error.mean()),
                              "float_max_abs": float(expected.abs().max()),
-                             "time_ratio": _time(lambda: _integer(kind, x, method, cfg, weight, bias)) / float_time})
+                             "time_ratio": median_seconds(lambda: _integer(kind, x, method, cfg, weight, bias), REPEATS) / float_time})
     print("| op | method | input bits | shape | max abs err | mean abs err | float max |y| | int time / float time (CPU) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -167,8 +159,6 @@ def minilm_table() -> list[dict]:
 
 
 def main() -> None:
-    from _sections import run_sections
-
     torch.set_num_threads(max(1, torch.get_num_threads()))
     run_sections({"ops": op_table, "sites": sites_table, "minilm": minilm_table})
 

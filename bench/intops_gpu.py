@@ -153,10 +153,9 @@ def main() -> None:
                      f"{r['mean_abs_error']:.5f} | {r['fp16']:.4f} | {r['fp32']:.4f} | {r['int kernel']:.4f} | "
                      f"{r['int kernel'] / r['fp16']:.2f} | {r['int path']:.4f} | {r['int path'] / r['fp16']:.2f} | "
                      f"{r['fxpress float']:.4f} | {r['fxpress int']:.4f} | {r['fxpress int'] / r['fxpress float']:.2f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.markdown:
-        args.markdown.write_text(text)
+    from _common import print_table
+
+    print_table(lines, args.markdown)
 
 
 if __name__ == "__main__":

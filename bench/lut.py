@@ -17,16 +17,17 @@ Run: ``python bench/lut.py [accuracy] [weights] [speed] [--json PATH]``
 
 from __future__ import annotations
 
-import statistics
-import time
 
 import torch
 
 import fxpress
+from _common import median_seconds, run_sections  # bench/ is on the path when run as a script
 from fxpress import workloads
 from fxpress.compress import load_gguf_q4_1, lowbit, quantize
 
 CONTEXT = 1024
+
+REPEATS = 20  # timed calls per median
 
 
 def _ids(tokenizer) -> torch.Tensor:
@@ -107,16 +108,6 @@ def weights() -> list[dict]:
     return rows
 
 
-def _time(fn, repeats: int = 20) -> float:
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
-
-
 def speed() -> list[dict]:
     rows = []
     print("| out x in | rows | bits | fp32 mm ms | dequantise + mm ms | lut_linear ms | lut / mm | lut / dequantise+mm |")
@@ -128,9 +119,10 @@ def speed() -> list[dict]:
             for bits in (4, 3, 2):
                 q = lowbit.rtn(weight, bits, 128)
                 args = (q.planes, q.alpha, q.beta, None, k, 128, 16)  # the table at every row count here
-                mm = _time(lambda: x @ weight.T)
-                dequant = _time(lambda: x @ torch.ops.fxpress.dequantize_planes(q.planes, q.alpha, q.beta, k, 128).T)
-                lut = _time(lambda: torch.ops.fxpress.lut_linear(x, *args))
+                mm = median_seconds(lambda: x @ weight.T, REPEATS)
+                dequantized = lambda: torch.ops.fxpress.dequantize_planes(q.planes, q.alpha, q.beta, k, 128)  # noqa: E731
+                dequant = median_seconds(lambda: x @ dequantized().T, REPEATS)
+                lut = median_seconds(lambda: torch.ops.fxpress.lut_linear(x, *args), REPEATS)
                 row = {"shape": f"{n}x{k}", "rows": m, "bits": bits, "mm_ms": mm * 1e3, "dequant_mm_ms": dequant * 1e3,
                        "lut_ms": lut * 1e3}
                 rows.append(row)
@@ -140,8 +132,6 @@ def speed() -> list[dict]:
 
 
 def main() -> None:
-    from _sections import run_sections
-
     run_sections({"speed": speed, "accuracy": accuracy, "weights": weights})
 
 

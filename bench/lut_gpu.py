@@ -71,10 +71,9 @@ def main() -> None:
                              f"{nbytes / (n * k * 2):.3f} | {floor:.4f} | {t_lut / floor:.1f} | {t_lut / t_mm:.2f} | {t_tiled / t_mm:.2f} | "
                              f"{err:.1e} |")
                 print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.markdown:
-        args.markdown.write_text(text)
+    from _common import print_table
+
+    print_table(lines, args.markdown)
 
 
 if __name__ == "__main__":

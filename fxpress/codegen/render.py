@@ -57,12 +57,14 @@ class Source(str):
 
 
 def _state_handles(node: fx.Node, args: tuple) -> tuple:
-    """``kv_attend``'s state handle goes through the module's ``KV_HANDLES``, so a loaded artifact
-    can point it at a state of its own process."""
-    if node.target is not torch.ops.fxpress.kv_attend.default:
+    """An op's state handle (``OpSpec.state_handle``) goes through the module's ``KV_HANDLES``."""
+    from fxpress.ops import op_spec
+
+    spec = op_spec(node.target)
+    if spec is None or spec.state_handle is None:
         return args
-    handle = args[5]
-    return (*args[:5], Source(f"KV_HANDLES.get({handle}, {handle})"), *args[6:])
+    handle = args[spec.state_handle]
+    return (*args[:spec.state_handle], Source(f"KV_HANDLES.get({handle}, {handle})"), *args[spec.state_handle + 1:])
 
 
 def call(node: fx.Node, extra_kwargs: str = "", target: Any = None, callee: str = "",

@@ -261,9 +261,9 @@ def _overwritable(kind: str, nodes: list[fx.Node], reads: list[str], writes: lis
     bases = [buffers[r].alias_of for r in reads if buffers[r].alias_of]
     by_name = {i.name: i for n in nodes for i in n.all_input_nodes}
     if kind == "op":
-        from fxpress.ops import OPS  # the op registry; imported late to keep schedule import-light
+        from fxpress.ops import op_spec  # the op registry; imported late to keep schedule import-light
 
-        spec = OPS.get(nodes[-1].target._schema.name.split("::")[1])
+        spec = op_spec(nodes[-1].target)
         arg = spec.overwritable if spec is not None else None
         x = nodes[-1].args[arg] if arg is not None else None
         if not isinstance(x, fx.Node) or x.name not in reads:

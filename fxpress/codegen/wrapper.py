@@ -20,7 +20,7 @@ from fxpress.codegen.cpu_rows import emit_row_blocked
 from fxpress.codegen.render import call, code, render
 from fxpress.codegen.schedule import Schedule
 from fxpress.codegen.triton_pointwise import TritonKernel
-from fxpress.ops import OPS
+from fxpress.ops import op_spec
 from fxpress.passes.plan_memory import MemoryPlan
 from fxpress.runtime.wrapper_support import out_variant
 
@@ -126,7 +126,7 @@ def emit_wrapper(gm: fx.GraphModule, schedule: Schedule, plan: MemoryPlan, title
     key = f"({', '.join(symbol_names)}{',' if len(symbol_names) == 1 else ''})"
     w.line(f"slots = _cache.get({key})")
     w.line("if slots is None:")
-    w.line(f"    _cache.clear()")
+    w.line("    _cache.clear()")
     w.line(f"    slots = _cache[{key}] = _slots({', '.join(symbol_names)})")
     if slotted:
         w.line(f"({', '.join(slotted)},) = slots")
@@ -200,7 +200,7 @@ def _emit_node(w: _Writer, node: fx.Node, in_arena: bool, overwrites: str | None
     if not in_arena:
         w.line(f"{node.name} = {call(node)}")
         return
-    spec = OPS.get(node.target._schema.name.split("::")[1]) if getattr(node.target, "namespace", "") == "fxpress" else None
+    spec = op_spec(node.target)
     if spec is not None and spec.out_impl is not None:  # an fxpress op writing straight into its slot
         w.line(call(node, extra_kwargs=f"out={node.name}", callee=f"FXPRESS_OPS[{spec.name!r}].out_impl"))
         return

@@ -33,6 +33,7 @@ from fxpress.compiler.options import Options
 from fxpress.compiler.pipeline import build_pipeline
 from fxpress.compiler.report import GraphReport
 from fxpress.kv import graph_state
+from fxpress.ops import op_spec
 
 Progress = Callable[[str], None]
 
@@ -113,11 +114,12 @@ def _symbol_examples(values: list[Any]) -> dict[str, int]:
 
 
 def _kv_states(final: fx.GraphModule) -> list[dict[str, Any]]:
-    """The layout of each compressed KV state the graph's ``kv_attend`` nodes reach."""
+    """The layout of each compressed KV state the graph's stateful ops (``kv_attend``) reach."""
     records = []
     for node in final.graph.nodes:
-        if node.target is torch.ops.fxpress.kv_attend.default:
-            state = graph_state.state(node.args[5])
+        spec = op_spec(node.target) if node.op == "call_function" else None
+        if spec is not None and spec.state_handle is not None:
+            state = graph_state.state(node.args[spec.state_handle])
             records.append({"handle": state.handle, "policy": _jsonable(state.policy), "layer": state.layer,
                             "max_len": state.max_len, "where": state.where})
     return records

@@ -111,11 +111,7 @@ def rtn(weight: torch.Tensor, bits: int, group_size: int = 128) -> BitPlaneWeigh
     scale = ((hi - lo) / levels).clamp(min=1e-12)
     zero = torch.round(-lo / scale).clamp(0, levels)
     codes = (torch.round(w / scale.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(0, levels).to(torch.int64)
-    codes = codes * valid.to(torch.int64)
-    planes = torch.stack([(codes >> i) & 1 for i in range(bits)]).flatten(-2)  # [q, out, K_pad]
-    alpha = torch.stack([scale * 2.0 ** (i - 1) for i in range(bits)], dim=-1)
-    beta = scale * (levels / 2 - zero)
-    return BitPlaneWeight(pack(planes), alpha, beta, weight.shape[1], group_size)
+    return from_codes(codes * valid.to(torch.int64), zero, scale, bits, in_features=weight.shape[1])
 
 
 def bcq(weight: torch.Tensor, bits: int, group_size: int = 128, rounds: int = BCQ_ROUNDS) -> BitPlaneWeight:
@@ -147,17 +143,20 @@ def bcq(weight: torch.Tensor, bits: int, group_size: int = 128, rounds: int = BC
     return BitPlaneWeight(pack(planes), alpha, torch.zeros(alpha.shape[:2]), weight.shape[1], group_size)
 
 
-def from_codes(codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, bits: int) -> BitPlaneWeight:
+def from_codes(codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, bits: int,
+               in_features: int | None = None) -> BitPlaneWeight:
     """Uniform codes ``[out, groups, group_size]`` with ``w = (code - zero) * scale`` (``zero`` and
     ``scale`` ``[out, groups]``) as bit-planes, exactly: ``alpha_i = scale * 2**(i-1)``,
-    ``beta = scale * ((2**bits - 1)/2 - zero)``."""
+    ``beta = scale * ((2**bits - 1)/2 - zero)``. ``in_features`` (default: every column) leaves
+    the last group's padding out."""
     n, groups, group_size = codes.shape
-    check_format(bits, group_size, groups * group_size)
+    in_features = groups * group_size if in_features is None else in_features
+    check_format(bits, group_size, in_features)
     flat = codes.reshape(n, groups * group_size).to(torch.int64)
     planes = torch.stack([(flat >> i) & 1 for i in range(bits)])
     scale, zero = scale.to(torch.float32), zero.to(torch.float32)
     alpha = torch.stack([scale * 2.0 ** (i - 1) for i in range(bits)], dim=-1)
-    return BitPlaneWeight(pack(planes), alpha, scale * ((2 ** bits - 1) / 2 - zero), groups * group_size, group_size)
+    return BitPlaneWeight(pack(planes), alpha, scale * ((2 ** bits - 1) / 2 - zero), in_features, group_size)
 
 
 def _sign_table(bits: int) -> torch.Tensor:

@@ -27,6 +27,10 @@ class OpSpec:
     # The reference writing into a given ``out=`` tensor (same arguments, then ``out``): what the
     # cpu target calls so the result lands in its planned slot with no full-size temporary.
     out_impl: Callable[..., None] | None = None
+    # Index of an int argument naming state the op keeps across calls (kv_attend's KV state):
+    # generated wrappers pass it through their ``KV_HANDLES`` table, so a loaded artifact can
+    # point it at state of its own process.
+    state_handle: int | None = None
 
     @property
     def qualname(self) -> str:
@@ -37,6 +41,13 @@ class OpSpec:
 OPS: dict[str, OpSpec] = {}
 
 
+def op_spec(target: Any) -> OpSpec | None:
+    """The spec of an fxpress op overload; None for any other call target."""
+    if getattr(target, "namespace", "") != NAMESPACE:
+        return None
+    return OPS.get(target._schema.name.split("::")[1])
+
+
 def define_op(
     name: str,
     reference: Callable[..., Any],
@@ -45,6 +56,7 @@ def define_op(
     mutates_args: tuple[str, ...] = (),
     overwritable: int | None = None,
     out_impl: Callable[..., None] | None = None,
+    state_handle: int | None = None,
 ) -> torch._ops.OpOverload:
     """Register ``fxpress::<name>``; the schema is inferred from ``reference``'s type hints."""
     if name in OPS:
@@ -52,5 +64,5 @@ def define_op(
     custom = torch.library.custom_op(f"{NAMESPACE}::{name}", reference, mutates_args=mutates_args)
     custom.register_fake(fake)
     overload = getattr(getattr(torch.ops, NAMESPACE), name).default
-    OPS[name] = OpSpec(name, overload, reference, fake, overwritable, out_impl)
+    OPS[name] = OpSpec(name, overload, reference, fake, overwritable, out_impl, state_handle)
     return overload
