@@ -1,7 +1,8 @@
 """The wrapper emitter: a Python module whose ``call(args)`` runs a scheduled, planned graph.
 
 The module checks its inputs, binds the size symbols from them, carves every planned buffer from
-one arena (kept between calls while the sizes stay the same), runs the kernels in the plan's order
+one arena (taken from a pool per call, so concurrent calls never share one, and kept for the
+next call while the sizes stay the same), runs the kernels in the plan's order
 and returns the outputs. Each kernel's result is written straight into its slot through the op's
 ``.out`` overload (an fxpress op: its ``out_impl``) where one exists, else computed and copied in. The source is deterministic and
 readable: a comment per kernel names it and the nodes it came from.
@@ -81,7 +82,7 @@ def emit_wrapper(gm: fx.GraphModule, schedule: Schedule, plan: MemoryPlan, title
     w.line("import operator")
     w.line("import torch")
     w.line("from fxpress.ops import OPS as FXPRESS_OPS")
-    w.line("from fxpress.runtime.wrapper_support import allocate_arena, check_input, slot")
+    w.line("from fxpress.runtime.wrapper_support import ArenaPool, allocate_arena, check_input, slot")
     triton_kernels = triton_kernels or {}
     if triton_kernels:
         w.line("import triton")
@@ -97,7 +98,7 @@ def emit_wrapper(gm: fx.GraphModule, schedule: Schedule, plan: MemoryPlan, title
         if node.op == "get_attr":
             w.line(f"{node.name} = CONSTANTS[{node.target!r}]")
     w.line(f"DEVICE = {render(_device(schedule, gm))}")
-    w.line("_cache = {}")
+    w.line("_arenas = ArenaPool()")
     w.line()
     w.line(f"def _slots({', '.join(symbol_names)}):")
     w.level += 1
@@ -124,15 +125,22 @@ def emit_wrapper(gm: fx.GraphModule, schedule: Schedule, plan: MemoryPlan, title
     for line in symbols:
         w.line(line)
     key = f"({', '.join(symbol_names)}{',' if len(symbol_names) == 1 else ''})"
-    w.line(f"slots = _cache.get({key})")
+    # Each call takes an arena of its own from the pool and gives it back at the end: concurrent
+    # calls (threads of a server) never share buffers.
+    w.line(f"key = {key}")
+    w.line("slots = _arenas.take(key)")
     w.line("if slots is None:")
-    w.line("    _cache.clear()")
-    w.line(f"    slots = _cache[{key}] = _slots({', '.join(symbol_names)})")
+    w.line(f"    slots = _slots({', '.join(symbol_names)})")
+    w.line("try:")
+    w.level += 1
     if slotted:
         w.line(f"({', '.join(slotted)},) = slots")
     _emit_body(w, gm, schedule, plan, nodes, kernels, triton_kernels)
     output = next(n for n in gm.graph.nodes if n.op == "output")
     w.line(f"return {render(tuple(output.args[0]) if isinstance(output.args[0], (list, tuple)) else output.args[0])}")
+    w.level -= 1
+    w.line("finally:")
+    w.line("    _arenas.give_back(key, slots)")
     return "\n".join(w.lines) + "\n"
 
 

@@ -2,8 +2,9 @@
 
 Every file is checked against meta.json first. Then the constants are rebuilt from
 weights.safetensors with their recorded layouts, the state the graph writes gets its initial
-value, each compressed KV state is made anew (empty) from its recorded policy and shape, and the
-generated wrapper is imported with its KV handles pointing at those states. Nothing is unpickled
+value (the compressed KV state belongs to those buffers, so each loaded model has its own), each
+rewritten attention layer's KV site is found or made from its recorded policy and shape, and the
+generated wrapper is imported with its KV handles pointing at those sites. Nothing is unpickled
 and no pass runs.
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import weakref
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,7 +30,7 @@ class LoadedModel(torch.nn.Module):
     """An artifact, callable like the model it was compiled from (same arguments, same outputs)."""
 
     def __init__(self, folder: Path, meta: dict[str, Any], call: Callable[[list[Any]], Any],
-                 state: dict[str, torch.Tensor], kv_handles: list[int]) -> None:
+                 state: dict[str, torch.Tensor]) -> None:
         super().__init__()
         self.folder, self.meta, self._call = folder, meta, call
         self._state = state
@@ -38,7 +38,6 @@ class LoadedModel(torch.nn.Module):
         self._out_spec = _output_spec(meta["out_spec"])
         self._kwarg_names = meta["kwargs"]
         self._dtypes = [getattr(torch, spec["dtype"]) for spec in meta["inputs"]]
-        weakref.finalize(self, graph_state.release, kv_handles)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         where = f"fxpress artifact {self.folder}"
@@ -136,7 +135,7 @@ def load(path: str | Path) -> LoadedModel:
     state = {x: stored[f"state/{x}"].to(device) for kind, x in meta["runtime_inputs"] if kind == "state"}
     handles = {}
     for record in meta["kv_states"]:
-        kv = graph_state.GraphKVState(_policy(record["policy"]), record["layer"], record["max_len"], record["where"])
+        kv = graph_state.site(_policy(record["policy"]), record["layer"], record["max_len"], record["where"])
         handles[record["handle"]] = kv.handle
     module = load_wrapper(files["wrapper.py"].decode(), constants, kv_handles=handles)
-    return LoadedModel(folder, meta, module.call, state, list(handles.values()))
+    return LoadedModel(folder, meta, module.call, state)

@@ -12,26 +12,27 @@ by SDPA. Before/after::
 
     %kc = index_copy(%k_cache, 2, %pos, %k)
     %vc = index_copy(%v_cache, 2, %pos, %v)
-    %o = sdpa(%q, %kc, %vc, %mask)          ->   %o = fxpress.kv_attend(%q, %k, %v, %pos, %mask, handle, scale)
+    %o = sdpa(%q, %kc, %vc, %mask)          ->   %o = fxpress.kv_attend(%q, %k, %v, %pos, %mask, %k_cache,
+                                                                         handle, scale)
     copy_(%k_cache, %kc) ...                     (the buffers are no longer written)
 
-The compressed state (``fxpress.kv.graph_state``) belongs to the backend's options: the prefill
-and the decode graph of a model are two compiles, and their n-th attention layers share one state.
-It persists across calls and restarts when a call writes position 0. Grouped-query attention and batches are
+The compressed state (``fxpress.kv.graph_state``) belongs to the model's key buffer of the layer:
+the prefill and the decode graph of a model (two compiles) reach the same state through it, and two
+caches (interleaved requests, two models) never share one. It persists across calls and restarts
+when a call writes position 0. Grouped-query attention and batches are
 native to the op. The model's full-precision buffers stay allocated (the model made them); to
 avoid them, build the cache with ``fxpress.kv_cache``.
 """
 
 from __future__ import annotations
 
-import weakref
 from functools import partial
 
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from fxpress.compiler.options import Options
-from fxpress.kv.graph_state import GraphKVState, release
+from fxpress.kv import graph_state
 from fxpress.kv.policies import Policy
 from fxpress.ops import kv_attend
 from fxpress.passes._match import (Match, Miss, Rule, SDPA_OPS, apply_rules, aten, is_op, sdpa_arguments,
@@ -104,20 +105,18 @@ def _match(node: fx.Node) -> Match | Miss | None:
     })
 
 
-def _replace(policy: Policy, states: dict[int, GraphKVState], counter: list[int], gm: fx.GraphModule,
-             m: Match) -> fx.Node:
+def _replace(policy: Policy, counter: list[int], gm: fx.GraphModule, m: Match) -> fx.Node:
     o = m.operands
     layer = counter[0]
     counter[0] += 1
-    max_len = int(val(o["buffers"][0]).shape[2])
-    state = states.get(layer)
-    if state is None or state.max_len != max_len:
-        if state is not None:
-            release([state.handle])
-        state = states[layer] = GraphKVState(policy, layer, max_len, f"compress_kv_cache layer {layer}")
+    key_buffer = o["buffers"][0]
+    site = graph_state.site(policy, layer, int(val(key_buffer).shape[2]), f"compress_kv_cache layer {layer}")
+    # The sequence belongs to the key buffer the caller holds: the placeholder, or, for a buffer
+    # the graph makes itself (and returns, for the next call to pass in), the updated buffer.
+    owner = key_buffer if key_buffer.op == "placeholder" else o["updates"][0][0]
     with gm.graph.inserting_before(m.root):
-        new = gm.graph.call_function(kv_attend, (o["q"], o["k"], o["v"], o["positions"], o["mask"], state.handle,
-                                                 float(o["scale"])))
+        new = gm.graph.call_function(kv_attend, (o["q"], o["k"], o["v"], o["positions"], o["mask"], owner,
+                                                 site.handle, float(o["scale"])))
     new.meta["val"] = val(m.root)
     for nodes, buffer in zip(o["updates"], o["buffers"]):
         _stop_writing(gm, nodes, buffer)
@@ -139,26 +138,8 @@ def _stop_writing(gm: fx.GraphModule, nodes: list[fx.Node], buffer: fx.Node) -> 
     update.replace_all_uses_with(buffer)  # the views left reading it die with the attention
 
 
-# id(options) -> layer -> state. The prefill and decode graphs of one model are separate compiles
-# with the same options object; the n-th attention layer of each shares one state.
-_STATES: dict[int, dict[int, GraphKVState]] = {}
-
-
-def _states_for(opts: Options) -> dict[int, GraphKVState]:
-    key = id(opts)
-    if key not in _STATES:
-        _STATES[key] = {}
-        weakref.finalize(opts, _forget, key)
-    return _STATES[key]
-
-
-def _forget(key: int) -> None:
-    """The options (and so every graph compiled with them) are gone: free their compressed state."""
-    release([state.handle for state in _STATES.pop(key, {}).values()])
-
-
 def compress_kv_cache(gm: fx.GraphModule, *, opts: Options) -> PassResult:
     if opts.kv is None:
         return PassResult(gm, False)
-    rule = Rule(RULE, _match, partial(_replace, opts.kv, _states_for(opts), [0]))
+    rule = Rule(RULE, _match, partial(_replace, opts.kv, [0]))
     return PassResult(gm, apply_rules(gm, (rule,), "compress_kv_cache") > 0)

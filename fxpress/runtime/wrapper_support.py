@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any
 
 import torch
@@ -25,6 +26,32 @@ def check_input(value: Any, name: str, dtype: torch.dtype, sizes: tuple[int | No
         expected = f"{dtype}[{', '.join('?' if s is None else str(s) for s in sizes)}]"
         got = f"{value.dtype}{list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
         raise InputError(f"{where}: input {name} must be {expected}, got {got}")
+
+
+class ArenaPool:
+    """The idle arenas of one generated wrapper, by size key. A call takes one (None: make one) and
+    gives it back when done, so calls from several threads never share buffers, and a single
+    thread reuses one arena call after call. A new size key drops the arenas of the old ones (the
+    sizes moved on); at most ``max_idle`` arenas per key are kept between calls."""
+
+    def __init__(self, max_idle: int = 8) -> None:
+        self._idle: dict[Any, list[Any]] = {}
+        self._lock = threading.Lock()
+        self.max_idle = max_idle
+
+    def take(self, key: Any) -> Any:
+        with self._lock:
+            idle = self._idle.get(key)
+            if idle is None:
+                self._idle = {key: []}
+                return None
+            return idle.pop() if idle else None
+
+    def give_back(self, key: Any, slots: Any) -> None:
+        with self._lock:
+            idle = self._idle.get(key)
+            if idle is not None and len(idle) < self.max_idle:
+                idle.append(slots)
 
 
 def allocate_arena(nbytes: int, device: torch.device) -> torch.Tensor:
