@@ -5,15 +5,12 @@ kernel runs with torch's own kernels (fxpress ops with their reference implement
 into its arena slot; on the triton target, kernels the emitter can generate run as Triton kernels
 (on CUDA, or under ``TRITON_INTERPRET=1`` on CPU) and the rest as on the cpu target.
 
-Wrapper modules are written to ``FXPRESS_CACHE_DIR/wrappers/<content hash>.py`` and imported from
-there: Triton reads kernel source through ``inspect``, and a file makes tracebacks readable.
+Wrapper modules run from the source generated here; a readable copy is kept in the cache folder
+(``fxpress.runtime.wrapper_cache``), never imported from it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,26 +19,14 @@ import torch.fx as fx
 from fxpress.codegen.schedule import Schedule
 from fxpress.codegen.triton_pointwise import TritonKernel
 from fxpress.codegen.wrapper import emit_wrapper
-from fxpress.compiler import flags
 from fxpress.passes.plan_memory import MemoryPlan
+from fxpress.runtime.wrapper_cache import load_module
 
 
 def load_wrapper(source: str, constants: dict[str, torch.Tensor], kv_handles: dict[int, int] | None = None) -> Any:
-    """Import a wrapper module. ``kv_handles`` maps the KV-state handles written in its source to
-    the states of this process (a loaded artifact makes new ones)."""
-    folder = Path(flags.CACHE_DIR.get()) / "wrappers"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"w{hashlib.sha256(source.encode()).hexdigest()[:20]}.py"
-    if not path.exists():
-        partial = path.with_suffix(".partial")
-        partial.write_text(source)
-        partial.replace(path)  # atomic: a concurrent compile never reads half a file
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    module.CONSTANTS = constants
-    module.KV_HANDLES = kv_handles or {}
-    spec.loader.exec_module(module)
-    return module
+    """Run a wrapper module from its source. ``kv_handles`` maps the KV-site handles written in its
+    source to the sites of this process (a loaded artifact's)."""
+    return load_module(source, {"CONSTANTS": constants, "KV_HANDLES": kv_handles or {}})
 
 
 class WrapperProgram:
