@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import time
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -76,22 +77,33 @@ class _WeightGuard:
     inside a decoder layer, every layer resumes into the same graph with its own parameters as
     inputs. fxpress freezes the weights it saw at compile time into the program, so a call with
     other weight tensors gets (and caches) a program compiled for those.
+
+    A program holds its weights; it is dropped as soon as the weight tensors it was compiled for
+    are freed (the model is gone), so no compiled program keeps a deleted model's memory alive,
+    and a later model whose weights land at the same addresses gets a program of its own.
     """
 
     def __init__(self, compiled: Callable[..., Any], frozen: list[int], example_inputs: Sequence[Any],
                  compile_for: Callable[[list[Any]], Callable[..., Any]]) -> None:
         self.frozen, self.compile_for = frozen, compile_for
-        self.variants = {self._key(example_inputs): compiled}
+        self.variants: dict[tuple[Any, ...], Callable[..., Any]] = {}
+        self._add(example_inputs, compiled)
 
     def _key(self, args: Sequence[Any]) -> tuple[Any, ...]:
         return tuple((args[i].data_ptr(), tuple(args[i].shape)) for i in self.frozen)
 
-    def __call__(self, *args: Any) -> Any:
+    def _add(self, args: Sequence[Any], compiled: Callable[..., Any]) -> Callable[..., Any]:
         key = self._key(args)
-        compiled = self.variants.get(key)
+        self.variants[key] = compiled
+        # The model's own weight tensors: when one is freed, the model is gone.
+        weakref.finalize(args[self.frozen[0]], self.variants.pop, key, None)
+        return compiled
+
+    def __call__(self, *args: Any) -> Any:
+        compiled = self.variants.get(self._key(args))
         if compiled is None:
             compile_log.info("fxpress: graph reused with other weights; compiling a variant for them")
-            compiled = self.variants[key] = self.compile_for(list(args))
+            compiled = self._add(args, self.compile_for(list(args)))
         return compiled(*args)
 
 

@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from fxpress.compiler import counters as counters_mod
-from fxpress.compiler.errors import OptionError, PassError
+from fxpress.compiler.errors import FxpressError, OptionError, PassError
 from fxpress.compiler.logs import graph_log
 from fxpress.compiler.options import Options
 from fxpress.compiler.verify import verify_graph
@@ -108,6 +108,8 @@ def run_pipeline(
         start = time.perf_counter()
         try:
             result = fn(gm, opts=opts)
+        except FxpressError:
+            raise  # a refusal with its own message (a KV policy the model's heads cannot take)
         except Exception as e:
             raise PassError(
                 f"fxpress pass {name!r} failed with {type(e).__name__}: {e}\n"

@@ -15,7 +15,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from fxpress.compress.low_rank_linear import LowRankLinear
-from fxpress.compress.svd import _set_submodule
+from fxpress.compress.linear_layers import set_submodule
 
 METADATA_KEY = "fxpress.low_rank"
 
@@ -39,7 +39,7 @@ def load(model: nn.Module, path: str | Path) -> nn.Module:
             raise ValueError(f"{path}: layer {name!r} of the checkpoint is not in the model") from None
         if type(layer) is not nn.Linear:
             raise ValueError(f"{path}: layer {name!r} is a {type(layer).__name__}, expected nn.Linear")
-        _set_submodule(model, name, LowRankLinear(
+        set_submodule(model, name, LowRankLinear(
             layer.in_features, layer.out_features, rank, bias=layer.bias is not None,
             device=layer.weight.device, dtype=layer.weight.dtype))
     load_model(model, str(path), strict=True)

@@ -8,7 +8,6 @@ real 4-bit weights of a GGUF file into the same format.
 from __future__ import annotations
 
 import copy
-import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from fxpress.compress import lowbit
+from fxpress.compress.linear_layers import matching_linears, set_submodule
 from fxpress.compress.quantized_linear import QuantizedLinear
 
 METHODS = {"rtn": lowbit.rtn, "bcq": lowbit.bcq}
@@ -36,15 +36,10 @@ class QuantizeResult:
                 f"mean {sum(errors) / max(len(errors), 1):.4f}, max {max(errors, default=0):.4f}")
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
-
-
 def quantize(model: nn.Module, bits: int = 4, group_size: int = 128, method: str = "rtn",
              targets: str | Iterable[str] = "*", skip: Iterable[str] = ("lm_head",)) -> QuantizeResult:
-    """A copy of ``model`` whose ``nn.Linear`` layers matching ``targets`` (globs) and not ``skip``
-    are ``QuantizedLinear``. ``method``: ``"rtn"`` (uniform asymmetric) or ``"bcq"`` (LUT-GEMM's
+    """A copy of ``model`` whose ``nn.Linear`` layers (and transformers ``Conv1D``, GPT-2's) matching
+    ``targets`` (globs) and not ``skip`` are ``QuantizedLinear``. ``method``: ``"rtn"`` (uniform asymmetric) or ``"bcq"`` (LUT-GEMM's
     binary-coding quantisation)."""
     if method not in METHODS:
         raise lowbit.QuantizeError(f"method={method!r} is not one of {sorted(METHODS)}")
@@ -53,10 +48,7 @@ def quantize(model: nn.Module, bits: int = 4, group_size: int = 128, method: str
     skipped = list(skip)
     out = copy.deepcopy(model)
     result = QuantizeResult(out)
-    for name, module in list(out.named_modules()):
-        if type(module) is not nn.Linear or not any(fnmatch.fnmatchcase(name, p) for p in patterns) or \
-                any(fnmatch.fnmatchcase(name, p) for p in skipped):
-            continue
+    for name, module in matching_linears(out, patterns, skipped).items():
         weight = METHODS[method](module.weight, bits, group_size)
         _replace(result, name, module, weight)
     if not result.layers:
@@ -70,7 +62,7 @@ def _replace(result: QuantizeResult, name: str, linear: nn.Linear, weight: lowbi
     result.layers[name] = float((approx - w).norm() / w.norm().clamp(min=1e-30))
     result.weight_bytes += weight.nbytes()
     result.fp32_bytes += w.numel() * 4
-    _set_submodule(result.model, name, QuantizedLinear(weight, linear.bias, linear.out_features))
+    set_submodule(result.model, name, QuantizedLinear(weight, linear.bias, linear.out_features))
 
 
 def from_q4_1(blocks_d: torch.Tensor, blocks_m: torch.Tensor, codes: torch.Tensor) -> lowbit.BitPlaneWeight:

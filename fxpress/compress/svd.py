@@ -19,6 +19,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
+from fxpress.compress.linear_layers import matching_linears, set_submodule
 from fxpress.compress.low_rank_linear import LowRankLinear
 
 
@@ -86,7 +87,8 @@ def svd(
     targets: str | Iterable[str] = "*",
     calibration: Iterable[Any] | None = None,
 ) -> SVDResult:
-    """Factor the ``nn.Linear`` layers of ``model`` whose names match ``targets`` (glob patterns).
+    """Factor the ``nn.Linear`` layers (and transformers ``Conv1D``, GPT-2's) of ``model`` whose names
+    match ``targets`` (glob patterns).
 
     Give exactly one of ``rank`` (an int for every layer, or ``{glob: rank}``; unmatched layers stay
     dense) and ``rank_ratio`` (the fraction of each layer's parameters to keep: ``r = ratio *
@@ -100,8 +102,7 @@ def svd(
         raise ValueError(f"fxpress.compress.svd: rank_ratio must be in (0, 1), got {rank_ratio}")
     patterns = [targets] if isinstance(targets, str) else list(targets)
     compressed = copy.deepcopy(model)
-    linears = {name: m for name, m in compressed.named_modules()
-               if type(m) is nn.Linear and any(fnmatch.fnmatchcase(name, p) for p in patterns)}
+    linears = matching_linears(compressed, patterns)
     if not linears:
         raise ValueError(f"fxpress.compress.svd: no nn.Linear layer matches targets={patterns}")
     grams = _calibration_grams(compressed, linears, calibration) if calibration is not None else {}
@@ -113,7 +114,7 @@ def svd(
             result.layers.append(LayerReport(name, linear.in_features, linear.out_features, None, None, None, r))
             continue
         low_rank, weight_error, output_error = _factor(linear, r, grams.get(name))
-        _set_submodule(compressed, name, low_rank)
+        set_submodule(compressed, name, low_rank)
         result.layers.append(LayerReport(name, linear.in_features, linear.out_features, r,
                                          weight_error, output_error))
     result.params_after = sum(p.numel() for p in compressed.parameters())
@@ -208,8 +209,3 @@ def _calibration_grams(model: nn.Module, linears: dict[str, nn.Linear], batches:
     if count == 0:
         raise ValueError("fxpress.compress.svd: calibration= gave no batches")
     return grams
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)

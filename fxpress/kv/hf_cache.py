@@ -28,7 +28,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from fxpress.compiler.errors import KVCacheError
-from fxpress.kv.policies import Policy, check_policy
+from fxpress.kv.policies import Policy, check_head_dim, check_policy
 from fxpress.kv.sequence import KVSequence
 from fxpress.kv.stores import Store
 
@@ -143,10 +143,13 @@ def kv_cache(model: torch.nn.Module, max_len: int, policy: Policy, *, dtype: tor
     if not isinstance(max_len, int) or max_len <= 0:
         raise KVCacheError(f"fxpress.kv_cache: max_len must be a positive int, got {max_len!r}")
     config = getattr(model, "config", None)
-    num_layers = getattr(getattr(config, "get_text_config", lambda: config)(), "num_hidden_layers", None)
+    text = getattr(config, "get_text_config", lambda: config)()
+    num_layers = getattr(text, "num_hidden_layers", None)
     if num_layers is None:
         raise KVCacheError(f"fxpress.kv_cache needs a transformers model with config.num_hidden_layers; "
                            f"got {type(model).__name__}")
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    check_head_dim(policy, head_dim, f"fxpress.kv_cache({type(model).__name__})")
     if config._attn_implementation != ATTENTION:
         model.set_attn_implementation(ATTENTION)
     return CompressedKVCache(num_layers, policy, max_len, dtype)

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from fxpress.compiler.errors import OptionError
+from fxpress.compiler.errors import KVCacheError, OptionError
 
 QUANT_BITS = (2, 4, 8)
 
@@ -35,18 +35,23 @@ def _require(ok: bool, policy: str, message: str) -> None:
 
 def _check_positive(policy: str, **values: int) -> None:
     for name, value in values.items():
-        _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+        _require(_is_int(value) and value > 0,
                  policy, f"{name} must be a positive int, got {value!r}")
 
 
 def _check_sink(policy: str, sink: int) -> None:
-    _require(isinstance(sink, int) and not isinstance(sink, bool) and sink >= 0, policy,
+    _require(_is_int(sink) and sink >= 0, policy,
              f"sink must be an int >= 0, got {sink!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_bits(policy: str, bits: int | None, group_size: int) -> None:
     if bits is not None:
-        _require(bits in QUANT_BITS, policy, f"bits must be one of {QUANT_BITS} or None, got {bits!r}")
+        _require(_is_int(bits) and bits in QUANT_BITS, policy,
+                 f"bits must be one of {QUANT_BITS} or None, got {bits!r}")
     _check_positive(policy, group_size=group_size)
 
 
@@ -74,7 +79,8 @@ class KIVI:
     clip_keys: bool = True
 
     def __post_init__(self) -> None:
-        _require(self.bits in QUANT_BITS, "KIVI", f"bits must be one of {QUANT_BITS}, got {self.bits!r}")
+        _require(_is_int(self.bits) and self.bits in QUANT_BITS, "KIVI",
+                 f"bits must be one of {QUANT_BITS}, got {self.bits!r}")
         _check_positive("KIVI", group_size=self.group_size, residual=self.residual)
         _check_sink("KIVI", self.sink)
         _require(isinstance(self.clip_keys, bool), "KIVI", f"clip_keys must be a bool, got {self.clip_keys!r}")
@@ -167,6 +173,17 @@ def _bits(bits: int | None) -> str:
 
 Policy = FullKV | KIVI | StreamingKV | DuoAttentionKV | HeavyHitterKV
 POLICIES = (FullKV, KIVI, StreamingKV, DuoAttentionKV, HeavyHitterKV)
+
+
+def check_head_dim(policy: Policy, head_dim: int, where: str) -> None:
+    """Refuse, when a cache is made, a policy that cannot quantise heads of ``head_dim`` channels:
+    quantised values are grouped over ``group_size`` channels."""
+    bits, group = getattr(policy, "bits", None), getattr(policy, "group_size", None)
+    if bits is not None and head_dim % group:
+        divisors = [g for g in (8, 16, 32, 64, 128) if head_dim % g == 0 and g % (32 // bits) == 0]
+        raise KVCacheError(f"{where}: {policy.describe()} quantises values in groups of group_size={group} "
+                           f"channels, which head_dim {head_dim} is not a multiple of; use group_size in "
+                           f"{divisors or [head_dim]}")
 
 
 def check_policy(policy: object, where: str) -> Policy:

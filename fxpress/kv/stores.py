@@ -268,7 +268,8 @@ class DuoStore(Store):
         if len(retrieval):
             self.parts.append((self.retrieval, FullStore(max_len, heads=len(retrieval), **q, **kw)))
         if len(self.streaming):
-            self.parts.append((self.streaming, StreamingStore(policy.sink, policy.recent, heads=len(self.streaming), **q, **kw)))
+            self.parts.append((self.streaming, streaming_store(policy.sink, policy.recent, max_len,
+                                                               heads=len(self.streaming), **q, **kw)))
 
     def nbytes(self) -> int:
         return sum(store.nbytes() for _, store in self.parts)
@@ -277,6 +278,11 @@ class DuoStore(Store):
         for heads, store in self.parts:
             store.append(k.index_select(1, heads), v.index_select(1, heads), seen)
         self.filled += k.shape[2]
+
+
+def streaming_store(sink: int, recent: int, max_len: int, **kw) -> Store:
+    """Sink + recent tokens; a window as long as the cache never evicts and is a full store."""
+    return FullStore(max_len, **kw) if sink + recent >= max_len else StreamingStore(sink, recent, **kw)
 
 
 def make_store(policy: Policy, layer: int, *, batch: int, kv_heads: int, head_dim: int, max_len: int,
@@ -288,8 +294,10 @@ def make_store(policy: Policy, layer: int, *, batch: int, kv_heads: int, head_di
         return KIVIStore(policy, max_len, **kw)
     q = dict(bits=policy.bits, group_size=policy.group_size)
     if isinstance(policy, StreamingKV):
-        return StreamingStore(policy.sink, policy.recent, **q, **kw)
+        return streaming_store(policy.sink, policy.recent, max_len, **q, **kw)
     if isinstance(policy, HeavyHitterKV):
+        if policy.budget >= max_len:  # never evicts: a budget past the cache length allocates nothing more
+            return FullStore(max_len, **q, **kw)
         return HeavyHitterStore(policy.budget, policy.recent, **q, **kw)
     if isinstance(policy, DuoAttentionKV):
         if layer >= len(policy.retrieval_heads):

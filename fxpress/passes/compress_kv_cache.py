@@ -33,7 +33,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from fxpress.compiler.options import Options
 from fxpress.kv import graph_state
-from fxpress.kv.policies import Policy
+from fxpress.kv.policies import Policy, check_head_dim
 from fxpress.ops import kv_attend
 from fxpress.passes._match import (Match, Miss, Rule, SDPA_OPS, apply_rules, aten, is_op, sdpa_arguments,
                                    sdpa_result, val)
@@ -110,6 +110,7 @@ def _replace(policy: Policy, counter: list[int], gm: fx.GraphModule, m: Match) -
     layer = counter[0]
     counter[0] += 1
     key_buffer = o["buffers"][0]
+    check_head_dim(policy, int(val(key_buffer).shape[3]), f"compress_kv_cache layer {layer}")
     site = graph_state.site(policy, layer, int(val(key_buffer).shape[2]), f"compress_kv_cache layer {layer}")
     # The sequence belongs to the key buffer the caller holds: the placeholder, or, for a buffer
     # the graph makes itself (and returns, for the next call to pass in), the updated buffer.
