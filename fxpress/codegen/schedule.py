@@ -56,6 +56,9 @@ class Kernel:
     # Reads whose memory the kernel's one output may take when they die here: each element (or
     # row) of them is read before the same element (or row) of the output is written.
     overwritable: tuple[str, ...] = ()
+    # Other values it reads that a kernel computes (sizes: ``sym_size`` nodes, SymInt arithmetic):
+    # no memory, but an order all the same.
+    needs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -240,8 +243,10 @@ def build_schedule(gm: fx.GraphModule) -> Schedule:
         mutates = any(isinstance(n.target, torch._ops.OpOverload) and _writes_an_argument(n.target)
                       for n in nodes)
         overwritable = _overwritable(kind, nodes, reads, writes, buffers) if not mutates else ()
+        needs = sorted({i.name for n in nodes for i in n.all_input_nodes
+                        if i not in members and i.name not in buffers and i.op == "call_function"})
         kernels.append(Kernel(_kernel_name(kind, nodes, index), kind, tuple(n.name for n in nodes),
-                              tuple(reads), tuple(writes), mutates, overwritable))
+                              tuple(reads), tuple(writes), mutates, overwritable, tuple(needs)))
     # Memory a returned value lives in belongs to the caller: outputs and whatever they view.
     for node in returned:
         base = base_of(node)

@@ -134,12 +134,14 @@ def _planned(schedule: Schedule) -> dict[str, sympy.Expr]:
 
 
 def _dependencies(schedule: Schedule) -> list[set[int]]:
-    """For each kernel (graph order), the kernels it must follow."""
+    """For each kernel (graph order), the kernels it must follow: the writers of the buffers it
+    reads, the kernels computing the sizes it uses, and the last input mutation before it."""
     writer = {w: i for i, k in enumerate(schedule.kernels) for w in k.writes}
+    producer = {n: i for i, k in enumerate(schedule.kernels) for n in k.nodes}
     deps: list[set[int]] = []
     barrier = -1  # the last kernel that mutates a graph input
     for i, kernel in enumerate(schedule.kernels):
-        d = {writer[r] for r in kernel.reads if r in writer}
+        d = {writer[r] for r in kernel.reads if r in writer} | {producer[n] for n in kernel.needs if n in producer}
         if kernel.mutates:
             d |= set(range(barrier + 1, i))  # everything since the last barrier stays before it
             barrier = i
