@@ -59,7 +59,10 @@ class Backend:
             if self.opts.strict:
                 raise
             report.fallback_reason = str(e)
-            warnings.warn(f"fxpress: running graph {report.index} eagerly: {e}", FallbackWarning, stacklevel=2)
+            # One text for every training graph: Python's warning filter shows it once, not per graph.
+            message = GradientsNeeded.WARNING if isinstance(e, GradientsNeeded) else \
+                f"fxpress: running graph {report.index} eagerly: {e}"
+            warnings.warn(message, FallbackWarning, stacklevel=2)
             compiled = gm.forward
         report.compile_seconds = time.perf_counter() - start
         compile_log.info("fxpress: %s", report.summary())
@@ -125,15 +128,28 @@ def fxpress_backend(
     return Backend(Options.create(options))(gm, example_inputs)
 
 
+class GradientsNeeded(UnsupportedGraphError):
+    """A graph called with grad mode on and a tensor that requires grad: fxpress compiles inference
+    graphs, so it runs eagerly (gradients intact) or, with ``strict=True``, this is raised."""
+
+    WARNING = ("fxpress: graphs that need gradients (grad mode on, and a parameter or input requires grad) "
+               "run eagerly, gradients intact; explain() names each one. Call the model under "
+               "torch.no_grad() or torch.inference_mode() to compile it")
+
+
 def _refuse_autograd(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+    """A graph that autograd would record is never compiled: fxpress freezes weights and runs
+    without autograd, which would silently drop every gradient."""
     if not torch.is_grad_enabled():
         return
     for node, value in zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs):
-        if isinstance(value, torch.Tensor) and value.requires_grad and not isinstance(value, torch.nn.Parameter):
-            raise UnsupportedGraphError(
-                f"input {node.name} requires grad: fxpress compiles inference graphs "
-                "(weights are frozen); call the model under torch.no_grad()"
-            )
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            kind = "parameter" if isinstance(value, torch.nn.Parameter) else "input"
+            raise GradientsNeeded(
+                f"{kind} {node.name} requires grad and grad mode is on, so this graph needs gradients: "
+                "fxpress compiles inference graphs (weights frozen, no autograd). It runs eagerly, "
+                "gradients intact; to compile it, call the model under torch.no_grad() or "
+                "torch.inference_mode()")
 
 
 def _dump_dir(opts: Options, index: int) -> Path | None:
