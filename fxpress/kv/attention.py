@@ -13,20 +13,51 @@ each key's attention probability over every query of the call and every query he
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from fxpress.kv.stores import DuoStore, KIVIStore, Store
+from fxpress.compiler.errors import KVCacheError
+from fxpress.kv.stores import DuoStore, FullStore, KIVIStore, Store
 
 QUERY_ROWS = 256  # query rows per score tile: bounded temporaries for long chunks
 
 
-def attend(store: Store, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+@dataclass(frozen=True)
+class ScoreRule:
+    """What a model does to attention scores besides scaling them: logit soft-capping
+    (``softcap * tanh(s / softcap)``, Gemma 2) and a sliding window (a query at position ``p`` sees
+    keys at positions ``> p - window``: Mistral, Gemma 2/3's local layers)."""
+
+    softcap: float | None = None
+    window: int | None = None
+
+    @property
+    def plain(self) -> bool:
+        return self.softcap is None and self.window is None
+
+
+PLAIN = ScoreRule()
+
+
+def _check_window(store: Store, rule: ScoreRule, t: int) -> None:
+    """A window needs each stored token's position: stores that keep every token in order have it
+    (position = index); an evicting store's order is its own, so the window must not bind there."""
+    if rule.window is None or isinstance(store, (FullStore, KIVIStore)) or store.filled + t <= rule.window:
+        return
+    raise KVCacheError(f"a sliding-window layer (window {rule.window}) reached {store.filled + t} tokens with a "
+                       f"{type(store).__name__}, which does not keep token positions in order: use FullKV or "
+                       "KIVI for sliding-window models, or a cache no longer than the window")
+
+
+def attend(store: Store, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+           rule: ScoreRule = PLAIN) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``q [B, Hq, T, d]``, the chunk's ``k, v [B, Hkv, T, d]`` -> (output ``[B, Hq, T, d]`` float32,
     per-key attention mass ``[B, Hkv, stored + T]`` when the store needs it)."""
     if isinstance(store, DuoStore):
-        return _attend_duo(store, q, k, v, scale), None
-    if isinstance(store, KIVIStore) and q.is_cuda and q.shape[2] == 1:
+        return _attend_duo(store, q, k, v, scale, rule), None
+    _check_window(store, rule, q.shape[2])
+    if isinstance(store, KIVIStore) and q.is_cuda and q.shape[2] == 1 and rule.plain:
         from fxpress.codegen.kernels import kivi  # decode reads the packed codes in place
 
         return kivi.decode_attention(q, store, k, v, scale), None
@@ -42,10 +73,12 @@ def attend(store: Store, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     l = torch.zeros_like(m)
     acc = torch.zeros_like(qg)
     # Each stored segment is dequantised once and met by every block of query rows.
-    for _, rows, s, vb in _score_tiles(store, qg, kf, vf, row_pos):
+    for _, rows, s, vb in _score_tiles(store, qg, kf, vf, row_pos, rule):
         m_new = torch.maximum(m[:, :, rows], s.amax(-1, keepdim=True))
-        p = torch.exp(s - m_new)
-        correction = torch.exp(m[:, :, rows] - m_new)
+        # A row the window has hidden every key from so far keeps max -inf: subtract 0 there.
+        shift = torch.where(torch.isinf(m_new), 0.0, m_new)
+        p = torch.exp(s - shift)
+        correction = torch.exp(m[:, :, rows] - shift)
         l[:, :, rows] = l[:, :, rows] * correction + p.sum(-1, keepdim=True)
         acc[:, :, rows] = acc[:, :, rows] * correction + p @ vb
         m[:, :, rows] = m_new
@@ -55,19 +88,31 @@ def attend(store: Store, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     # Second pass with each row's final log-sum-exp: every key's probability, summed over rows.
     lse = m + l.log()
     mass = torch.zeros(b, hkv, store.filled + t, device=q.device)
-    for at, rows, s, _ in _score_tiles(store, qg, kf, vf, row_pos):
+    for at, rows, s, _ in _score_tiles(store, qg, kf, vf, row_pos, rule):
         mass[:, :, at: at + s.shape[-1]] += (s - lse[:, :, rows]).exp().sum(2)
     return out, mass
 
 
-def _score_tiles(store: Store, qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_pos: torch.Tensor):
+def _score_tiles(store: Store, qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_pos: torch.Tensor,
+                 rule: ScoreRule = PLAIN):
     """(key offset, row slice, scores, V) tiles: every stored segment (visible to all rows), then the
-    chunk's own keys (causal: row ``r`` sees keys up to ``row_pos[r]``), over blocks of query rows."""
+    chunk's own keys (causal: row ``r`` sees keys up to ``row_pos[r]``), over blocks of query rows.
+    With a window, key offsets are token positions (``_check_window``) and older keys are hidden."""
     blocks = [slice(r, min(r + QUERY_ROWS, qg.shape[2])) for r in range(0, qg.shape[2], QUERY_ROWS)]
     at = 0
+    filled = store.filled
+
+    def ruled(s: torch.Tensor, rows: slice, first_key: int) -> torch.Tensor:
+        if rule.softcap is not None:
+            s = torch.tanh(s / rule.softcap) * rule.softcap
+        if rule.window is not None:
+            keys = first_key + torch.arange(s.shape[-1], device=s.device)
+            s = s.masked_fill(keys[None, :] <= (filled + row_pos[rows])[:, None] - rule.window, float("-inf"))
+        return s
+
     for kb, vb in store.segments():
         for rows in blocks:
-            yield at, rows, qg[:, :, rows] @ kb.transpose(-1, -2), vb
+            yield at, rows, ruled(qg[:, :, rows] @ kb.transpose(-1, -2), rows, at), vb
         at += kb.shape[2]
     t = k.shape[2]
     for rows in blocks:
@@ -75,18 +120,19 @@ def _score_tiles(store: Store, qg: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         # The latest query in the block (rows wrap around t); later keys are in every row's future.
         wraps = rows.stop - rows.start >= t or rows.start % t > (rows.stop - 1) % t
         stop = t if wraps else (rows.stop - 1) % t + 1
-        s = qg[:, :, rows] @ k[:, :, :stop].transpose(-1, -2)
+        s = ruled(qg[:, :, rows] @ k[:, :, :stop].transpose(-1, -2), rows, filled)
         visible = torch.arange(stop, device=k.device)[None, :] <= pos[:, None]
         yield at, rows, s.masked_fill(~visible, float("-inf")), v[:, :, :stop]
 
 
-def _attend_duo(store: DuoStore, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def _attend_duo(store: DuoStore, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                rule: ScoreRule) -> torch.Tensor:
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     grouped = q.reshape(b, hkv, hq // hkv, t, d)
     out = torch.empty(b, hkv, hq // hkv, t, d, dtype=torch.float32, device=q.device)
     for heads, part in store.parts:
         sub_q = grouped.index_select(1, heads).flatten(1, 2)
-        sub_out, _ = attend(part, sub_q, k.index_select(1, heads), v.index_select(1, heads), scale)
+        sub_out, _ = attend(part, sub_q, k.index_select(1, heads), v.index_select(1, heads), scale, rule)
         out.index_copy_(1, heads, sub_out.unflatten(1, (len(heads), -1)))
     return out.reshape(b, hq, t, d)

@@ -19,6 +19,8 @@ right after eviction. Padded batches are refused: the stores keep no per-token p
 
 from __future__ import annotations
 
+import threading
+import weakref
 from typing import Any
 
 import torch
@@ -28,15 +30,23 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from fxpress.compiler.errors import KVCacheError
+from fxpress.kv.attention import ScoreRule
 from fxpress.kv.policies import Policy, check_head_dim, check_policy
 from fxpress.kv.sequence import KVSequence
 from fxpress.kv.stores import Store
 
 ATTENTION = "fxpress_kv"
 
-# layer index -> the compressed layer whose chunk is waiting for its attention call. update() and
-# the attention call of one layer run back to back, so one slot per layer index is enough.
-_WAITING: dict[int, CompressedLayer] = {}
+class _Waiting(threading.local):
+    """Per thread: layer index -> the compressed layer whose chunk waits for its attention call.
+    update() and the attention call of one layer run back to back on one thread, so one slot per
+    layer index is enough; threads generating with caches of their own never meet."""
+
+    def __init__(self) -> None:
+        self.layers: dict[int, CompressedLayer] = {}
+
+
+_WAITING = _Waiting()
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -64,14 +74,17 @@ class CompressedLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.chunk is not None:
+            raise KVCacheError(f"layer {self.layer_idx}: the previous chunk never reached fxpress's attention; "
+                               "this model's attention does not go through transformers' AttentionInterface")
         self.sequence.check(key_states)
         self.chunk = (key_states, value_states)
-        _WAITING[self.layer_idx] = self
+        _WAITING.layers[self.layer_idx] = self
         return key_states, value_states
 
-    def attend_and_append(self, query: torch.Tensor, scale: float) -> torch.Tensor:
+    def attend_and_append(self, query: torch.Tensor, scale: float, rule: ScoreRule) -> torch.Tensor:
         (k, v), self.chunk = self.chunk, None
-        return self.sequence.step(query, k, v, scale)
+        return self.sequence.step(query, k, v, scale, rule)
 
     def get_seq_length(self) -> int:
         return self.sequence.seen
@@ -110,17 +123,34 @@ class CompressedKVCache(Cache):
 def fxpress_kv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                          **kwargs: Any) -> tuple[torch.Tensor, None]:
-    layer = _WAITING.get(getattr(module, "layer_idx", None))
+    layer = _WAITING.layers.get(getattr(module, "layer_idx", None))
     # The keys are the chunk the layer holds back (the same memory: under torch.compile they may
     # arrive as another tensor object), or they come from some other cache.
     if layer is None or layer.chunk is None or not _same_tensor(layer.chunk[0], key):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    del _WAITING[layer.layer_idx]
-    if attention_mask is not None and attention_mask.dtype == torch.bool and not attention_mask[..., -1, :].all():
+    del _WAITING.layers[layer.layer_idx]
+    rule = ScoreRule(softcap=kwargs.get("softcap"), window=kwargs.get("sliding_window"))
+    _check_mask(attention_mask, rule, type(module).__name__)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return layer.attend_and_append(query, scale, rule).transpose(1, 2).contiguous(), None
+
+
+def _check_mask(mask: torch.Tensor | None, rule: ScoreRule, where: str) -> None:
+    """The attention applies causality and the window itself; a mask that says more (padding, a
+    position bias such as ALiBi) would be ignored, so it is refused."""
+    if mask is None:
+        return
+    if mask.dtype != torch.bool:
+        if bool((torch.isfinite(mask) & (mask != 0)).any()):
+            raise KVCacheError(f"{where}: the attention mask carries a position bias (ALiBi?) that fxpress KV "
+                               "caches cannot apply to stored tokens; use a model with rotary or learned positions")
+        mask = mask == 0
+    last = mask[..., -1, :]
+    if rule.window is not None:
+        last = last[..., -min(rule.window, last.shape[-1]):]
+    if not bool(last.all()):
         raise KVCacheError("fxpress KV caches do not support padded batches yet: the last query of the chunk "
                            "cannot see every key. Use prompts of equal length.")
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return layer.attend_and_append(query, scale).transpose(1, 2).contiguous(), None
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -152,4 +182,36 @@ def kv_cache(model: torch.nn.Module, max_len: int, policy: Policy, *, dtype: tor
     check_head_dim(policy, head_dim, f"fxpress.kv_cache({type(model).__name__})")
     if config._attn_implementation != ATTENTION:
         model.set_attn_implementation(ATTENTION)
+    _probe_first_forward(model)
     return CompressedKVCache(num_layers, policy, max_len, dtype)
+
+
+def _probe_first_forward(model: torch.nn.Module) -> None:
+    """Check, after the first forward that uses a compressed cache, that the switch to
+    ``"fxpress_kv"`` took effect: every chunk a layer stored was read by fxpress's attention. Models
+    that compute attention themselves (GPT-Neo, BLOOM) would otherwise run uncompressed or wrong."""
+    if getattr(model, "_fxpress_kv_probe", None) is not None:
+        return
+    model_ref = weakref.ref(model)
+
+    def probe(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        if not isinstance(cache, CompressedKVCache):
+            cache = next((a for a in args if isinstance(a, CompressedKVCache)), None)
+        if cache is None:
+            return
+        unread = [layer.layer_idx for layer in cache.layers if layer.chunk is not None]
+        written = any(layer.is_initialized for layer in cache.layers)
+        if unread or not written:
+            for layer in cache.layers:
+                layer.chunk = None
+            what = f"layers {unread} stored keys that no attention read" if unread else "it never wrote the cache"
+            raise KVCacheError(f"fxpress.kv_cache: {type(module).__name__} does not compute attention through "
+                               f"transformers' AttentionInterface, so switching it to {ATTENTION!r} has no effect "
+                               f"({what}); this model cannot use a compressed KV cache")
+        handle.remove()
+        if model_ref() is not None:
+            model_ref()._fxpress_kv_probe = "verified"
+
+    handle = model.register_forward_hook(probe, with_kwargs=True)
+    model._fxpress_kv_probe = handle

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from fxpress.compiler.errors import KVCacheError
-from fxpress.kv.attention import attend
+from fxpress.kv.attention import PLAIN, ScoreRule, attend
 from fxpress.kv.policies import Policy
 from fxpress.kv.stores import Store, make_store
 
@@ -38,8 +38,9 @@ class KVSequence:
             raise KVCacheError(f"{self.where}: {self.seen + t} tokens do not fit the cache's {self.max_len}: it "
                                f"holds at most {self.max_len} tokens. Build the cache with a larger max_len.")
 
-    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        out, mass = attend(self.store, q, k, v, scale)
+    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+             rule: ScoreRule = PLAIN) -> torch.Tensor:
+        out, mass = attend(self.store, q, k, v, scale, rule)
         self.store.append(k, v, self.seen, mass)
         self.seen += k.shape[2]
         return out.to(q.dtype)
