@@ -26,11 +26,13 @@ avoid them, build the cache with ``fxpress.kv_cache``.
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from fxpress.compiler.counters import counters
 from fxpress.compiler.options import Options
 from fxpress.kv import graph_state
 from fxpress.kv.policies import Policy, check_head_dim
@@ -39,6 +41,8 @@ from fxpress.passes._match import (Match, Miss, Rule, SDPA_OPS, apply_rules, ate
                                    sdpa_result, val)
 
 RULE = "cache update -> sdpa => kv_attend"
+NOTHING_FOUND = ("compress_kv_cache found no scaled_dot_product_attention reading a cache, so nothing is compressed "
+                 "(a model with eager attention? load it with attn_implementation='sdpa')")
 
 
 def _strip_repeat_kv(node: fx.Node, taken: list[fx.Node]) -> fx.Node:
@@ -77,6 +81,21 @@ def _cache_update(node: fx.Node) -> tuple[list[fx.Node], fx.Node, fx.Node, fx.No
     return None
 
 
+def _written_back_input(node: fx.Node, depth: int = 8) -> fx.Node | None:
+    """The graph input ``node`` was computed from, through one-input views and copies, when the graph
+    writes that input back (``copy_(input, ...)``): a cache updated in some way of its own."""
+    for _ in range(depth):
+        if not isinstance(node, fx.Node):
+            return None
+        if node.op == "placeholder":
+            written = any(is_op(u, aten.copy_) and u.args[0] is node for u in node.users)
+            return node if written else None
+        if node.op != "call_function" or not node.args:
+            return None
+        node = node.args[0]
+    return None
+
+
 def _match(node: fx.Node) -> Match | Miss | None:
     if not is_op(node, *SDPA_OPS):
         return None
@@ -85,6 +104,9 @@ def _match(node: fx.Node) -> Match | Miss | None:
         return None
     key, value = _cache_update(kwargs["key"]), _cache_update(kwargs["value"])
     if key is None and value is None:
+        if _written_back_input(kwargs["key"]) is not None:
+            return Miss(node, "the cache is updated another way than index_copy/index_put at the positions "
+                              "(a sliding-window layer's roll + index_put): this layer stays dense")
         return None  # attention over plain tensors: not a cache
     if key is None or value is None:
         return Miss(node, "only one of key and value comes from a cache update")
@@ -99,16 +121,15 @@ def _match(node: fx.Node) -> Match | Miss | None:
         return root
     mask = kwargs.get("attn_mask", kwargs.get("attn_bias"))
     return Match(root, [node, root], {
-        "q": kwargs["query"], "k": key[3], "v": value[3], "positions": key[2], "mask": mask,
+        "sdpa": node, "q": kwargs["query"], "k": key[3], "v": value[3], "positions": key[2], "mask": mask,
         "scale": kwargs.get("scale") or val(kwargs["query"]).shape[-1] ** -0.5,
         "updates": (key[0], value[0]), "buffers": (key[1], value[1]),
     })
 
 
-def _replace(policy: Policy, counter: list[int], gm: fx.GraphModule, m: Match) -> fx.Node:
+def _replace(policy: Policy, layers: dict[fx.Node, int], gm: fx.GraphModule, m: Match) -> fx.Node:
     o = m.operands
-    layer = counter[0]
-    counter[0] += 1
+    layer = layers[o["sdpa"]]
     key_buffer = o["buffers"][0]
     check_head_dim(policy, int(val(key_buffer).shape[3]), f"compress_kv_cache layer {layer}")
     site = graph_state.site(policy, layer, int(val(key_buffer).shape[2]), f"compress_kv_cache layer {layer}")
@@ -142,5 +163,17 @@ def _stop_writing(gm: fx.GraphModule, nodes: list[fx.Node], buffer: fx.Node) -> 
 def compress_kv_cache(gm: fx.GraphModule, *, opts: Options) -> PassResult:
     if opts.kv is None:
         return PassResult(gm, False)
-    rule = Rule(RULE, _match, partial(_replace, opts.kv, [0]))
-    return PassResult(gm, apply_rules(gm, (rule,), "compress_kv_cache") > 0)
+    # A layer is numbered by its attention's place among the graph's attentions, whether or not
+    # its cache is compressed (DuoAttention's head patterns are per layer).
+    layers = {n: i for i, n in enumerate(n for n in gm.graph.nodes if is_op(n, *SDPA_OPS))}
+    rule = Rule(RULE, _match, partial(_replace, opts.kv, layers))
+    writes_a_cache = any(_written_back_input(n, depth=1) is not None for n in gm.graph.nodes)
+    attends_to_it = any(_written_back_input(sdpa_arguments(n)["key"]) is not None or
+                        _cache_update(sdpa_arguments(n)["key"]) is not None
+                        for n in layers if sdpa_arguments(n) is not None)
+    rewrites = apply_rules(gm, (rule,), "compress_kv_cache")
+    if rewrites == 0 and writes_a_cache and not attends_to_it:
+        # The graph writes a cache, yet no attention over it was found: say so, never compress silently nothing.
+        counters["compress_kv_cache"][NOTHING_FOUND] += 1
+        warnings.warn(f"fxpress: {NOTHING_FOUND}", UserWarning, stacklevel=2)
+    return PassResult(gm, rewrites > 0)

@@ -98,3 +98,41 @@ def test_evicting_policies_refuse_a_binding_window(make):
     cache = fxpress.kv_cache(model, max_len=64, policy=fxpress.StreamingKV(sink=2, recent=12))
     with pytest.raises(KVCacheError, match="sliding-window layer \\(window 8\\)"):
         _generate(model, _ids(), cache)
+
+
+def _static_generate(model, ids, backend=None):
+    from transformers import StaticCache
+
+    torch._dynamo.reset()
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    forward = model.forward
+    if backend is not None:
+        model.forward = torch.compile(forward, backend=backend)
+    try:
+        return _generate(model, ids, cache)
+    finally:
+        model.forward = forward
+
+
+STAYS_DENSE = "roll + index_put"
+
+
+@pytest.mark.parametrize("make, compressed", [(_gemma3, True), (_mistral, False)])
+def test_the_pass_route_compresses_full_layers_and_leaves_sliding_ones_dense_saying_why(make, compressed):
+    torch.manual_seed(0)
+    model = make(window=8).eval()  # a StaticCache of 64 tokens, longer than the window
+    ids = _ids()
+    expected = _static_generate(model, ids)
+    got = _static_generate(model, ids, fxpress.backend(kv=fxpress.FullKV()))
+    assert torch.equal(got, expected)
+    fired = fxpress.counters["compress_kv_cache"]
+    assert (fired["cache update -> sdpa => kv_attend"] > 0) == compressed
+    assert any(STAYS_DENSE in reason for reason in fired)
+
+
+def test_the_pass_route_says_when_it_finds_no_attention_to_compress():
+    torch.manual_seed(0)
+    model = _gemma2(window=8).eval()  # eager attention: no SDPA to rewrite
+    with pytest.warns(UserWarning, match="found no scaled_dot_product_attention"):
+        got = _static_generate(model, _ids(), fxpress.backend(kv=fxpress.FullKV()))
+    assert torch.equal(got, _static_generate(model, _ids()))
