@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from fxpress.compiler import artifact
+from fxpress.compiler import artifact, graph_json
 from fxpress.compiler.capture import CapturedGraph, capture_module
 from fxpress.compiler.errors import UnsupportedGraphError
 from fxpress.compiler.export import ExportedModel, export_model
@@ -170,6 +170,7 @@ def _write(folder: Path, exported: ExportedModel, captured: CapturedGraph, lower
                    if isinstance(n.meta.get("val"), torch.Tensor)), "cpu")
     files = {
         "graph.txt": final.code.encode(),
+        "graph.json": json.dumps(graph_json.dump(final, lowered.plan.hints)).encode(),
         "wrapper.py": program.source.encode(),
         "plan.json": json.dumps(lowered.plan.to_dict(), indent=1).encode(),
         "weights.safetensors": save(tensors),

@@ -1,16 +1,21 @@
 """The artifact folder ``fxpress.aot_compile`` writes and ``fxpress.load`` reads, and its checks.
 
-    graph.txt            the final ATen graph (every pass applied), as Python
-    wrapper.py           the generated module that runs it: Triton kernels and ``call(args)``
+    graph.json           the final ATen graph (every pass applied) as data: what load generates from
+    graph.txt            the same graph as Python, for reading
+    wrapper.py           the generated module that runs it (Triton kernels and ``call(args)``), for
+                         reading: load generates it again from graph.json and runs that
     kernels/<name>.py    each generated Triton kernel, for reading (wrapper.py holds the ones it runs)
     plan.json            the memory plan
     weights.safetensors  the graph's constants in their packed forms, and the initial state it writes
     meta.json            format, versions, options, pass sources' hash, input and output specs,
                          KV state layout, and the size and sha256 of every other file
 
-Nothing is unpickled. meta.json carries a checksum of its own contents, so an edit to it is
-refused like a changed file; these hashes catch corruption and accidental edits, they are not
-signatures (anyone who can write the folder can write consistent hashes).
+Nothing is unpickled and no code from the folder runs. meta.json carries a checksum of its own
+contents, so an edit to it is refused like a changed file; these hashes catch corruption and
+accidental edits, they are not signatures (anyone who can write the folder can write consistent
+hashes), which is why loading treats every file as data: meta.json's fields are checked for type
+before use, file names must stay inside the folder (no absolute paths, no ``..``, no symlinks), and
+a file's size is checked before it is read.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 
 from fxpress.compiler.errors import FxpressError
 
-FORMAT = 1
+FORMAT = 2  # 2: graph.json, from which load regenerates the wrapper
 META = "meta.json"
 
 
@@ -79,9 +84,63 @@ def read_meta(folder: Path, check_versions: bool = True) -> dict[str, Any]:
         raise ArtifactError(f"{path} was edited or corrupted: its checksum does not match its contents")
     if meta.get("format") != FORMAT:
         raise ArtifactError(f"{folder} is artifact format {meta.get('format')}; this fxpress reads format {FORMAT}")
+    check_fields(path, meta, META_FIELDS)
     if check_versions:
         _check_versions(folder, meta["versions"])
     return meta
+
+
+# The fields of meta.json that loading reads, with their types: a crafted meta.json is refused
+# naming the field, never a KeyError deep inside. ``[T]`` is a list of T, ``{"*": T}`` a mapping of
+# names to T, a dict a record with those fields.
+_INT, _STR = int, str
+_SIZES = [(int, str)]
+META_FIELDS: dict[str, Any] = {
+    "format": _INT,
+    "versions": {"fxpress": _STR, "torch": _STR, "triton": _STR},
+    "target": _STR,
+    "device": _STR,
+    "files": {"*": {"bytes": _INT, "sha256": _STR}},
+    "inputs": [{"name": _STR, "dtype": _STR, "shape": [(int, str)]}],
+    "kwargs": [_STR],
+    "in_spec": _STR,
+    "out_spec": _STR,
+    "runtime_inputs": [[(int, str)]],
+    "constants": {"*": {"key": _STR, "size": [int], "stride": [int]}},
+    "kv_states": [{"handle": _INT, "policy": {"class": _STR, "fields": dict}, "layer": _INT, "max_len": _INT,
+                   "where": _STR}],
+    "symbols": {"*": _INT},
+}
+
+
+def check_fields(where: Any, value: Any, schema: Any, field: str = "meta.json") -> None:
+    """Refuse ``value`` unless it has ``schema``'s shape (see META_FIELDS), naming the first field
+    that does not."""
+    def refuse(expected: str) -> ArtifactError:
+        return ArtifactError(f"{where}: field {field} must be {expected}, got {type(value).__name__} {value!r:.80}")
+
+    if isinstance(schema, list):
+        if not isinstance(value, list):
+            raise refuse("a list")
+        for i, item in enumerate(value):
+            check_fields(where, item, schema[0], f"{field}[{i}]")
+    elif isinstance(schema, dict):
+        if not isinstance(value, dict):
+            raise refuse("an object")
+        if "*" in schema:
+            for key, item in value.items():
+                check_fields(where, item, schema["*"], f"{field}[{key!r}]")
+            return
+        for key, item_schema in schema.items():
+            if key not in value:
+                raise ArtifactError(f"{where}: field {field}.{key} is missing")
+            check_fields(where, value[key], item_schema, f"{field}.{key}")
+    else:
+        kinds = schema if isinstance(schema, tuple) else (schema,)
+        if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
+            raise refuse(" or ".join(k.__name__ for k in kinds))
+        if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            raise refuse("a count >= 0")
 
 
 def _release(version: str) -> tuple[str, ...]:
@@ -99,15 +158,40 @@ def _check_versions(folder: Path, recorded: dict[str, str]) -> None:
                                 f"{here[name]}. Compile it again with this version (fxpress compile ...).")
 
 
+def check_name(folder: Path, name: str) -> list[str]:
+    """The parts of a file name meta.json gives, refused unless it is a plain relative path."""
+    parts = name.split("/")
+    if not name or name.startswith("/") or "\\" in name or ":" in name or any(p in ("", ".", "..") for p in parts):
+        raise ArtifactError(f"{folder}: meta.json names the file {name!r}, which is not a plain relative path "
+                            "inside the artifact")
+    return parts
+
+
+def _inside(folder: Path, name: str) -> Path:
+    """``folder/name`` for a plain relative name that stays in the folder, through no symlink."""
+    parts = check_name(folder, name)
+    path = folder
+    for part in parts:
+        path = path / part
+        if path.is_symlink():
+            raise ArtifactError(f"{folder}: {name} is (or lies under) a symbolic link; artifacts hold plain files")
+    return path
+
+
 def read_file(folder: Path, meta: dict[str, Any], name: str) -> bytes:
-    """A file's bytes, checked against its size and sha256 in meta.json."""
+    """A file's bytes, checked against its size (before reading) and sha256 in meta.json."""
     record = meta["files"].get(name)
     if record is None:
         raise ArtifactError(f"{folder}: meta.json lists no file {name}")
-    path = folder / name
+    path = _inside(folder, name)
     if not path.is_file():
         raise ArtifactError(f"{folder}: missing {name}")
-    data = path.read_bytes()
+    size = path.stat().st_size
+    if size != record["bytes"]:
+        raise ArtifactError(f"{path} is {size} bytes; meta.json records {record['bytes']} "
+                            f"({'truncated' if size < record['bytes'] else 'appended to'}?)")
+    with path.open("rb") as f:
+        data = f.read(record["bytes"] + 1)  # never more than recorded, should it grow meanwhile
     if len(data) != record["bytes"]:
         raise ArtifactError(f"{path} is {len(data)} bytes; meta.json records {record['bytes']} "
                             f"({'truncated' if len(data) < record['bytes'] else 'appended to'}?)")

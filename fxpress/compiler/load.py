@@ -4,22 +4,25 @@ Every file is checked against meta.json first. Then the constants are rebuilt fr
 weights.safetensors with their recorded layouts, the state the graph writes gets its initial
 value (the compressed KV state belongs to those buffers, so each loaded model has its own), each
 rewritten attention layer's KV site is found or made from its recorded policy and shape, and the
-generated wrapper is imported with its KV handles pointing at those sites. Nothing is unpickled
-and no pass runs.
+wrapper is generated again from graph.json (the final graph as data) and run with its KV handles
+pointing at those sites; it must hash to the recorded wrapper.py, which itself is never run.
+Nothing is unpickled, no pass runs, and no code the folder carries is executed.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.utils._pytree as pytree
 
-from fxpress.compiler import artifact
+from fxpress.compiler import artifact, graph_json
 from fxpress.compiler.artifact import ArtifactError
+from fxpress.compiler.lower import regenerate_wrapper
 from fxpress.kv import graph_state
 from fxpress.kv.policies import POLICIES
 from fxpress.runtime.program import load_wrapper
@@ -34,7 +37,7 @@ class LoadedModel(torch.nn.Module):
         super().__init__()
         self.folder, self.meta, self._call = folder, meta, call
         self._state = state
-        self._in_spec = pytree.treespec_loads(meta["in_spec"])
+        self._in_spec = _spec(meta["in_spec"], "in_spec")
         self._out_spec = _output_spec(meta["out_spec"])
         self._kwarg_names = meta["kwargs"]
         self._dtypes = [getattr(torch, spec["dtype"]) for spec in meta["inputs"]]
@@ -87,13 +90,27 @@ def _output_spec(text: str) -> pytree.TreeSpec:
     by importing its module, which a fresh process may not have done; no other module is imported."""
     def types(node: Any) -> list[str]:
         return [node["type"]] + [t for child in node["children_spec"] for t in types(child)] if node["type"] else []
-    for name in types(json.loads(text)[1]):
-        if name not in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE and name.startswith(_OUTPUT_PACKAGES):
-            importlib.import_module(name.rpartition(".")[0])
+    try:
+        names = types(json.loads(text)[1])
+    except (json.JSONDecodeError, TypeError, KeyError, IndexError, RecursionError):
+        raise ArtifactError("meta.json: field out_spec is not a pytree spec") from None
+    for name in names:
+        if isinstance(name, str) and name not in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE \
+                and name.startswith(_OUTPUT_PACKAGES) and all(p.isidentifier() for p in name.split(".")):
+            try:
+                importlib.import_module(name.rpartition(".")[0])
+            except ImportError:
+                pass  # refused just below, as a container pytree cannot rebuild
+    return _spec(text, "out_spec")
+
+
+def _spec(text: str, field: str) -> pytree.TreeSpec:
     try:
         return pytree.treespec_loads(text)
     except NotImplementedError as e:
-        raise ArtifactError(f"the artifact's outputs use a container pytree cannot rebuild here: {e}") from None
+        raise ArtifactError(f"the artifact's {field} uses a container pytree cannot rebuild here: {e}") from None
+    except Exception as e:  # a crafted spec: JSON of the wrong shape
+        raise ArtifactError(f"meta.json: field {field} is not a pytree spec ({type(e).__name__}: {e})") from None
 
 
 def _policy(record: dict[str, Any]) -> Any:
@@ -104,7 +121,31 @@ def _policy(record: dict[str, Any]) -> Any:
 
     def tuples(v: Any) -> Any:
         return tuple(tuples(x) for x in v) if isinstance(v, list) else v
-    return cls(**{k: tuples(v) for k, v in record["fields"].items()})
+    try:
+        return cls(**{k: tuples(v) for k, v in record["fields"].items()})
+    except (TypeError, ValueError) as e:  # OptionError is a ValueError
+        raise ArtifactError(f"meta.json: field kv_states[].policy cannot make a {cls.__name__}: {e}") from None
+
+
+def _regenerated_wrapper(folder: Path, meta: dict[str, Any], files: dict[str, bytes],
+                         constants: dict[str, torch.Tensor]) -> str:
+    """The wrapper, generated here from graph.json (data) by this fxpress: the artifact's own
+    wrapper.py is never run. It must hash to what the artifact recorded, or the artifact was made
+    by other code (or tampered with) and is refused."""
+    try:
+        data = json.loads(files["graph.json"])
+    except (KeyError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{folder}/graph.json cannot be read: {e}") from None
+    final = graph_json.load(data, constants, str(folder))
+    try:
+        source = regenerate_wrapper(final, meta["target"], "graph 0")
+    except Exception as e:
+        raise ArtifactError(f"{folder}: the wrapper cannot be regenerated from graph.json: "
+                            f"{type(e).__name__}: {e}") from None
+    if artifact.sha256(source.encode()) != meta["files"]["wrapper.py"]["sha256"]:
+        raise ArtifactError(f"{folder}: the wrapper regenerated from graph.json differs from the recorded "
+                            "wrapper.py; the artifact was not written by this fxpress as it stands")
+    return source
 
 
 def load(path: str | Path) -> LoadedModel:
@@ -116,6 +157,7 @@ def load(path: str | Path) -> LoadedModel:
 
     folder = Path(path)
     meta = artifact.read_meta(folder)
+    _check_values(folder, meta)
     files = artifact.verify(folder, meta)
     device = torch.device(meta["device"])
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -127,15 +169,59 @@ def load(path: str | Path) -> LoadedModel:
         stored = load_tensors(files["weights.safetensors"])
     except Exception as e:
         raise ArtifactError(f"{folder}/weights.safetensors cannot be read: {e}") from None
-    constants = {}
-    for name, record in meta["constants"].items():
-        flat = stored[record["key"]].to(device)
-        constants[name] = torch.empty_strided(record["size"], record["stride"], dtype=flat.dtype, device=device)
-        constants[name].copy_(flat.view(record["size"]))
-    state = {x: stored[f"state/{x}"].to(device) for kind, x in meta["runtime_inputs"] if kind == "state"}
+    constants = {name: _constant(folder, name, record, stored, device) for name, record in meta["constants"].items()}
+    state = {}
+    for kind, x in meta["runtime_inputs"]:
+        if kind == "state":
+            state[x] = _stored(folder, stored, f"state/{x}").to(device)
     handles = {}
     for record in meta["kv_states"]:
         kv = graph_state.site(_policy(record["policy"]), record["layer"], record["max_len"], record["where"])
         handles[record["handle"]] = kv.handle
-    module = load_wrapper(files["wrapper.py"].decode(), constants, kv_handles=handles)
+    module = load_wrapper(_regenerated_wrapper(folder, meta, files, constants), constants, kv_handles=handles)
     return LoadedModel(folder, meta, module.call, state)
+
+
+def _check_values(folder: Path, meta: dict[str, Any]) -> None:
+    """What the field types (checked with meta.json) do not say: names that must mean something."""
+    def refuse(field: str, value: Any, expected: str) -> ArtifactError:
+        return ArtifactError(f"{folder}/meta.json: field {field} must be {expected}, got {value!r:.80}")
+
+    if meta["target"] not in ("cpu", "triton"):
+        raise refuse("target", meta["target"], "'cpu' or 'triton'")
+    try:
+        torch.device(meta["device"])
+    except (RuntimeError, ValueError):
+        raise refuse("device", meta["device"], "a torch device") from None
+    for i, spec in enumerate(meta["inputs"]):
+        if not isinstance(getattr(torch, spec["dtype"], None), torch.dtype):
+            raise refuse(f"inputs[{i}].dtype", spec["dtype"], "a torch dtype")
+    n_inputs = len(meta["inputs"])
+    for i, entry in enumerate(meta["runtime_inputs"]):
+        ok = len(entry) == 2 and (entry[0] == "state" and isinstance(entry[1], str) or
+                                  entry[0] == "input" and isinstance(entry[1], int) and 0 <= entry[1] < n_inputs)
+        if not ok:
+            raise refuse(f"runtime_inputs[{i}]", entry, f'["state", name] or ["input", index < {n_inputs}]')
+    for name in meta["files"]:
+        artifact.check_name(folder, name)
+
+
+def _stored(folder: Path, stored: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    if key not in stored:
+        raise ArtifactError(f"{folder}/weights.safetensors holds no tensor {key!r}, which meta.json names")
+    return stored[key]
+
+
+def _constant(folder: Path, name: str, record: dict[str, Any], stored: dict[str, torch.Tensor],
+              device: torch.device) -> torch.Tensor:
+    """A constant with its recorded layout, refused when the layout does not fit its stored values."""
+    flat = _stored(folder, stored, record["key"])
+    size, stride = record["size"], record["stride"]
+    numel = math.prod(size)
+    extent = 1 + sum((n - 1) * st for n, st in zip(size, stride)) if numel else 0
+    if len(size) != len(stride) or numel != flat.numel() or extent > max(flat.numel(), 1):
+        raise ArtifactError(f"{folder}/meta.json: field constants[{name!r}] has size {size} and stride {stride}, "
+                            f"which do not fit the {flat.numel()} stored values of {record['key']!r}")
+    constant = torch.empty_strided(size, stride, dtype=flat.dtype, device=device)
+    constant.copy_(flat.to(device).view(size))
+    return constant

@@ -22,7 +22,7 @@ from fxpress.compiler.report import GraphReport, op_histogram
 from fxpress.compiler.support import find_unsupported
 from fxpress.compiler.logs import kernel_log
 from fxpress.passes.plan_memory import MemoryPlan, plan_memory
-from fxpress.runtime import build_program
+from fxpress.runtime import build_program, generate
 from fxpress.runtime.program import WrapperProgram
 
 
@@ -61,3 +61,14 @@ def lower_captured(captured: CapturedGraph, opts: Options, passes: tuple[tuple[s
         (dump / "wrapper.py").write_text(program.source)
         (dump / "plan.json").write_text(json.dumps(plan.to_dict(), indent=1))
     return Lowered(program, final, schedule, plan)
+
+
+def regenerate_wrapper(final: fx.GraphModule, target: str, title: str) -> str:
+    """The wrapper source ``lower_captured`` made from this final graph: the same schedule, plan and
+    kernels, decided again (an artifact's load checks it against the recorded one)."""
+    schedule = build_schedule(final)
+    plan = plan_memory(schedule, hints=size_hints(final))
+    from fxpress.runtime.program import emit_wrapper  # the emitter WrapperProgram runs
+
+    kernels, _ = generate(final, schedule, plan, target)
+    return emit_wrapper(final, schedule, plan, title, kernels)

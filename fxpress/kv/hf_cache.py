@@ -5,13 +5,19 @@
 
 How it plugs in without touching the model's code, through two public transformers registries:
 
-- each layer's ``update(k, v)`` holds the new chunk back and returns it unchanged; no
-  full-precision copy of the past is ever made;
+- each layer's ``update(k, v)`` binds the new chunk to the layer (``fxpress::cache_bind``) and
+  returns it; no full-precision copy of the past is ever made;
 - the model's attention implementation becomes ``"fxpress_kv"`` (registered with
-  ``AttentionInterface``): it attends the queries to the layer's compressed store plus the chunk,
-  then appends the chunk to the store (H2O stores also receive the attention each key got).
-  Attention calls that do not come from a compressed cache (a ``DynamicCache``, no cache) go to
-  transformers' own SDPA path with its usual mask, so the model keeps working for them.
+  ``AttentionInterface``): ``fxpress::cache_attend`` attends the queries to the layer's compressed
+  store plus the chunk, then appends the chunk to the store (H2O stores also receive the
+  attention each key got). Attention calls that do not come from a compressed cache (a
+  ``DynamicCache``, no cache) go to transformers' own SDPA path with its usual mask.
+
+Both halves are ops, and nothing on the way reads a token count, so ``torch.compile`` traces the
+whole forward as one graph for the prefill and one for the decode step, whatever the number of
+tokens seen. Which attention call is compressed is known when tracing (``update`` marks its layer
+for the attention call that follows); which cache it belongs to is known at run time, per thread,
+through the handle tensor the layer owns.
 
 Token positions continue from the tokens *seen*, not the tokens kept, so rotary embeddings stay
 right after eviction. Padded batches are refused: the stores keep no per-token padding mask.
@@ -19,6 +25,7 @@ right after eviction. Padded batches are refused: the stores keep no per-token p
 
 from __future__ import annotations
 
+import itertools
 import threading
 import weakref
 from typing import Any
@@ -29,6 +36,7 @@ from transformers.cache_utils import CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+import fxpress.ops  # noqa: F401  (registers fxpress::cache_bind and fxpress::cache_attend)
 from fxpress.compiler.errors import KVCacheError
 from fxpress.kv.attention import ScoreRule
 from fxpress.kv.policies import Policy, check_head_dim, check_policy
@@ -37,16 +45,26 @@ from fxpress.kv.stores import Store
 
 ATTENTION = "fxpress_kv"
 
-class _Waiting(threading.local):
-    """Per thread: layer index -> the compressed layer whose chunk waits for its attention call.
-    update() and the attention call of one layer run back to back on one thread, so one slot per
-    layer index is enough; threads generating with caches of their own never meet."""
+# Every live compressed layer by handle: what ``cache_bind`` names at run time.
+_LAYERS: weakref.WeakValueDictionary[int, CompressedLayer] = weakref.WeakValueDictionary()
+_HANDLES = itertools.count()
+# While tracing (and in eager), from a layer's update() to the attention and mask calls of the same
+# forward: which layers' attention is compressed, and whether the next mask is for such a cache.
+# Plain dicts, which torch.compile traces as side effects (a thread-local would break the graph).
+_COMPRESSED_ATTENTION: dict[int, bool] = {}
+_COMPRESSED_MASK: dict[str, bool] = {}
+
+
+class _Bound(threading.local):
+    """At run time, per thread: layer index -> the layer whose chunk its next attention call takes.
+    A layer's ``cache_bind`` and ``cache_attend`` run back to back on one thread, so one slot per
+    layer index is enough, and threads generating with caches of their own never meet."""
 
     def __init__(self) -> None:
         self.layers: dict[int, CompressedLayer] = {}
 
 
-_WAITING = _Waiting()
+_BOUND = _Bound()
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -57,7 +75,10 @@ class CompressedLayer(CacheLayerMixin):
         super().__init__()
         self.layer_idx, self.storage_dtype = layer_idx, dtype
         self.sequence = KVSequence(policy, layer_idx, max_len, f"fxpress KV cache layer {layer_idx}")
-        self.chunk: tuple[torch.Tensor, torch.Tensor] | None = None
+        handle = next(_HANDLES)
+        _LAYERS[handle] = self
+        # A tensor, so a compiled graph takes it as an input: one graph serves every cache.
+        self.handle = torch.tensor([handle], dtype=torch.int64)
 
     @property
     def store(self) -> Store | None:
@@ -67,23 +88,15 @@ class CompressedLayer(CacheLayerMixin):
         self.sequence.start(key_states, self.storage_dtype or key_states.dtype)
         self.is_initialized = True
 
-    # update() and the attention call are opaque to torch.compile: the handshake between them and
-    # the stores' bookkeeping (token counts, eviction) are host code that must run for real. A
-    # compiled model breaks its graph around them and stays correct.
-    @torch.compiler.disable
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if self.chunk is not None:
-            raise KVCacheError(f"layer {self.layer_idx}: the previous chunk never reached fxpress's attention; "
-                               "this model's attention does not go through transformers' AttentionInterface")
-        self.sequence.check(key_states)
-        self.chunk = (key_states, value_states)
-        _WAITING.layers[self.layer_idx] = self
-        return key_states, value_states
+        _COMPRESSED_ATTENTION[self.layer_idx] = True
+        return torch.ops.fxpress.cache_bind(key_states, self.handle), value_states
 
-    def attend_and_append(self, query: torch.Tensor, scale: float, rule: ScoreRule) -> torch.Tensor:
-        (k, v), self.chunk = self.chunk, None
+    def step(self, query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, rule: ScoreRule
+             ) -> torch.Tensor:
+        if not self.is_initialized:
+            self.lazy_initialization(k, v)
+        self.sequence.check(k)
         return self.sequence.step(query, k, v, scale, rule)
 
     def get_seq_length(self) -> int:
@@ -93,16 +106,18 @@ class CompressedLayer(CacheLayerMixin):
         return self.sequence.max_len
 
     def get_mask_sizes(self, query: int | torch.Tensor, *args: Any) -> tuple[int, int]:
-        # The mask transformers builds covers the new chunk only (kv offset = tokens seen); the
-        # stored tokens are all in the past and need none. Older transformers pass cache_position.
+        # The compressed attention takes the 2-D padding mask as it is (``fxpress_kv_mask``); these
+        # sizes only have to exist, and must not read the token count (a compiled forward would
+        # specialise on it). Older transformers pass cache_position.
+        _COMPRESSED_MASK["next"] = True
         t = query if isinstance(query, int) else query.shape[0]
-        return t, self.sequence.seen
+        return t, 0
 
     def nbytes(self) -> int:
         return self.sequence.nbytes()
 
     def reset(self) -> None:
-        self.sequence.store, self.sequence.seen, self.chunk, self.is_initialized = None, 0, None, False
+        self.sequence.store, self.sequence.seen, self.is_initialized = None, 0, False
 
 
 class CompressedKVCache(Cache):
@@ -112,6 +127,9 @@ class CompressedKVCache(Cache):
         super().__init__(layers=[CompressedLayer(policy, i, max_len, dtype) for i in range(num_layers)])
         self.policy, self.max_len = policy, max_len
 
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return 0  # see CompressedLayer.get_mask_sizes: the mask is the padding mask as it is
+
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
 
@@ -119,46 +137,52 @@ class CompressedKVCache(Cache):
         return [0 if layer.store is None else layer.store.filled for layer in self.layers]
 
 
-@torch.compiler.disable
+def bind(handle: int) -> None:
+    """``cache_bind`` at run time: the layer ``handle`` owns the next attention call of its index."""
+    layer = _LAYERS.get(handle)
+    if layer is None:
+        raise KVCacheError(f"fxpress KV cache layer handle {handle} belongs to a cache that no longer exists")
+    _BOUND.layers[layer.layer_idx] = layer
+
+
+def attend_bound(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, layer_idx: int,
+                 scale: float, softcap: float | None, window: int | None) -> torch.Tensor:
+    """``cache_attend`` at run time: the bound layer's step, output ``[B, T, Hq, d]``."""
+    layer = _BOUND.layers.pop(layer_idx, None)
+    if layer is None:
+        raise KVCacheError(f"fxpress KV cache: the attention of layer {layer_idx} came without its cache update")
+    _check_padding(mask)
+    return layer.step(q, k, v, scale, ScoreRule(softcap=softcap, window=window)).transpose(1, 2).contiguous()
+
+
 def fxpress_kv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                          **kwargs: Any) -> tuple[torch.Tensor, None]:
-    layer = _WAITING.layers.get(getattr(module, "layer_idx", None))
-    # The keys are the chunk the layer holds back (the same memory: under torch.compile they may
-    # arrive as another tensor object), or they come from some other cache.
-    if layer is None or layer.chunk is None or not _same_tensor(layer.chunk[0], key):
+    if not _COMPRESSED_ATTENTION.pop(getattr(module, "layer_idx", None), False):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    del _WAITING.layers[layer.layer_idx]
-    rule = ScoreRule(softcap=kwargs.get("softcap"), window=kwargs.get("sliding_window"))
-    _check_mask(attention_mask, rule, type(module).__name__)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return layer.attend_and_append(query, scale, rule).transpose(1, 2).contiguous(), None
+    out = torch.ops.fxpress.cache_attend(query, key, value, attention_mask, module.layer_idx, float(scale),
+                                         kwargs.get("softcap"), kwargs.get("sliding_window"))
+    return out, None
 
 
-def _check_mask(mask: torch.Tensor | None, rule: ScoreRule, where: str) -> None:
-    """The attention applies causality and the window itself; a mask that says more (padding, a
-    position bias such as ALiBi) would be ignored, so it is refused."""
-    if mask is None:
-        return
-    if mask.dtype != torch.bool:
-        if bool((torch.isfinite(mask) & (mask != 0)).any()):
-            raise KVCacheError(f"{where}: the attention mask carries a position bias (ALiBi?) that fxpress KV "
-                               "caches cannot apply to stored tokens; use a model with rotary or learned positions")
-        mask = mask == 0
-    last = mask[..., -1, :]
-    if rule.window is not None:
-        last = last[..., -min(rule.window, last.shape[-1]):]
-    if not bool(last.all()):
-        raise KVCacheError("fxpress KV caches do not support padded batches yet: the last query of the chunk "
-                           "cannot see every key. Use prompts of equal length.")
+def fxpress_kv_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """For a compressed cache, the user's 2-D padding mask as it is (the attention applies
+    causality and windows itself, and refuses padding); for any other cache, SDPA's mask."""
+    if _COMPRESSED_MASK.pop("next", False):
+        mask = kwargs.get("attention_mask")
+        return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    return sdpa_mask(*args, **kwargs)
 
 
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+def _check_padding(mask: torch.Tensor | None) -> None:
+    if mask is not None and not bool(mask.all()):
+        raise KVCacheError("fxpress KV caches do not support padded batches yet: the attention mask hides some "
+                           "tokens. Use prompts of equal length.")
 
 
 AttentionInterface.register(ATTENTION, fxpress_kv_attention)
-AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+AttentionMaskInterface.register(ATTENTION, fxpress_kv_mask)
 
 
 def kv_cache(model: torch.nn.Module, max_len: int, policy: Policy, *, dtype: torch.dtype | None = torch.float16
@@ -178,6 +202,9 @@ def kv_cache(model: torch.nn.Module, max_len: int, policy: Policy, *, dtype: tor
     if num_layers is None:
         raise KVCacheError(f"fxpress.kv_cache needs a transformers model with config.num_hidden_layers; "
                            f"got {type(model).__name__}")
+    if getattr(text, "alibi", False):
+        raise KVCacheError(f"fxpress.kv_cache({type(model).__name__}): the model adds an ALiBi position bias to "
+                           "its attention scores, which compressed KV caches do not apply to stored tokens")
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     check_head_dim(policy, head_dim, f"fxpress.kv_cache({type(model).__name__})")
     if config._attn_implementation != ATTENTION:
@@ -200,11 +227,12 @@ def _probe_first_forward(model: torch.nn.Module) -> None:
             cache = next((a for a in args if isinstance(a, CompressedKVCache)), None)
         if cache is None:
             return
-        unread = [layer.layer_idx for layer in cache.layers if layer.chunk is not None]
+        unread = sorted(i for i, layer in _BOUND.layers.items() if layer in cache.layers)
         written = any(layer.is_initialized for layer in cache.layers)
         if unread or not written:
-            for layer in cache.layers:
-                layer.chunk = None
+            _BOUND.layers.clear()
+            _COMPRESSED_ATTENTION.clear()
+            _COMPRESSED_MASK.clear()
             what = f"layers {unread} stored keys that no attention read" if unread else "it never wrote the cache"
             raise KVCacheError(f"fxpress.kv_cache: {type(module).__name__} does not compute attention through "
                                f"transformers' AttentionInterface, so switching it to {ATTENTION!r} has no effect "

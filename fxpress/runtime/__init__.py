@@ -51,13 +51,18 @@ def _check_triton_device(gm: fx.GraphModule) -> None:
             "TRITON_INTERPRET=1 to run the Triton kernels in Triton's interpreter on CPU")
 
 
+def generate(gm: fx.GraphModule, schedule: Schedule, plan: MemoryPlan, target: str
+             ) -> tuple[dict[str, TritonKernel], dict[str, str]]:
+    """The target's generated kernels, and why the kernels left to torch are not generated."""
+    if target != "triton":
+        return {}, {}
+    _check_triton_device(gm)
+    return triton_kernels(gm, schedule)
+
+
 def build_program(gm: fx.GraphModule, schedule: Schedule, plan: MemoryPlan,
                   runtime_inputs: tuple[int, ...], target: str, title: str) -> WrapperProgram:
-    kernels: dict[str, TritonKernel] = {}
-    refused: dict[str, str] = {}
-    if target == "triton":
-        _check_triton_device(gm)
-        kernels, refused = triton_kernels(gm, schedule)
+    kernels, refused = generate(gm, schedule, plan, target)
     program = WrapperProgram(gm, schedule, plan, runtime_inputs, title, kernels)
     program.not_generated = refused
     return program

@@ -41,10 +41,11 @@ def test_loads_and_matches_eager(built):
 
 def test_every_kind_of_file_is_covered(built):
     kinds = {name.split("/")[0] for name in _files(built)}
-    assert kinds == {"graph.txt", "wrapper.py", "plan.json", "weights.safetensors", "kernels"}
+    assert kinds == {"graph.txt", "graph.json", "wrapper.py", "plan.json", "weights.safetensors", "kernels"}
 
 
-@pytest.mark.parametrize("name", ["graph.txt", "wrapper.py", "plan.json", "weights.safetensors", "kernels/"])
+@pytest.mark.parametrize("name", ["graph.txt", "graph.json", "wrapper.py", "plan.json", "weights.safetensors",
+                                  "kernels/"])
 def test_a_flipped_byte_is_refused(built, copy, name):
     name = next(n for n in _files(built) if n.startswith(name))
     data = bytearray((copy / name).read_bytes())
