@@ -22,6 +22,7 @@ from torch._dynamo.exc import RestartAnalysis, SkipFrame
 
 import fxpress.ops  # noqa: F401  (registers torch.ops.fxpress before any graph uses them)
 from fxpress.compiler.capture import CapturedGraph, capture_and_compile
+from fxpress.compiler.counters import counters
 from fxpress.compiler.logs import compile_log, configure_from_flags
 from fxpress.compiler.errors import OptionError, PassError, UnsupportedGraphError
 from fxpress.compiler.lower import lower_captured
@@ -59,6 +60,8 @@ class Backend:
             if self.opts.strict:
                 raise
             report.fallback_reason = str(e)
+            counters["fallbacks"]["graph needs gradients" if isinstance(e, GradientsNeeded) else
+                                  "graph fxpress cannot compile"] += 1
             # One text for every training graph: Python's warning filter shows it once, not per graph.
             message = GradientsNeeded.WARNING if isinstance(e, GradientsNeeded) else \
                 f"fxpress: running graph {report.index} eagerly: {e}"
@@ -133,7 +136,7 @@ class GradientsNeeded(UnsupportedGraphError):
     graphs, so it runs eagerly (gradients intact) or, with ``strict=True``, this is raised."""
 
     WARNING = ("fxpress: graphs that need gradients (grad mode on, and a parameter or input requires grad) "
-               "run eagerly, gradients intact; explain() names each one. Call the model under "
+               "run eagerly, gradients intact (each graph's report says why). Call the model under "
                "torch.no_grad() or torch.inference_mode() to compile it")
 
 

@@ -60,6 +60,7 @@ def test_whole_model_in_train_mode_runs_eagerly_and_the_report_says_why():
         out = compiled(token_ids(batch=2, length=8)).last_hidden_state
     out.sum().backward()
     assert reports and all("needs gradients" in r.fallback_reason for r in reports)
+    assert fxpress.counters["fallbacks"]["graph needs gradients"] == len(reports)
     assert model.embeddings.word_embeddings.weight.grad is not None
 
 
