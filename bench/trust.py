@@ -2,7 +2,8 @@
 
 - ``threads``: all-MiniLM-L6-v2 (batch 1 x 32 tokens, the size of a web request) called from 1 and
   from 4 threads, eager and compiled: calls per second. Each compiled call takes an arena from the
-  wrapper's pool (``ArenaPool``) and gives it back; eager allocates per call as usual.
+  wrapper's pool (``ArenaPool``) and gives it back; beside it, the other safe design (one arena,
+  calls serialised by a lock); eager allocates per call as usual.
 - ``load``: an artifact of MiniLM (batch 8 x 128) loaded in a fresh process and called once, as
   ``fxpress.load`` does it (the wrapper regenerated from graph.json and checked against the
   recorded hash) and as it did before (the recorded wrapper.py imported as it is), with the time
@@ -23,7 +24,7 @@ from pathlib import Path
 from _common import run_sections
 
 ROOT = Path(__file__).resolve().parents[1]
-THREAD_CALLS = 96
+THREAD_CALLS = 160
 
 
 def _calls_per_second(fn, inputs, threads: int) -> float:
@@ -53,15 +54,24 @@ def threads() -> list[dict]:
     model = workloads.load_minilm()[0].eval()
     inputs = {"input_ids": torch.randint(0, 1000, (1, 32)), "attention_mask": torch.ones(1, 32, dtype=torch.long)}
     compiled = torch.compile(model, backend="fxpress")
+    lock = threading.Lock()
+
+    def one_at_a_time(**kwargs):  # the other safe design: one arena, calls serialised by a lock
+        with lock:
+            return compiled(**kwargs)
+
     rows = []
     print("| MiniLM 1x32 | threads | calls/s | vs eager, same threads |")
     print("|---|---|---|---|")
     for n in (1, 4):
         eager = _calls_per_second(model, inputs, n)
-        ours = _calls_per_second(compiled, inputs, n)
-        for name, rate in (("eager", eager), ("fxpress", ours)):
+        pooled = _calls_per_second(compiled, inputs, n)
+        locked = _calls_per_second(one_at_a_time, inputs, n)
+        for name, rate in (("eager", eager), ("fxpress, an arena per call from the pool", pooled),
+                           ("fxpress, one arena behind a lock", locked)):
             print(f"| {name} | {n} | {rate:.1f} | {rate / eager:.2f}x |", flush=True)
-        rows.append({"threads": n, "eager_calls_per_s": eager, "fxpress_calls_per_s": ours})
+        rows.append({"threads": n, "eager_calls_per_s": eager, "fxpress_pool_calls_per_s": pooled,
+                     "fxpress_lock_calls_per_s": locked})
     return rows
 
 
