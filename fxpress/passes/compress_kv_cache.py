@@ -81,15 +81,19 @@ def _cache_update(node: fx.Node) -> tuple[list[fx.Node], fx.Node, fx.Node, fx.No
     return None
 
 
+def _written_back(node: fx.Node) -> bool:
+    """A graph input the graph writes back (``copy_(input, ...)``): state such as a cache."""
+    return node.op == "placeholder" and any(is_op(u, aten.copy_) and u.args[0] is node for u in node.users)
+
+
 def _written_back_input(node: fx.Node, depth: int = 8) -> fx.Node | None:
-    """The graph input ``node`` was computed from, through one-input views and copies, when the graph
-    writes that input back (``copy_(input, ...)``): a cache updated in some way of its own."""
+    """The written-back input ``node`` was computed from through first arguments (views, copies, a
+    cache update of some kind), if any."""
     for _ in range(depth):
         if not isinstance(node, fx.Node):
             return None
         if node.op == "placeholder":
-            written = any(is_op(u, aten.copy_) and u.args[0] is node for u in node.users)
-            return node if written else None
+            return node if _written_back(node) else None
         if node.op != "call_function" or not node.args:
             return None
         node = node.args[0]
@@ -167,10 +171,9 @@ def compress_kv_cache(gm: fx.GraphModule, *, opts: Options) -> PassResult:
     # its cache is compressed (DuoAttention's head patterns are per layer).
     layers = {n: i for i, n in enumerate(n for n in gm.graph.nodes if is_op(n, *SDPA_OPS))}
     rule = Rule(RULE, _match, partial(_replace, opts.kv, layers))
-    writes_a_cache = any(_written_back_input(n, depth=1) is not None for n in gm.graph.nodes)
-    attends_to_it = any(_written_back_input(sdpa_arguments(n)["key"]) is not None or
-                        _cache_update(sdpa_arguments(n)["key"]) is not None
-                        for n in layers if sdpa_arguments(n) is not None)
+    writes_a_cache = any(_written_back(n) for n in gm.graph.nodes)
+    keys = [arguments["key"] for arguments in map(sdpa_arguments, layers) if arguments is not None]
+    attends_to_it = any(_written_back_input(k) is not None or _cache_update(k) is not None for k in keys)
     rewrites = apply_rules(gm, (rule,), "compress_kv_cache")
     if rewrites == 0 and writes_a_cache and not attends_to_it:
         # The graph writes a cache, yet no attention over it was found: say so, never compress silently nothing.

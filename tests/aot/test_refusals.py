@@ -106,7 +106,7 @@ def test_another_format_is_refused(copy):
     meta["format"] = 99
     meta["checksum"] = artifact._checksum(meta)
     (copy / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(fxpress.ArtifactError, match="artifact format 99; this fxpress reads format 1"):
+    with pytest.raises(fxpress.ArtifactError, match=f"artifact format 99; this fxpress reads format {artifact.FORMAT}"):
         fxpress.load(copy)
 
 
