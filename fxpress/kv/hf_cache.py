@@ -48,23 +48,30 @@ ATTENTION = "fxpress_kv"
 # Every live compressed layer by handle: what ``cache_bind`` names at run time.
 _LAYERS: weakref.WeakValueDictionary[int, CompressedLayer] = weakref.WeakValueDictionary()
 _HANDLES = itertools.count()
-# While tracing (and in eager), from a layer's update() to the attention and mask calls of the same
-# forward: which layers' attention is compressed, and whether the next mask is for such a cache.
-# Plain dicts, which torch.compile traces as side effects (a thread-local would break the graph).
-_COMPRESSED_ATTENTION: dict[int, bool] = {}
-_COMPRESSED_MASK: dict[str, bool] = {}
 
 
-class _Bound(threading.local):
-    """At run time, per thread: layer index -> the layer whose chunk its next attention call takes.
-    A layer's ``cache_bind`` and ``cache_attend`` run back to back on one thread, so one slot per
-    layer index is enough, and threads generating with caches of their own never meet."""
-
+class _PerThread(threading.local):
     def __init__(self) -> None:
-        self.layers: dict[int, CompressedLayer] = {}
+        # Run time: layer index -> the layer whose chunk its next attention call takes. A layer's
+        # cache_bind and cache_attend run back to back on one thread, so one slot per layer index
+        # is enough, and threads generating with caches of their own never meet.
+        self.bound: dict[int, CompressedLayer] = {}
+        # Eager forwards: from a layer's update() to the attention and mask calls that follow,
+        # which layers' attention is compressed, and whether the next mask is for such a cache.
+        self.marks: dict[object, bool] = {}
 
 
-_BOUND = _Bound()
+_THREAD = _PerThread()
+# The same marks while torch.compile traces: a plain dict, whose updates it traces as side effects
+# (reading a thread-local would break the graph). The decisions are baked into the graph.
+_TRACE_MARKS: dict[object, bool] = {}
+
+
+def _marks() -> dict[object, bool]:
+    return _TRACE_MARKS if torch.compiler.is_compiling() else _THREAD.marks
+
+
+_MASK = "mask"  # the mark's key for "the next mask is for a compressed cache"
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -89,7 +96,7 @@ class CompressedLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-        _COMPRESSED_ATTENTION[self.layer_idx] = True
+        _marks()[self.layer_idx] = True
         return torch.ops.fxpress.cache_bind(key_states, self.handle), value_states
 
     def step(self, query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, rule: ScoreRule
@@ -109,7 +116,7 @@ class CompressedLayer(CacheLayerMixin):
         # The compressed attention takes the 2-D padding mask as it is (``fxpress_kv_mask``); these
         # sizes only have to exist, and must not read the token count (a compiled forward would
         # specialise on it). Older transformers pass cache_position.
-        _COMPRESSED_MASK["next"] = True
+        _marks()[_MASK] = True
         t = query if isinstance(query, int) else query.shape[0]
         return t, 0
 
@@ -142,13 +149,13 @@ def bind(handle: int) -> None:
     layer = _LAYERS.get(handle)
     if layer is None:
         raise KVCacheError(f"fxpress KV cache layer handle {handle} belongs to a cache that no longer exists")
-    _BOUND.layers[layer.layer_idx] = layer
+    _THREAD.bound[layer.layer_idx] = layer
 
 
 def attend_bound(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, layer_idx: int,
                  scale: float, softcap: float | None, window: int | None) -> torch.Tensor:
     """``cache_attend`` at run time: the bound layer's step, output ``[B, T, Hq, d]``."""
-    layer = _BOUND.layers.pop(layer_idx, None)
+    layer = _THREAD.bound.pop(layer_idx, None)
     if layer is None:
         raise KVCacheError(f"fxpress KV cache: the attention of layer {layer_idx} came without its cache update")
     _check_padding(mask)
@@ -158,7 +165,7 @@ def attend_bound(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
 def fxpress_kv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                          **kwargs: Any) -> tuple[torch.Tensor, None]:
-    if not _COMPRESSED_ATTENTION.pop(getattr(module, "layer_idx", None), False):
+    if not _marks().pop(getattr(module, "layer_idx", None), False):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = torch.ops.fxpress.cache_attend(query, key, value, attention_mask, module.layer_idx, float(scale),
@@ -169,7 +176,7 @@ def fxpress_kv_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
 def fxpress_kv_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
     """For a compressed cache, the user's 2-D padding mask as it is (the attention applies
     causality and windows itself, and refuses padding); for any other cache, SDPA's mask."""
-    if _COMPRESSED_MASK.pop("next", False):
+    if _marks().pop(_MASK, False):
         mask = kwargs.get("attention_mask")
         return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
     return sdpa_mask(*args, **kwargs)
@@ -227,12 +234,11 @@ def _probe_first_forward(model: torch.nn.Module) -> None:
             cache = next((a for a in args if isinstance(a, CompressedKVCache)), None)
         if cache is None:
             return
-        unread = sorted(i for i, layer in _BOUND.layers.items() if layer in cache.layers)
+        unread = sorted(i for i, layer in _THREAD.bound.items() if layer in cache.layers)
         written = any(layer.is_initialized for layer in cache.layers)
         if unread or not written:
-            _BOUND.layers.clear()
-            _COMPRESSED_ATTENTION.clear()
-            _COMPRESSED_MASK.clear()
+            _THREAD.bound.clear()
+            _THREAD.marks.clear()
             what = f"layers {unread} stored keys that no attention read" if unread else "it never wrote the cache"
             raise KVCacheError(f"fxpress.kv_cache: {type(module).__name__} does not compute attention through "
                                f"transformers' AttentionInterface, so switching it to {ATTENTION!r} has no effect "

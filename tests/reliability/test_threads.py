@@ -51,3 +51,33 @@ def test_concurrent_calls_equal_eager(make):
         t.join()
     assert not errors, errors[:3]
     assert not wrong, f"{len(wrong)} of {THREADS * CALLS} concurrent calls differ from eager"
+
+
+def test_threads_generating_with_kv_caches_of_their_own_equal_eager():
+    import fxpress
+    from tests.tiny_models import tiny_llama
+
+    model = tiny_llama()
+    prompts = [token_ids(batch=1, length=6 + i) for i in range(THREADS)]
+
+    def generate(ids, cache=None):
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                                  max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
+
+    expected = [generate(p) for p in prompts]
+    got, errors = [None] * THREADS, []
+
+    def serve(i: int) -> None:
+        try:
+            got[i] = generate(prompts[i], fxpress.kv_cache(model, max_len=64, policy=fxpress.FullKV(), dtype=None))
+        except Exception as e:  # noqa: BLE001  (reported below)
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=serve, args=(i,)) for i in range(THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert all(torch.equal(g, e) for g, e in zip(got, expected))
