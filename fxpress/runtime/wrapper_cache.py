@@ -14,6 +14,7 @@ unwritable or full, the wrapper runs from memory alone, with one warning.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import linecache
 import os
@@ -70,19 +71,25 @@ def _folder() -> Path | None:
 def _keep_copy(folder: Path, name: str, source: bytes) -> Path | None:
     path = folder / f"{name}.py"
     try:
-        if path.is_file() and not path.is_symlink() and path.read_bytes() == source:
-            return path
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{name}.", suffix=".partial", delete=False) as f:
-            f.write(source)
-        os.replace(f.name, path)  # atomic: a concurrent reader sees the old file or the new one
+        if not (path.is_file() and not path.is_symlink() and path.read_bytes() == source):
+            _write_atomically(path, source)
         return path
     except OSError as e:
         _warn_once(f"cannot write to the cache folder {folder} ({e.strerror or e})")
-        try:
-            os.unlink(f.name)
-        except (OSError, UnboundLocalError):
-            pass
         return None
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """A unique temporary file renamed into place: a concurrent reader sees the old file or the new."""
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 def load_module(source: str, names: dict[str, object]) -> types.ModuleType:

@@ -88,7 +88,7 @@ def test_a_full_disk_falls_back_to_memory(cache_dir, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(wrapper_cache.tempfile, "NamedTemporaryFile", full)
+    monkeypatch.setattr(wrapper_cache.tempfile, "mkstemp", full)
     with pytest.warns(CacheFolderWarning, match="No space left"):
         _compile_and_check(tiny_bert(), token_ids())
 
