@@ -21,6 +21,24 @@ def _hidden(model, ids):
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out.logits
 
 
+def _run_in_threads(work) -> None:
+    """``work(i)`` on THREADS threads at once; any exception fails the test, naming the first."""
+    errors = []
+
+    def guarded(i: int) -> None:
+        try:
+            work(i)
+        except Exception as e:  # noqa: BLE001  (reported below)
+            errors.append(f"thread {i}: {e!r}")
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+
+
 @pytest.mark.parametrize("make", [tiny_bert, tiny_gpt2])
 def test_concurrent_calls_equal_eager(make):
     model = make()
@@ -31,25 +49,17 @@ def test_concurrent_calls_equal_eager(make):
         expected = [_hidden(model, x) for x in inputs]
         for x in inputs:
             _hidden(compiled, x)  # compile every graph before the threads start
-    wrong, errors = [], []
+    wrong = []
 
     def serve(worker: int) -> None:
-        try:
-            for call in range(CALLS):
-                i = (worker + call) % len(inputs)
-                with torch.no_grad():
-                    got = _hidden(compiled, inputs[i])
-                if not torch.allclose(got, expected[i], atol=1e-5, rtol=1e-5):
-                    wrong.append((worker, call))
-        except Exception as e:  # noqa: BLE001  (reported below, with the thread's call)
-            errors.append(repr(e))
+        for call in range(CALLS):
+            i = (worker + call) % len(inputs)
+            with torch.no_grad():
+                got = _hidden(compiled, inputs[i])
+            if not torch.allclose(got, expected[i], atol=1e-5, rtol=1e-5):
+                wrong.append((worker, call))
 
-    threads = [threading.Thread(target=serve, args=(w,)) for w in range(THREADS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors[:3]
+    _run_in_threads(serve)
     assert not wrong, f"{len(wrong)} of {THREADS * CALLS} concurrent calls differ from eager"
 
 
@@ -66,18 +76,10 @@ def test_threads_generating_with_kv_caches_of_their_own_equal_eager():
                                   max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
 
     expected = [generate(p) for p in prompts]
-    got, errors = [None] * THREADS, []
+    got = [None] * THREADS
 
     def serve(i: int) -> None:
-        try:
-            got[i] = generate(prompts[i], fxpress.kv_cache(model, max_len=64, policy=fxpress.FullKV(), dtype=None))
-        except Exception as e:  # noqa: BLE001  (reported below)
-            errors.append(repr(e))
+        got[i] = generate(prompts[i], fxpress.kv_cache(model, max_len=64, policy=fxpress.FullKV(), dtype=None))
 
-    threads = [threading.Thread(target=serve, args=(i,)) for i in range(THREADS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors[:3]
+    _run_in_threads(serve)
     assert all(torch.equal(g, e) for g, e in zip(got, expected))
