@@ -22,7 +22,7 @@ from fxpress.compiler.report import GraphReport, op_histogram
 from fxpress.compiler.support import find_unsupported
 from fxpress.compiler.logs import kernel_log
 from fxpress.passes.plan_memory import MemoryPlan, plan_memory
-from fxpress.runtime import build_program, generate
+from fxpress.runtime import build_program, target_kernels
 from fxpress.runtime.program import WrapperProgram
 
 
@@ -70,5 +70,5 @@ def regenerate_wrapper(final: fx.GraphModule, target: str, title: str) -> str:
     plan = plan_memory(schedule, hints=size_hints(final))
     from fxpress.runtime.program import emit_wrapper  # the emitter WrapperProgram runs
 
-    kernels, _ = generate(final, schedule, plan, target)
+    kernels, _ = target_kernels(final, schedule, target)
     return emit_wrapper(final, schedule, plan, title, kernels)

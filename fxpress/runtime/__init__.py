@@ -51,8 +51,8 @@ def _check_triton_device(gm: fx.GraphModule) -> None:
             "TRITON_INTERPRET=1 to run the Triton kernels in Triton's interpreter on CPU")
 
 
-def generate(gm: fx.GraphModule, schedule: Schedule, plan: MemoryPlan, target: str
-             ) -> tuple[dict[str, TritonKernel], dict[str, str]]:
+def target_kernels(gm: fx.GraphModule, schedule: Schedule, target: str
+                   ) -> tuple[dict[str, TritonKernel], dict[str, str]]:
     """The target's generated kernels, and why the kernels left to torch are not generated."""
     if target != "triton":
         return {}, {}
@@ -62,7 +62,7 @@ def generate(gm: fx.GraphModule, schedule: Schedule, plan: MemoryPlan, target: s
 
 def build_program(gm: fx.GraphModule, schedule: Schedule, plan: MemoryPlan,
                   runtime_inputs: tuple[int, ...], target: str, title: str) -> WrapperProgram:
-    kernels, refused = generate(gm, schedule, plan, target)
+    kernels, refused = target_kernels(gm, schedule, target)
     program = WrapperProgram(gm, schedule, plan, runtime_inputs, title, kernels)
     program.not_generated = refused
     return program
