@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 import fxpress  # noqa: F401  (registers the ops)
-from fxpress.codegen.kernels import integer as kernels
+from fxpress.ops.kernels import integer as kernels
 from fxpress.integer import constants
 
 ops = torch.ops.fxpress

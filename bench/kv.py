@@ -36,7 +36,8 @@ import torch
 
 import fxpress
 from fxpress import workloads
-from fxpress.kv import KIVI, DuoAttentionKV, FullKV, HeavyHitterKV, StreamingKV, kv_cache
+from fxpress.hf.kv_cache import kv_cache
+from fxpress.kv import KIVI, DuoAttentionKV, FullKV, HeavyHitterKV, StreamingKV
 from fxpress.kv.duo_heads import retrieval_head_scores
 
 PREFIX, SCORED, GENERATED = 1024, 256, 64

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-from fxpress.codegen.kernels import kivi
+from fxpress.kv.kernels import kivi
 from fxpress.kv import KIVI
-from fxpress.kv.stores import KIVIStore
+from fxpress.kv.kivi import KIVIStore
 
 SHAPES = {"SmolLM2 (9/3 x 64)": (9, 3, 64), "Llama-3-8B (32/8 x 128)": (32, 8, 128)}
 

@@ -23,7 +23,8 @@ import torch
 import fxpress
 from _common import median_seconds, run_sections  # bench/ is on the path when run as a script
 from fxpress import workloads
-from fxpress.compress import load_gguf_q4_1, lowbit, quantize
+from fxpress import lowbit
+from fxpress.compress import load_gguf_q4_1, quantize
 
 CONTEXT = 1024
 

@@ -21,8 +21,8 @@ import torch
 from triton.testing import do_bench
 
 import fxpress  # noqa: F401  (registers the ops)
-from fxpress.codegen.kernels import lut
-from fxpress.compress import lowbit
+from fxpress.ops.kernels import lut
+from fxpress import lowbit
 
 
 def _bandwidth() -> float:

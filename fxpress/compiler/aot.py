@@ -26,10 +26,11 @@ import torch.utils._pytree as pytree
 
 from fxpress.compiler import artifact, graph_json
 from fxpress.compiler.capture import CapturedGraph, capture_module
-from fxpress.compiler.errors import UnsupportedGraphError
+from fxpress.core.errors import UnsupportedGraphError
 from fxpress.compiler.export import ExportedModel, export_model
 from fxpress.compiler.lower import Lowered, lower_captured
-from fxpress.compiler.options import Options
+from fxpress.codegen.targets import get_target
+from fxpress.ir.options import Options
 from fxpress.compiler.pipeline import build_pipeline
 from fxpress.compiler.report import GraphReport
 from fxpress.kv import graph_state
@@ -47,6 +48,7 @@ def aot_compile(model: torch.nn.Module, example_args: tuple[Any, ...], path: str
     ``fxpress.backend``) and write the artifact folder ``path``. ``dynamic_shapes`` is
     torch.export's. Returns the path."""
     opts = Options.create(**options)
+    target = get_target(opts.target)  # refuses an unknown target before any work
     passes = build_pipeline(opts)
     step = progress or (lambda stage: None)
     if not isinstance(example_args, tuple):
@@ -58,7 +60,7 @@ def aot_compile(model: torch.nn.Module, example_args: tuple[Any, ...], path: str
             raise UnsupportedGraphError(f"fxpress.aot_compile: input {name} is a {type(value).__name__}; "
                                         "artifacts take tensor inputs only")
     step("capture and passes")
-    report = GraphReport(index=0, target=opts.resolved_target())
+    report = GraphReport(index=0, target=target.name)
     lowered: dict[str, Any] = {}
 
     def lower(captured: CapturedGraph) -> Callable[[list[Any]], Any]:
@@ -176,7 +178,7 @@ def _write(folder: Path, exported: ExportedModel, captured: CapturedGraph, lower
         "weights.safetensors": save(tensors),
     }
     files.update({f"kernels/{name}.py": kernel.source.encode()
-                  for name, kernel in program.triton_kernels.items() if kernel.source})
+                  for name, kernel in program.generated.items() if kernel.source})
     meta = {
         "target": report.target,
         "device": device,
@@ -186,8 +188,8 @@ def _write(folder: Path, exported: ExportedModel, captured: CapturedGraph, lower
                    for r in report.passes],
         "ops": report.ops_after,
         "plan": report.plan,
-        "kernels": [{"name": name, "kind": kind, "nodes": list(nodes), "triton": name in program.triton_kernels,
-                     "why_not_triton": program.not_generated.get(name)} for name, kind, nodes in report.kernels],
+        "kernels": [{"name": name, "kind": kind, "nodes": list(nodes), "generated": name in program.generated,
+                     "why_not_generated": program.not_generated.get(name)} for name, kind, nodes in report.kernels],
         "inputs": [_input_spec(n, v) for n, v in zip(exported.input_names, exported.user_inputs)],
         "symbols": _symbol_examples(exported.user_inputs),
         "kwargs": kwarg_names,

@@ -27,9 +27,10 @@ from typing import Any
 
 import torch
 
-from fxpress.compiler.errors import FxpressError
+from fxpress.core.errors import FxpressError
+from fxpress.core.version import VERSION
 
-FORMAT = 2  # 2: graph.json, from which load regenerates the wrapper
+FORMAT = 3  # 2: graph.json, from which load regenerates the wrapper; 3: kernels[].generated (any target)
 META = "meta.json"
 
 
@@ -49,9 +50,7 @@ def _checksum(meta: dict[str, Any]) -> str:
 def versions() -> dict[str, str]:
     import triton
 
-    import fxpress
-
-    return {"fxpress": fxpress.__version__, "torch": torch.__version__, "triton": triton.__version__}
+    return {"fxpress": VERSION, "torch": torch.__version__, "triton": triton.__version__}
 
 
 def write_files(folder: Path, files: dict[str, bytes], meta: dict[str, Any]) -> None:

@@ -22,11 +22,12 @@ from torch._dynamo.exc import RestartAnalysis, SkipFrame
 
 import fxpress.ops  # noqa: F401  (registers torch.ops.fxpress before any graph uses them)
 from fxpress.compiler.capture import CapturedGraph, capture_and_compile
-from fxpress.compiler.counters import counters
-from fxpress.compiler.logs import compile_log, configure_from_flags
-from fxpress.compiler.errors import OptionError, PassError, UnsupportedGraphError
+from fxpress.core.counters import counters
+from fxpress.core.logs import compile_log, configure_from_flags
+from fxpress.core.errors import OptionError, PassError, UnsupportedGraphError
 from fxpress.compiler.lower import lower_captured
-from fxpress.compiler.options import Options
+from fxpress.codegen.targets import get_target
+from fxpress.ir.options import Options
 from fxpress.compiler.pipeline import PassFn, build_pipeline
 from fxpress.compiler.report import GraphReport
 from fxpress.integer.measure import has_sites, measure_sites
@@ -46,11 +47,12 @@ class Backend:
 
     def __init__(self, opts: Options, on_report: Callable[[GraphReport], None] | None = None):
         self.opts = opts
+        self.target = get_target(opts.target)  # refuses an unknown target now, not at first compile
         self.passes = build_pipeline(opts)  # validates pass names now, not at first compile
         self.on_report = on_report
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
-        report = GraphReport(index=next(_graph_ids), target=self.opts.resolved_target())
+        report = GraphReport(index=next(_graph_ids), target=self.target.name)
         start = time.perf_counter()
         frozen: list[int] = []
         try:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from fxpress.compiler.backend import Backend
-from fxpress.compiler.options import Options
+from fxpress.ir.options import Options
 from fxpress.compiler.report import GraphReport
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from fxpress.compiler.errors import UnsupportedGraphError
+from fxpress.core.errors import UnsupportedGraphError
 
 
 @dataclass

@@ -22,10 +22,11 @@ import torch.utils._pytree as pytree
 
 from fxpress.compiler import artifact, graph_json
 from fxpress.compiler.artifact import ArtifactError
+from fxpress.codegen.targets import get_target, target_names
 from fxpress.compiler.lower import regenerate_wrapper
 from fxpress.kv import graph_state
-from fxpress.kv.policies import POLICIES
-from fxpress.runtime.program import load_wrapper
+from fxpress.kv.registry import policy_class
+from fxpress.runtime.wrapper_cache import load_wrapper
 from fxpress.runtime.wrapper_support import InputError
 
 
@@ -114,8 +115,7 @@ def _spec(text: str, field: str) -> pytree.TreeSpec:
 
 
 def _policy(record: dict[str, Any]) -> Any:
-    classes = {cls.__name__: cls for cls in POLICIES}
-    cls = classes.get(record.get("class"))
+    cls = policy_class(record.get("class"))
     if cls is None:
         raise ArtifactError(f"unknown KV policy {record.get('class')!r} in meta.json")
 
@@ -153,8 +153,6 @@ def load(path: str | Path) -> LoadedModel:
     folder, or one written by other fxpress / torch / triton versions, naming the problem."""
     from safetensors.torch import load as load_tensors
 
-    from fxpress.compiler import flags
-
     folder = Path(path)
     meta = artifact.read_meta(folder)
     _check_values(folder, meta)
@@ -162,9 +160,9 @@ def load(path: str | Path) -> LoadedModel:
     device = torch.device(meta["device"])
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ArtifactError(f"{folder} was compiled for {device}; this machine has no CUDA device")
-    if meta["target"] == "triton" and device.type == "cpu" and not flags.TRITON_INTERPRET.get():
-        raise ArtifactError(f"{folder} runs Triton kernels on CPU tensors: set TRITON_INTERPRET=1 to run them "
-                            "in Triton's interpreter, or compile it with target='cpu'")
+    refusal = get_target(meta["target"]).device_refusal(device)
+    if refusal is not None:
+        raise ArtifactError(f"{folder} {refusal}")
     try:
         stored = load_tensors(files["weights.safetensors"])
     except Exception as e:
@@ -187,8 +185,8 @@ def _check_values(folder: Path, meta: dict[str, Any]) -> None:
     def refuse(field: str, value: Any, expected: str) -> ArtifactError:
         return ArtifactError(f"{folder}/meta.json: field {field} must be {expected}, got {value!r:.80}")
 
-    if meta["target"] not in ("cpu", "triton"):
-        raise refuse("target", meta["target"], "'cpu' or 'triton'")
+    if meta["target"] not in target_names() or meta["target"] == "auto":
+        raise refuse("target", meta["target"], "a registered target: " + ", ".join(target_names()[1:]))
     try:
         torch.device(meta["device"])
     except (RuntimeError, ValueError):

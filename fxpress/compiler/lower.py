@@ -13,17 +13,17 @@ from pathlib import Path
 
 import torch.fx as fx
 
+from fxpress.codegen.plan_memory import MemoryPlan, plan_memory
+from fxpress.codegen.program import WrapperProgram, wrapper_source
 from fxpress.codegen.schedule import Schedule, build_schedule, size_hints
+from fxpress.codegen.targets import get_target
 from fxpress.compiler.capture import CapturedGraph
-from fxpress.compiler.errors import UnsupportedGraphError
-from fxpress.compiler.options import Options
 from fxpress.compiler.pipeline import PassFn, run_pipeline
 from fxpress.compiler.report import GraphReport, op_histogram
-from fxpress.compiler.support import find_unsupported
-from fxpress.compiler.logs import kernel_log
-from fxpress.passes.plan_memory import MemoryPlan, plan_memory
-from fxpress.runtime import build_program, target_kernels
-from fxpress.runtime.program import WrapperProgram
+from fxpress.core.errors import UnsupportedGraphError
+from fxpress.core.logs import kernel_log
+from fxpress.ir.options import Options
+from fxpress.ir.support import find_unsupported
 
 
 @dataclass
@@ -47,14 +47,14 @@ def lower_captured(captured: CapturedGraph, opts: Options, passes: tuple[tuple[s
     report.ops_after, report.code = op_histogram(final), final.code
     schedule = build_schedule(final)
     plan = plan_memory(schedule, hints=size_hints(final))
-    program = build_program(final, schedule, plan, captured.runtime_inputs, report.target,
-                            title=f"graph {report.index}")
+    program = WrapperProgram(final, schedule, plan, captured.runtime_inputs, f"graph {report.index}",
+                             get_target(report.target))
     report.kernels = [(k.name, k.kind, k.nodes) for k in schedule.kernels]
     report.plan = plan.figures() | {"order": plan.order_chosen}
     report.memory_plan = plan
     report.wrapper = program.source
     kernel_log.debug("wrapper of graph %d:\n%s", report.index, program.source)
-    report.generated = {name: k.source for name, k in program.triton_kernels.items()}
+    report.generated = {name: k.source for name, k in program.generated.items()}
     report.not_generated = program.not_generated
     if dump is not None:
         (dump / "options.txt").write_text(repr(opts) + "\n")
@@ -68,7 +68,5 @@ def regenerate_wrapper(final: fx.GraphModule, target: str, title: str) -> str:
     kernels, decided again (an artifact's load checks it against the recorded one)."""
     schedule = build_schedule(final)
     plan = plan_memory(schedule, hints=size_hints(final))
-    from fxpress.runtime.program import emit_wrapper  # the emitter WrapperProgram runs
-
-    kernels, _ = target_kernels(final, schedule, target)
-    return emit_wrapper(final, schedule, plan, title, kernels)
+    source, _, _ = wrapper_source(final, schedule, plan, title, get_target(target))
+    return source

@@ -16,11 +16,11 @@ from typing import Any, Callable
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from fxpress.compiler import counters as counters_mod
-from fxpress.compiler.errors import FxpressError, OptionError, PassError
-from fxpress.compiler.logs import graph_log
-from fxpress.compiler.options import Options
-from fxpress.compiler.verify import verify_graph
+from fxpress.core import counters as counters_mod
+from fxpress.core.errors import FxpressError, OptionError, PassError
+from fxpress.core.logs import graph_log
+from fxpress.ir.options import Options
+from fxpress.ir.verify import verify_graph
 from fxpress.passes.compress_kv_cache import compress_kv_cache
 from fxpress.passes.cse import cse
 from fxpress.passes.fuse_low_rank import fuse_low_rank

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping
 
-from fxpress.passes.plan_memory import MemoryPlan
+from fxpress.codegen.plan_memory import MemoryPlan
 
 MiB = float(1 << 20)
 

@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 
 from fxpress.compiler.pipeline import PassRecord
-from fxpress.compiler.support import Unsupported
+from fxpress.ir.support import Unsupported
 
 
 def op_name(target: Any) -> str:
@@ -77,8 +77,8 @@ class GraphReport:
                 + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) + ")\n"
                 f"  arena: {arena / 2**20:.2f} MiB = {arena / max(lower, 1):.3f} x lower bound, "
                 f"{arena / max(naive, 1):.3f} x naive ({self.plan['order']} order)"
-                + (f"\n  triton kernels generated: {len(self.generated)}, left to torch: "
-                   f"{len(self.not_generated)}" if self.target == "triton" else ""))
+                + (f"\n  {self.target} kernels generated: {len(self.generated)}, left to torch: "
+                   f"{len(self.not_generated)}" if self.generated or self.not_generated else ""))
 
     def integer_summary(self) -> list[str]:
         lines = []

@@ -8,7 +8,7 @@
 """
 
 from fxpress.compress.checkpoint import load, save
-from fxpress.compress.lowbit import BitPlaneWeight, QuantizeError
+from fxpress.lowbit import BitPlaneWeight, QuantizeError
 from fxpress.compress.quantize import QuantizeResult, load_gguf_q4_1, quantize
 from fxpress.compress.quantized_linear import QuantizedLinear
 from fxpress.compress.low_rank_linear import LowRankLinear

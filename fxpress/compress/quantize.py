@@ -15,7 +15,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from fxpress.compress import lowbit
+import fxpress.lowbit as lowbit
 from fxpress.compress.linear_layers import matching_linears, set_submodule
 from fxpress.compress.quantized_linear import QuantizedLinear
 

@@ -1,4 +1,4 @@
-"""``QuantizedLinear``: a Linear layer stored as low-bit bit-planes (``fxpress.compress.lowbit``).
+"""``QuantizedLinear``: a Linear layer stored as low-bit bit-planes (``fxpress.lowbit``).
 
 Its forward is dequantise-then-matmul in plain torch (``fxpress::dequantize_planes`` then
 ``F.linear``), so the module runs without fxpress, and captured it is the pattern ``lut_matmul``
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxpress.ops  # noqa: F401  (registers fxpress::dequantize_planes)
-from fxpress.compress.lowbit import BitPlaneWeight
+from fxpress.lowbit import BitPlaneWeight
 
 
 class QuantizedLinear(nn.Module):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from fxpress.integer.config import IntegerError
+from fxpress.core.errors import IntegerError
 from fxpress.integer.constants import (GELU_COLUMNS, SIGMOID_BITS, SOFTMAX_COLUMNS, gelu_constants,
                                        softmax_constants)
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fxpress.compiler.errors import FxpressError
+from fxpress.core.errors import IntegerError
+from fxpress.integer.calibration import IntegerCalibration
 
 METHODS = ("ibert", "shift")
 OP_KINDS = ("softmax", "gelu", "layer_norm")
@@ -24,10 +25,6 @@ OP_KINDS = ("softmax", "gelu", "layer_norm")
 _DEFAULT_EXP_BITS = {"softmax": 15, "gelu": 22}
 # The paper's exponent clip: exp(x) is 0 once x < max_q * ln 2 (I-BERT n = 30, I-ViT n = 15 / 23).
 _DEFAULT_MAX_Q = {("ibert", "softmax"): 30, ("shift", "softmax"): 15, ("shift", "gelu"): 23}
-
-
-class IntegerError(FxpressError, ValueError):
-    """An integer-only parameter, scale or input is out of the range its int32 arithmetic holds."""
 
 
 def check_int(name: str, value: Any, low: int, high: int, why: str) -> int:
@@ -69,8 +66,6 @@ class IntegerOnly:
     layer_norm_input_bits: int = 22
 
     def __post_init__(self) -> None:
-        from fxpress.integer.calibration import IntegerCalibration
-
         if self.method not in METHODS:
             raise IntegerError(f"IntegerOnly method={self.method!r} is invalid: expected one of {METHODS}")
         ops = (self.ops,) if isinstance(self.ops, str) else tuple(self.ops)

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from fxpress.integer.config import IntegerError
+from fxpress.core.errors import IntegerError
 
 MIN_SCALE = 2.0 ** -14  # the exp and erf work at scales in [MIN_SCALE, 2 * MIN_SCALE)
 MAX_REFINE = -20  # the most the codes are shifted left to get there

@@ -1,23 +1,13 @@
-"""Compressed KV caches: policies, their storage, and a transformers cache that uses them.
+"""Compressed KV caches: policies, their storage and the reference attention over it.
 
-    cache = fxpress.kv_cache(model, max_len=4096, policy=fxpress.KIVI(bits=2))
+    cache = fxpress.kv_cache(model, max_len=4096, policy=fxpress.KIVI(bits=2))   # fxpress.hf.kv_cache
     model.generate(ids, past_key_values=cache, max_new_tokens=64)
     cache.nbytes()          # every byte of KV state: codes, scales, residual, positions, scores
 
-The policies import nothing heavy; the cache imports transformers when it is first asked for.
+Nothing here imports transformers or the compiler. A policy is a plug-in (``fxpress.kv.registry``).
 """
 
-from typing import Any
-
+from fxpress.core.errors import KVCacheError
 from fxpress.kv.policies import KIVI, DuoAttentionKV, FullKV, HeavyHitterKV, StreamingKV
 
-__all__ = ["KIVI", "CompressedKVCache", "DuoAttentionKV", "FullKV", "HeavyHitterKV", "KVCacheError",
-           "StreamingKV", "kv_cache"]
-
-
-def __getattr__(name: str) -> Any:
-    if name in ("CompressedKVCache", "KVCacheError", "kv_cache"):
-        from fxpress.kv import hf_cache
-
-        return getattr(hf_cache, name)
-    raise AttributeError(f"module 'fxpress.kv' has no attribute {name!r}")
+__all__ = ["KIVI", "DuoAttentionKV", "FullKV", "HeavyHitterKV", "KVCacheError", "StreamingKV"]

@@ -4,6 +4,8 @@ Queries of the chunk see every stored token (all earlier) and the chunk's own ke
 stored part arrives one dequantised segment at a time and is folded in with an online softmax, so
 no dequantised copy of the cache is ever whole. Query rows go in blocks to bound the score tiles.
 
+``store`` is a ``fxpress.kv.stores.Store`` (which imports this module, not the reverse).
+
 Grouped-query attention is native: the ``G`` query heads of a KV head are stacked as extra query
 rows of that head, so K/V are never repeated.
 
@@ -14,11 +16,11 @@ each key's attention probability over every query of the call and every query he
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from fxpress.compiler.errors import KVCacheError
-from fxpress.kv.stores import DuoStore, FullStore, KIVIStore, Store
+from fxpress.core.errors import KVCacheError
 
 QUERY_ROWS = 256  # query rows per score tile: bounded temporaries for long chunks
 
@@ -40,27 +42,28 @@ class ScoreRule:
 PLAIN = ScoreRule()
 
 
-def _check_window(store: Store, rule: ScoreRule, t: int) -> None:
+def _check_window(store: Any, rule: ScoreRule, t: int) -> None:
     """A window needs each stored token's position: stores that keep every token in order have it
     (position = index); an evicting store's order is its own, so the window must not bind there."""
-    if rule.window is None or isinstance(store, (FullStore, KIVIStore)) or store.filled + t <= rule.window:
+    if rule.window is None or store.keeps_positions or store.filled + t <= rule.window:
         return
     raise KVCacheError(f"a sliding-window layer (window {rule.window}) reached {store.filled + t} tokens with a "
                        f"{type(store).__name__}, which does not keep token positions in order: use FullKV or "
                        "KIVI for sliding-window models, or a cache no longer than the window")
 
 
-def attend(store: Store, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+def attend(store: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
            rule: ScoreRule = PLAIN) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``q [B, Hq, T, d]``, the chunk's ``k, v [B, Hkv, T, d]`` -> (output ``[B, Hq, T, d]`` float32,
-    per-key attention mass ``[B, Hkv, stored + T]`` when the store needs it)."""
-    if isinstance(store, DuoStore):
-        return _attend_duo(store, q, k, v, scale, rule), None
-    _check_window(store, rule, q.shape[2])
-    if isinstance(store, KIVIStore) and q.is_cuda and q.shape[2] == 1 and rule.plain:
-        from fxpress.codegen.kernels import kivi  # decode reads the packed codes in place
+    per-key attention mass ``[B, Hkv, stored + T]`` when the store needs it). The store decides how
+    (``Store.attend``): this reference, or a kernel of its own."""
+    return store.attend(q, k, v, scale, rule)
 
-        return kivi.decode_attention(q, store, k, v, scale), None
+
+def reference_attend(store: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     rule: ScoreRule = PLAIN) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`attend` in plain torch, over the store's dequantised segments."""
+    _check_window(store, rule, q.shape[2])
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     if hq % hkv:
@@ -93,7 +96,7 @@ def attend(store: Store, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     return out, mass
 
 
-def _score_tiles(store: Store, qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_pos: torch.Tensor,
+def _score_tiles(store: Any, qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_pos: torch.Tensor,
                  rule: ScoreRule = PLAIN):
     """(key offset, row slice, scores, V) tiles: every stored segment (visible to all rows), then the
     chunk's own keys (causal: row ``r`` sees keys up to ``row_pos[r]``), over blocks of query rows.
@@ -123,16 +126,3 @@ def _score_tiles(store: Store, qg: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         s = ruled(qg[:, :, rows] @ k[:, :, :stop].transpose(-1, -2), rows, filled)
         visible = torch.arange(stop, device=k.device)[None, :] <= pos[:, None]
         yield at, rows, s.masked_fill(~visible, float("-inf")), v[:, :, :stop]
-
-
-def _attend_duo(store: DuoStore, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                rule: ScoreRule) -> torch.Tensor:
-    b, hq, t, d = q.shape
-    hkv = k.shape[1]
-    grouped = q.reshape(b, hkv, hq // hkv, t, d)
-    out = torch.empty(b, hkv, hq // hkv, t, d, dtype=torch.float32, device=q.device)
-    for heads, part in store.parts:
-        sub_q = grouped.index_select(1, heads).flatten(1, 2)
-        sub_out, _ = attend(part, sub_q, k.index_select(1, heads), v.index_select(1, heads), scale, rule)
-        out.index_copy_(1, heads, sub_out.unflatten(1, (len(heads), -1)))
-    return out.reshape(b, hq, t, d)

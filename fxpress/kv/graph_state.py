@@ -23,8 +23,8 @@ import threading
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from fxpress.compiler.errors import KVCacheError
-from fxpress.kv.policies import Policy
+from fxpress.core.errors import KVCacheError
+from fxpress.kv.registry import Policy
 from fxpress.kv.sequence import KVSequence
 
 _SITES: dict[int, GraphKVSite] = {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from fxpress.kv import quant
+import fxpress.kv.quant as quant
 
 
 class Rows:

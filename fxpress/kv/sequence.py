@@ -1,7 +1,7 @@
 """One attention layer's compressed KV for one batch of sequences, and the step every way in
 shares: attend the chunk's queries to the stored tokens plus the chunk, then store the chunk.
 
-Both the transformers cache (``hf_cache``) and the compiled graphs' state (``graph_state``) are
+Both the transformers cache (``fxpress.hf.kv_cache``) and the compiled graphs' state (``graph_state``) are
 this plus their own way of being reached.
 """
 
@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from fxpress.compiler.errors import KVCacheError
+from fxpress.core.errors import KVCacheError
 from fxpress.kv.attention import PLAIN, ScoreRule, attend
-from fxpress.kv.policies import Policy
-from fxpress.kv.stores import Store, make_store
+from fxpress.kv.registry import Policy, make_store
+from fxpress.kv.stores import Store
 
 
 class KVSequence:

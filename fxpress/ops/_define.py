@@ -1,16 +1,21 @@
-"""How an fxpress op is made: a torch.library schema, a fake kernel and a reference implementation.
+"""How an fxpress op is made: a torch.library schema, a fake kernel (its shape rule), a reference
+implementation, and per target the kernel that runs it (``fxpress.ops.lowering``).
 
 The reference implementation, in plain torch, is the definition of correct for the op and the
 kernel the cpu target runs. The fake kernel computes output metadata (shape, dtype, strides) with no
-data, so passes can put the op into graphs carrying FakeTensors and symbolic shapes.
+data, so passes can put the op into graphs carrying FakeTensors and symbolic shapes. A new op is
+one file calling :func:`define_op` (imported by ``fxpress/ops/__init__.py``) plus its tests.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
+
+from fxpress.ops.lowering import Launcher
 
 NAMESPACE = "fxpress"
 
@@ -31,6 +36,8 @@ class OpSpec:
     # generated wrappers pass it through their ``KV_HANDLES`` table, so a loaded artifact can
     # point it at state of its own process.
     state_handle: int | None = None
+    # Target name -> the kernel that target runs the op with; a target not named runs the reference.
+    lowerings: Mapping[str, Launcher] = dataclasses.field(default_factory=dict, compare=False)
 
     @property
     def qualname(self) -> str:
@@ -57,6 +64,7 @@ def define_op(
     overwritable: int | None = None,
     out_impl: Callable[..., None] | None = None,
     state_handle: int | None = None,
+    lowerings: Mapping[str, Launcher] | None = None,
 ) -> torch._ops.OpOverload:
     """Register ``fxpress::<name>``; the schema is inferred from ``reference``'s type hints."""
     if name in OPS:
@@ -64,5 +72,6 @@ def define_op(
     custom = torch.library.custom_op(f"{NAMESPACE}::{name}", reference, mutates_args=mutates_args)
     custom.register_fake(fake)
     overload = getattr(getattr(torch.ops, NAMESPACE), name).default
-    OPS[name] = OpSpec(name, overload, reference, fake, overwritable, out_impl, state_handle)
+    OPS[name] = OpSpec(name, overload, reference, fake, overwritable, out_impl, state_handle,
+                       dict(lowerings or {}))
     return overload

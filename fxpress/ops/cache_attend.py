@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import torch
 
+from fxpress.kv.bound_layers import attend_bound, bind
 from fxpress.ops._define import define_op
 
 
 def _cache_bind(k: torch.Tensor, handle: torch.Tensor) -> torch.Tensor:
-    from fxpress.kv.hf_cache import bind
-
     bind(int(handle.reshape(-1)[0]))
     return k.clone()
 
@@ -33,8 +32,6 @@ def _cache_bind_fake(k, handle):
 
 def _cache_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, layer: int,
                   scale: float, softcap: float | None, window: int | None) -> torch.Tensor:
-    from fxpress.kv.hf_cache import attend_bound
-
     return attend_bound(q, k, v, mask, layer, scale, softcap, window)
 
 

@@ -27,7 +27,29 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fxpress.core.triton_types import TL_DTYPES, dot_pad
 from fxpress.ops._define import define_op
+from fxpress.ops.lowering import Launcher, argument_name, tensor_arguments
+
+MAX_RANK_PAD = 512  # widest on-chip rank accumulator a Triton program keeps (per row block)
+
+
+def _triton(function: str) -> dict[str, Launcher]:
+    """The op's Triton kernel (``fxpress/ops/kernels/lowrank.py``), for layouts and ranks it takes."""
+
+    def refusal(node: torch.fx.Node) -> str | None:
+        tensors = tensor_arguments(node)
+        values = [a.meta["val"] for a in tensors] + [node.meta["val"]]
+        if any(v.dtype not in TL_DTYPES for v in values):
+            return f"{function} on a dtype outside {sorted(map(str, TL_DTYPES))}"
+        if not node.args[0].meta["val"].is_contiguous():
+            return f"{function} of a non-contiguous input"
+        ranks = [v.shape[0] for a, v in zip(tensors, values) if "down" in argument_name(node, a)]
+        ranks += [v.shape[-1] for a, v in zip(tensors, values) if argument_name(node, a).startswith("p")]
+        if any(dot_pad(r) > MAX_RANK_PAD for r in ranks if not isinstance(r, torch.SymInt)):
+            return f"{function} with a rank above {MAX_RANK_PAD} (its on-chip accumulator would spill)"
+        return None
+    return {"triton": Launcher("fxpress.ops.kernels.lowrank", function, refusal)}
 
 BLOCK_ELEMENTS = 1 << 18  # widest temporary of one streamed block: 1 MiB in fp32
 MIN_ROWS = 16  # blocks never shrink below this many rows (matmul efficiency)
@@ -108,7 +130,7 @@ def _linear_fake(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, bias: to
 
 
 lowrank_linear = define_op("lowrank_linear", _linear_reference, _linear_fake, overwritable=0,
-                           out_impl=_linear_into)
+                           out_impl=_linear_into, lowerings=_triton("lowrank_linear"))
 
 
 # lowrank_ffn ------------------------------------------------------------------------------------
@@ -157,7 +179,8 @@ def _ffn_fake(x, down1, up1, bias1, down2, up2, bias2, activation, gate_down, ga
     return x.new_empty(*x.shape[:-1], up2.shape[0])
 
 
-lowrank_ffn = define_op("lowrank_ffn", _ffn_reference, _ffn_fake, overwritable=0, out_impl=_ffn_into)
+lowrank_ffn = define_op("lowrank_ffn", _ffn_reference, _ffn_fake, overwritable=0, out_impl=_ffn_into,
+                        lowerings=_triton("lowrank_ffn"))
 
 
 # lowrank_attention ------------------------------------------------------------------------------
@@ -266,5 +289,5 @@ def _attention_fake(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, num_he
 
 
 lowrank_attention = define_op("lowrank_attention", _attention_reference, _attention_fake,
-                              out_impl=_attention_into)
+                              out_impl=_attention_into, lowerings=_triton("lowrank_attention"))
 

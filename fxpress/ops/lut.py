@@ -1,4 +1,4 @@
-"""Low-bit Linear ops over bit-plane weights (``fxpress.compress.lowbit``).
+"""Low-bit Linear ops over bit-plane weights (``fxpress.lowbit``).
 
 - ``dequantize_planes(planes, alpha, beta, in_features, group_size)``: the float32 weight; what a
   ``QuantizedLinear`` runs in eager, and the pattern ``lut_matmul`` matches.
@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from fxpress.compress import lowbit
+import fxpress.lowbit as lowbit
 from fxpress.ops._define import define_op
+from fxpress.ops.lowering import Launcher, float_input_refusal
 
 MU = 4  # activations per table (T-MAC's g = 4; LUT-GEMM uses 8)
 TILE_ROWS = 1024  # output rows per step, LUT and tiled paths alike
@@ -120,4 +121,6 @@ def _lut_fake(x, planes, alpha, beta, bias, in_features, group_size, max_lut_row
     return x.new_empty(*x.shape[:-1], planes.shape[1])
 
 
-lut_linear = define_op("lut_linear", _lut_reference, _lut_fake)
+# Table lookup for a few rows, dequantise-per-tile GEMM above (``fxpress/ops/kernels/lut.py``).
+lut_linear = define_op("lut_linear", _lut_reference, _lut_fake, lowerings={
+    "triton": Launcher("fxpress.ops.kernels.lut", "lut_linear", float_input_refusal("lut_linear"))})

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from fxpress.core.triton_types import TL_DTYPES
 from fxpress.ops._define import define_op
+from fxpress.ops.lowering import Launcher, contiguous
 
 
 def _reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -35,4 +37,14 @@ def _fake(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Ten
     return x.new_empty(shape, dtype=dtype)
 
 
-rms_norm = define_op("rms_norm", _reference, _fake, overwritable=0)
+def _triton_refusal(node: torch.fx.Node) -> str | None:
+    x, weight, _ = node.args
+    if not (contiguous(x.meta["val"]) and contiguous(node.meta["val"])) or x.meta["val"].dtype not in TL_DTYPES:
+        return "rms_norm of a non-contiguous or symbolic-shaped input"
+    if weight is not None and not (contiguous(weight.meta["val"]) and weight.meta["val"].dim() == 1):
+        return "rms_norm with a weight that is not one contiguous row"
+    return None
+
+
+rms_norm = define_op("rms_norm", _reference, _fake, overwritable=0, lowerings={
+    "triton": Launcher("fxpress.ops.kernels.rms_norm", "rms_norm", _triton_refusal)})

@@ -32,12 +32,13 @@ from functools import partial
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from fxpress.compiler.counters import counters
-from fxpress.compiler.options import Options
+from fxpress.core.counters import counters
+from fxpress.ir.options import Options
 from fxpress.kv import graph_state
-from fxpress.kv.policies import Policy, check_head_dim
+from fxpress.kv.policy_checks import check_head_dim
+from fxpress.kv.registry import Policy
 from fxpress.ops import kv_attend
-from fxpress.passes._match import (Match, Miss, Rule, SDPA_OPS, apply_rules, aten, is_op, sdpa_arguments,
+from fxpress.ir.match import (Match, Miss, Rule, SDPA_OPS, apply_rules, aten, is_op, sdpa_arguments,
                                    sdpa_result, val)
 
 RULE = "cache update -> sdpa => kv_attend"

@@ -15,8 +15,8 @@ import torch.fx as fx
 from torch.fx.passes.dialect.common.cse_pass import CSEPass, get_CSE_banned_ops
 from torch.fx.passes.infra.pass_base import PassResult
 
-from fxpress.compiler.counters import counters
-from fxpress.compiler.options import Options
+from fxpress.core.counters import counters
+from fxpress.ir.options import Options
 
 
 def _must_not_merge(node: fx.Node) -> bool:

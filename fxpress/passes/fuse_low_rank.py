@@ -30,8 +30,8 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 import fxpress.ops  # noqa: F401  (registers torch.ops.fxpress)
-from fxpress.compiler.options import Options
-from fxpress.passes._match import (
+from fxpress.ir.options import Options
+from fxpress.ir.match import (
     SDPA_OPS, Match, Miss, Rule, apply_rules, aten, insert_call, is_op, only_user, same_size, sdpa_arguments,
     sdpa_result, val)
 

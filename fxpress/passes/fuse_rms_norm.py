@@ -16,8 +16,8 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 import fxpress.ops  # noqa: F401  (registers torch.ops.fxpress)
-from fxpress.compiler.options import Options
-from fxpress.passes._match import (
+from fxpress.ir.options import Options
+from fxpress.ir.match import (
     Match,
     Miss,
     Rule,

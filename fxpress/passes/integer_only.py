@@ -26,12 +26,13 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassResult
 
-from fxpress.compiler.counters import counters
+from fxpress.core.counters import counters
 from fxpress.integer import constants
-from fxpress.integer.config import IntegerError, IntegerOnly
+from fxpress.core.errors import IntegerError
+from fxpress.integer.config import IntegerOnly
 from fxpress.integer.measure import site_tag
-from fxpress.integer.sites import Site, find_sites
-from fxpress.passes._match import add_constant, aten, insert_call, sdpa_arguments, sdpa_result, val
+from fxpress.ir.integer_sites import Site, find_sites
+from fxpress.ir.match import add_constant, aten, insert_call, sdpa_arguments, sdpa_result, val
 
 ops = torch.ops.fxpress
 GROUP = "integer_only"

@@ -25,9 +25,9 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 import fxpress.ops  # noqa: F401  (registers torch.ops.fxpress)
-from fxpress.compiler.counters import counters
-from fxpress.compress import lowbit
-from fxpress.passes._match import Match, Miss, Rule, add_constant, apply_rules, aten, insert_call, is_op, val
+from fxpress.core.counters import counters
+import fxpress.lowbit as lowbit
+from fxpress.ir.match import Match, Miss, Rule, add_constant, apply_rules, aten, insert_call, is_op, val
 
 GROUP = "lut_matmul"
 

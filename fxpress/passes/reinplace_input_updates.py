@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from fxpress.compiler.options import Options
-from fxpress.passes._match import Match, Miss, Rule, apply_rules, aten, is_op
+from fxpress.ir.options import Options
+from fxpress.ir.match import Match, Miss, Rule, apply_rules, aten, is_op
 
 # functional op -> the in-place op with the same arguments
 _INPLACE = {

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from fxpress.compiler.counters import counters
-from fxpress.compiler.options import Options
+from fxpress.core.counters import counters
+from fxpress.ir.options import Options
 
 
 def remove_dead_code(gm: fx.GraphModule, *, opts: Options) -> PassResult:

@@ -15,9 +15,9 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.fx.passes.infra.pass_base import PassResult
 
-from fxpress.compiler.counters import counters
-from fxpress.compiler.options import Options
-from fxpress.passes._match import aten, is_op, same_size, val
+from fxpress.core.counters import counters
+from fxpress.ir.options import Options
+from fxpress.ir.match import aten, is_op, same_size, val
 
 def _is_view_op(node: fx.Node) -> bool:
     target = node.target

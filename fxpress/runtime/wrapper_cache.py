@@ -24,7 +24,7 @@ import types
 import warnings
 from pathlib import Path
 
-from fxpress.compiler import flags
+from fxpress.core import flags
 
 
 class CacheFolderWarning(UserWarning):
@@ -106,3 +106,10 @@ def load_module(source: str, names: dict[str, object]) -> types.ModuleType:
     module.__dict__.update(names)
     exec(compile(source, filename, "exec"), module.__dict__)
     return module
+
+
+def load_wrapper(source: str, constants: dict[str, object], kv_handles: dict[int, int] | None = None
+                 ) -> types.ModuleType:
+    """Run a wrapper module from its source. ``kv_handles`` maps the KV-site handles written in its
+    source to the sites of this process (a loaded artifact's)."""
+    return load_module(source, {"CONSTANTS": constants, "KV_HANDLES": kv_handles or {}})

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from fxpress.compiler.errors import FxpressError
+from fxpress.core.errors import FxpressError
 
 
 class InputError(FxpressError, ValueError):

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxpress.codegen.schedule import Buffer, Kernel, Schedule, build_schedule, size_hints
-from fxpress.passes.plan_memory import ALIGN, check_plan, plan_memory
+from fxpress.codegen.plan_memory import ALIGN, check_plan, plan_memory
 
 S0 = sympy.Symbol("s0", integer=True, positive=True)
 
@@ -94,7 +94,7 @@ def test_views_keep_their_base_alive():
 
 def test_real_llama_plan_is_tight():
     from fxpress.compiler.pipeline import build_pipeline, run_pipeline
-    from fxpress.compiler.options import Options
+    from fxpress.ir.options import Options
     from tests.passes.graphs import capture
     from tests.tiny_models import tiny_llama, token_ids
 

@@ -64,9 +64,9 @@ def test_explain_reports_kernels_and_plan():
 
 @pytest.mark.parametrize("batch", [3, 1])
 def test_row_reductions_run_in_blocks_and_overwrite_their_dying_input(batch, monkeypatch):
-    import fxpress.codegen.cpu_rows as cpu_rows
+    import fxpress.codegen.row_blocked as row_blocked
 
-    monkeypatch.setattr(cpu_rows, "BLOCK_ELEMENTS", 64)  # several blocks even at test sizes
+    monkeypatch.setattr(row_blocked, "BLOCK_ELEMENTS", 64)  # several blocks even at test sizes
     position = torch.randn(1, 10, 16)  # broadcast over the batch, as position embeddings are
     weight, bias, m = torch.randn(16), torch.randn(16), torch.randn(16, 16)
 

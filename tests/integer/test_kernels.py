@@ -23,7 +23,7 @@ SCALES = [1e-6, 3e-5, 0.003, 0.02, 0.0625, 0.11, 0.5, 2.0]
 
 
 def _kernels():
-    from fxpress.codegen.kernels import integer
+    from fxpress.ops.kernels import integer
 
     return integer
 

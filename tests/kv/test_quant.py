@@ -9,7 +9,7 @@ import torch
 
 from fxpress.kv import KIVI, quant
 from fxpress.kv.attention import attend
-from fxpress.kv.stores import KIVIStore
+from fxpress.kv.kivi import KIVIStore
 
 
 def numpy_quantize(x: np.ndarray, bits: int, axis: int, dtype=np.float16):
@@ -92,7 +92,7 @@ def test_torch_quantiser_matches_numpy_code_for_code(bits, clip):
 @pytest.mark.parametrize("clip", [False, True])
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_triton_quantiser_matches_numpy_code_for_code(bits, clip, device):
-    from fxpress.codegen.kernels import kivi
+    from fxpress.kv.kernels import kivi
 
     k, v = _kv(n=32)
     got = {**kivi.quantize_keys(k.to(device), bits, 32, torch.float16, clip=clip),
@@ -121,7 +121,7 @@ def _filled_store(bits, sink, device):
 
 @pytest.mark.parametrize("bits,sink,split", [(2, 0, 1024), (4, 3, 32)])
 def test_decode_kernel_matches_reference_attention(bits, sink, split, device):
-    from fxpress.codegen.kernels import kivi
+    from fxpress.kv.kernels import kivi
 
     g = torch.Generator().manual_seed(3)
     q, kn, vn = (torch.randn(*s, generator=g) for s in ((2, 9, 1, 64), (2, 3, 1, 64), (2, 3, 1, 64)))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from fxpress.kv import KIVI, DuoAttentionKV, FullKV, HeavyHitterKV, StreamingKV
 from fxpress.kv.attention import attend
-from fxpress.kv.stores import make_store
+from fxpress.kv.registry import make_store
 
 B, HKV, HQ, D = 2, 2, 4, 32
 
@@ -140,7 +140,7 @@ def test_kivi2_marginal_bytes_per_token_are_three_bits_an_element():
 
 
 def test_h2o_decode_kernel_matches_the_torch_bookkeeping(device):
-    from fxpress.codegen.kernels.eviction import h2o_decode_update
+    from fxpress.kv.kernels.eviction import h2o_decode_update
 
     k, v = _tokens(30)
     reference = _store(HeavyHitterKV(budget=12, recent=4))

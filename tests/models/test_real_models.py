@@ -92,7 +92,7 @@ def test_smollm2_greedy_generation_is_token_identical(smollm2):
 
 
 def test_real_model_plans_are_within_ten_percent_of_the_lower_bound(minilm, smollm2):
-    from fxpress.passes.plan_memory import check_plan
+    from fxpress.codegen.plan_memory import check_plan
 
     model, tokenizer = minilm
     batch = tokenizer(_sentences(8), padding="max_length", truncation=True, max_length=128, return_tensors="pt")

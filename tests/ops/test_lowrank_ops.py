@@ -131,7 +131,7 @@ def _on(device, *tensors):
 
 
 def test_triton_lowrank_linear(device):
-    from fxpress.codegen.kernels.lowrank import lowrank_linear
+    from fxpress.ops.kernels.lowrank import lowrank_linear
 
     x, down, up, bias = _on(device, torch.randn(2, 37, 40), *_factors(40, 20, 72))
     out = torch.empty(2, 37, 72, device=device)
@@ -141,7 +141,7 @@ def test_triton_lowrank_linear(device):
 
 @pytest.mark.parametrize("activation, gated", [("gelu", False), ("gelu_tanh", False), ("relu", False), ("silu", True)])
 def test_triton_lowrank_ffn(device, activation, gated):
-    from fxpress.codegen.kernels.lowrank import lowrank_ffn
+    from fxpress.ops.kernels.lowrank import lowrank_ffn
 
     x = torch.randn(33, 32)
     first, second = _factors(32, 8, 80, seed=1), _factors(80, 12, 48, seed=2)
@@ -154,7 +154,7 @@ def test_triton_lowrank_ffn(device, activation, gated):
 
 @pytest.mark.parametrize("mask_kind, o_down", [("bool", False), ("causal", False), ("additive", True)])
 def test_triton_lowrank_attention(device, mask_kind, o_down):
-    from fxpress.codegen.kernels.lowrank import lowrank_attention
+    from fxpress.ops.kernels.lowrank import lowrank_attention
 
     ps, ups, biases = _attention_inputs(seq=37)
     keep = torch.rand(2, 1, 37, 37, generator=torch.Generator().manual_seed(3)) > 0.3

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers import StaticCache
 
 import fxpress
-from fxpress.compiler.errors import KVCacheError
+from fxpress.core.errors import KVCacheError
 from tests.tiny_models import tiny_gpt2, tiny_llama, token_ids
 
 RULE = "cache update -> sdpa => kv_attend"

@@ -9,7 +9,7 @@ import torch
 import transformers as T
 
 import fxpress
-from fxpress.compiler.errors import KVCacheError
+from fxpress.core.errors import KVCacheError
 
 NEW = 32
 

@@ -11,8 +11,9 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import fxpress
-from fxpress.compiler.errors import KVCacheError, OptionError
-from fxpress.kv.stores import FullStore, make_store
+from fxpress.core.errors import KVCacheError, OptionError
+from fxpress.kv.registry import make_store
+from fxpress.kv.stores import FullStore
 
 
 @pytest.mark.parametrize("make", [

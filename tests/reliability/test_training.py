@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fxpress
-from fxpress.compiler.errors import UnsupportedGraphError
+from fxpress.core.errors import UnsupportedGraphError
 from tests.tiny_models import tiny_bert, token_ids
 
 

@@ -1,0 +1,15 @@
+"""The targets a compiled graph can run on, by name; ``cpu`` and ``triton`` are built in.
+
+    from fxpress.codegen.targets import Target, register_target
+    register_target(MyTarget())          # then fxpress.backend(target="mine")
+"""
+
+from fxpress.codegen.targets.base import GeneratedKernel, Target
+from fxpress.codegen.targets.cpu import CpuTarget
+from fxpress.codegen.targets.registry import get_target, register_target, target_names, unregister_target
+from fxpress.codegen.targets.triton import TritonTarget
+
+register_target(CpuTarget())
+register_target(TritonTarget())
+
+__all__ = ["GeneratedKernel", "Target", "get_target", "register_target", "target_names", "unregister_target"]

@@ -1,0 +1,6 @@
+"""transformers integration: the compressed KV cache ``model.generate`` uses.
+
+    cache = fxpress.kv_cache(model, max_len=4096, policy=fxpress.KIVI(bits=2))
+
+Importing ``fxpress.hf.kv_cache`` imports transformers; nothing else in fxpress does.
+"""

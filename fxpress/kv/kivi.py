@@ -1,0 +1,164 @@
+"""``KIVI``: keys quantised per channel in groups of tokens, values per token, a full-precision
+residual window (Liu et al. 2024), and its store; on CUDA the store quantises and decodes with the
+Triton kernels of ``fxpress.kv.kernels.kivi``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import fxpress.kv.quant as quant
+from fxpress.kv.attention import ScoreRule
+from fxpress.kv.policy_checks import QUANT_BITS, check_positive, check_sink, is_int, require
+from fxpress.kv.registry import StoreShape, register_policy
+from fxpress.kv.stores import SEGMENT_TOKENS, Store
+
+
+@dataclass(frozen=True)
+class KIVI:
+    """``residual``: the newest tokens always stay at full precision (the window slides by
+    ``group_size`` tokens, so it holds ``residual`` to ``residual + group_size - 1`` of them).
+    ``sink``: the first tokens stay at full precision too. ``clip_keys``: each key group's range is
+    the one, of the min-max range shrunk by 0 to 40 %, with the least squared error. Both change
+    only how codes are made, not their size; ``sink=0, clip_keys=False`` is the paper's KIVI, which
+    costs SmolLM2 1.7 perplexity at 2 bits (bench/kv.py)."""
+
+    bits: int = 2
+    group_size: int = 32
+    residual: int = 128
+    sink: int = 4
+    clip_keys: bool = True
+
+    def __post_init__(self) -> None:
+        require(is_int(self.bits) and self.bits in QUANT_BITS, "KIVI",
+                f"bits must be one of {QUANT_BITS}, got {self.bits!r}")
+        check_positive("KIVI", group_size=self.group_size, residual=self.residual)
+        check_sink("KIVI", self.sink)
+        require(isinstance(self.clip_keys, bool), "KIVI", f"clip_keys must be a bool, got {self.clip_keys!r}")
+        per = 32 // self.bits
+        require(self.group_size % per == 0, "KIVI",
+                f"group_size ({self.group_size}) must be a multiple of {per}: {self.bits}-bit key codes of a "
+                "group are packed along tokens, 32/bits to an int32 word")
+
+    def describe(self) -> str:
+        clip = "" if self.clip_keys else ", no key clipping"
+        return f"KIVI-{self.bits} (G={self.group_size}, R={self.residual}, sink={self.sink}{clip})"
+
+
+class KIVIStore(Store):
+    """KIVI: keys quantised per channel over groups of ``G`` tokens, values per token over groups of
+    ``G`` channels, both packed into int32 words. The newest tokens wait at full precision in a
+    window of ``R + G`` slots; once it holds ``R + G`` tokens, the oldest ``G`` are quantised, so
+    the newest ``R`` are always exact. The first ``sink`` tokens are kept exact as well."""
+
+    keeps_positions = True
+
+    def __init__(self, policy: KIVI, max_len: int, **kw) -> None:
+        super().__init__(**kw)
+        self.policy = policy
+        bits, g, d = policy.bits, policy.group_size, self.head_dim
+        per = quant.codes_per_word(bits)
+        if d % g:
+            raise ValueError(f"{policy.describe()} needs head_dim ({d}) to be a multiple of group_size ({g}): "
+                             "values are quantised in groups of group_size channels")
+        # The newest `residual` tokens are never quantised, so codes are needed for at most this many.
+        quantised = max(max_len - policy.sink - policy.residual, 0) // g * g
+        b, h, dt, dev = self.batch, self.heads, self.dtype, self.device
+        self.k_codes = torch.zeros(b, h, quantised // per, d, dtype=torch.int32, device=dev)
+        self.k_scale = torch.zeros(b, h, quantised // g, d, dtype=dt, device=dev)
+        self.k_lo = torch.zeros_like(self.k_scale)
+        self.v_codes = torch.zeros(b, h, quantised, d // per, dtype=torch.int32, device=dev)
+        self.v_scale = torch.zeros(b, h, quantised, d // g, dtype=dt, device=dev)
+        self.v_lo = torch.zeros_like(self.v_scale)
+        self.k_residual = torch.zeros(b, h, policy.residual + g, d, dtype=dt, device=dev)
+        self.v_residual = torch.zeros_like(self.k_residual)
+        self.k_sink = torch.zeros(b, h, policy.sink, d, dtype=dt, device=dev)
+        self.v_sink = torch.zeros_like(self.k_sink)
+        self.sunk = 0       # tokens in the sink
+        self.quantised = 0  # tokens in codes; the rest of `filled` waits in the residual window
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, rule: ScoreRule
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if q.is_cuda and q.shape[2] == 1 and rule.plain:
+            from fxpress.kv.kernels import kivi  # decode reads the packed codes in place
+
+            return kivi.decode_attention(q, self, k, v, scale), None
+        return super().attend(q, k, v, scale, rule)
+
+    @property
+    def waiting(self) -> int:
+        return self.filled - self.sunk - self.quantised
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, n) for n in ("k_codes", "k_scale", "k_lo", "v_codes", "v_scale", "v_lo",
+                                              "k_residual", "v_residual", "k_sink", "v_sink")}
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.state().values())
+
+    def quantize_block(self, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Codes, scales and mins of ``n`` tokens (``n`` a multiple of the group size)."""
+        bits, g = self.policy.bits, self.policy.group_size
+        if k.is_cuda:  # the Triton kernels: the same codes, bit for bit
+            from fxpress.kv.kernels import kivi
+
+            return {**kivi.quantize_keys(k.contiguous(), bits, g, self.dtype, clip=self.policy.clip_keys),
+                    **kivi.quantize_values(v.contiguous(), bits, g, self.dtype)}
+        kc, ks, kl = quant.quantize(k.unflatten(2, (-1, g)), bits, 3, self.dtype, clip=self.policy.clip_keys)
+        vc, vs, vl = quant.quantize(v.unflatten(3, (-1, g)), bits, 4, self.dtype)
+        return {"k_codes": quant.pack(kc.flatten(2, 3), bits, 2), "k_scale": ks.squeeze(3), "k_lo": kl.squeeze(3),
+                "v_codes": quant.pack(vc.flatten(3), bits, 3), "v_scale": vs.squeeze(4), "v_lo": vl.squeeze(4)}
+
+    def dequantize_range(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        bits, g = self.policy.bits, self.policy.group_size
+        per = quant.codes_per_word(bits)
+        kc = quant.unpack(self.k_codes[:, :, start // per: stop // per], bits, 2).unflatten(2, (-1, g))
+        k = quant.dequantize(kc, self.k_scale[:, :, start // g: stop // g, None], self.k_lo[:, :, start // g: stop // g, None])
+        vc = quant.unpack(self.v_codes[:, :, start:stop], bits, 3).unflatten(3, (-1, g))
+        v = quant.dequantize(vc, self.v_scale[:, :, start:stop, :, None], self.v_lo[:, :, start:stop, :, None])
+        return k.flatten(2, 3), v.flatten(3)
+
+    def segments(self):
+        if self.sunk:
+            yield self.k_sink[:, :, :self.sunk].float(), self.v_sink[:, :, :self.sunk].float()
+        step = max(SEGMENT_TOKENS // self.policy.group_size, 1) * self.policy.group_size
+        for start in range(0, self.quantised, step):
+            yield self.dequantize_range(start, min(start + step, self.quantised))
+        if self.waiting:
+            yield self.k_residual[:, :, :self.waiting].float(), self.v_residual[:, :, :self.waiting].float()
+
+    def append(self, k, v, seen, mass=None) -> None:
+        t = k.shape[2]
+        self.filled += t
+        into_sink = max(0, min(self.policy.sink - seen, t))
+        if into_sink:
+            self.k_sink[:, :, self.sunk:self.sunk + into_sink] = k[:, :, :into_sink]
+            self.v_sink[:, :, self.sunk:self.sunk + into_sink] = v[:, :, :into_sink]
+            self.sunk += into_sink
+            k, v = k[:, :, into_sink:], v[:, :, into_sink:]
+        waiting = self.waiting - k.shape[2]
+        g = self.policy.group_size
+        flush = max(0, waiting + k.shape[2] - self.policy.residual) // g * g
+        if not flush:  # most decode steps: the new tokens just join the window
+            self.k_residual[:, :, waiting:waiting + k.shape[2]] = k
+            self.v_residual[:, :, waiting:waiting + v.shape[2]] = v
+            return
+        pending_k = torch.cat([self.k_residual[:, :, :waiting].float(), k.float()], 2)
+        pending_v = torch.cat([self.v_residual[:, :, :waiting].float(), v.float()], 2)
+        per, start = quant.codes_per_word(self.policy.bits), self.quantised
+        for name, block in self.quantize_block(pending_k[:, :, :flush], pending_v[:, :, :flush]).items():
+            tensor = getattr(self, name)
+            at = {"k_codes": start // per, "k_scale": start // g, "k_lo": start // g}.get(name, start)
+            tensor[:, :, at: at + block.shape[2]] = block
+        self.quantised += flush
+        left = pending_k.shape[2] - flush
+        self.k_residual[:, :, :left] = pending_k[:, :, flush:]
+        self.v_residual[:, :, :left] = pending_v[:, :, flush:]
+
+
+def _store(policy: KIVI, layer: int, shape: StoreShape) -> Store:
+    return KIVIStore(policy, shape.max_len, **shape.store_args())
+
+
+register_policy(KIVI, _store)

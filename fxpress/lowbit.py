@@ -1,0 +1,165 @@
+"""Low-bit weights as bit-planes with per-group scales: the format LUT matmul reads.
+
+Every quantised weight row group is ``w ~ sum_i alpha_i * s_i + beta`` with signs
+``s_i = 2 b_i - 1`` (``b_i`` the i-th bit-plane), one ``alpha`` per (row, group, bit) and one ``beta``
+per (row, group). Both quantisers land in it:
+
+- uniform asymmetric round-to-nearest (``rtn``): ``w = scale * (code - zero)`` with
+  ``code = sum_i 2**i b_i``, i.e. ``alpha_i = scale * 2**(i-1)``, ``beta = scale * ((2**q - 1)/2 - zero)``
+  (T-MAC's bias constant);
+- binary-coding quantisation (``bcq``, LUT-GEMM): greedy init ``b_i = sign(residual)``,
+  ``alpha_i = mean |residual|``, then rounds of least-squares ``alpha`` and nearest-candidate ``b``;
+  ``beta = 0``.
+
+Storage: ``planes`` int32 ``[bits, out, K_pad / 32]``, bit ``k % 32`` of word ``k // 32`` is column
+``k``; ``K_pad`` rounds ``K`` up to whole groups (padded columns hold bit 0 and meet zero
+activations). ``alpha`` ``[out, groups, bits]``, ``beta`` ``[out, groups]``, both float32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fxpress.core.errors import FxpressError
+
+BITS = (2, 3, 4)
+BCQ_ROUNDS = 15  # LUT-GEMM's alternating refinements
+
+
+class QuantizeError(FxpressError, ValueError):
+    """Bad bit width, group size or weight shape for low-bit quantisation."""
+
+
+@dataclass(frozen=True)
+class BitPlaneWeight:
+    planes: torch.Tensor
+    alpha: torch.Tensor
+    beta: torch.Tensor
+    in_features: int
+    group_size: int
+
+    @property
+    def bits(self) -> int:
+        return self.planes.shape[0]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.planes, self.alpha, self.beta))
+
+
+def check_format(bits: int, group_size: int, in_features: int | None = None) -> None:
+    if bits not in BITS:
+        raise QuantizeError(f"bits={bits!r} is not supported: expected one of {BITS}")
+    if not isinstance(group_size, int) or group_size <= 0 or group_size % 32:
+        raise QuantizeError(f"group_size={group_size!r} is invalid: expected a positive multiple of 32 "
+                            "(bit-planes are packed 32 columns to a word)")
+    if in_features is not None and in_features <= 0:
+        raise QuantizeError(f"in_features={in_features} must be positive")
+
+
+def padded(in_features: int, group_size: int) -> int:
+    return math.ceil(in_features / group_size) * group_size
+
+
+def pack(bits_tensor: torch.Tensor) -> torch.Tensor:
+    """``[q, out, K_pad]`` of 0/1 -> int32 ``[q, out, K_pad/32]``."""
+    q, n, k = bits_tensor.shape
+    words = bits_tensor.to(torch.int64).view(q, n, k // 32, 32) << torch.arange(32, dtype=torch.int64)
+    packed = words.sum(-1)
+    return torch.where(packed >= 2 ** 31, packed - 2 ** 32, packed).to(torch.int32)
+
+
+def unpack(planes: torch.Tensor) -> torch.Tensor:
+    """int32 ``[q, out, W]`` -> 0/1 int8 ``[q, out, 32 W]``."""
+    shifts = torch.arange(32, device=planes.device, dtype=torch.int32)
+    return ((planes.unsqueeze(-1) >> shifts) & 1).to(torch.int8).flatten(-2)
+
+
+def dequantize(planes: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, in_features: int,
+               group_size: int) -> torch.Tensor:
+    """The float32 weight ``[out, in_features]`` the planes stand for."""
+    signs = unpack(planes).to(torch.float32) * 2 - 1  # [q, out, K_pad]
+    q, n, k_pad = signs.shape
+    grouped = signs.view(q, n, k_pad // group_size, group_size)
+    w = torch.einsum("qngk,ngq->ngk", grouped, alpha) + beta.unsqueeze(-1)
+    return w.reshape(n, k_pad)[:, :in_features]
+
+
+def _grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    n, k = weight.shape
+    k_pad = padded(k, group_size)
+    w = torch.nn.functional.pad(weight.detach().to(torch.float32), (0, k_pad - k))
+    return w.view(n, k_pad // group_size, group_size)
+
+
+def _valid(k: int, group_size: int) -> torch.Tensor:
+    """1 for real columns, 0 for padding, shaped ``[groups, group_size]``."""
+    k_pad = padded(k, group_size)
+    return (torch.arange(k_pad) < k).to(torch.float32).view(k_pad // group_size, group_size)
+
+
+def rtn(weight: torch.Tensor, bits: int, group_size: int = 128) -> BitPlaneWeight:
+    """Uniform asymmetric round-to-nearest per (row, group)."""
+    check_format(bits, group_size, weight.shape[1])
+    w, valid = _grouped(weight, group_size), _valid(weight.shape[1], group_size)
+    big = torch.finfo(torch.float32).max
+    lo = torch.where(valid > 0, w, big).amin(-1)
+    hi = torch.where(valid > 0, w, -big).amax(-1)
+    levels = 2 ** bits - 1
+    scale = ((hi - lo) / levels).clamp(min=1e-12)
+    zero = torch.round(-lo / scale).clamp(0, levels)
+    codes = (torch.round(w / scale.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(0, levels).to(torch.int64)
+    return from_codes(codes * valid.to(torch.int64), zero, scale, bits, in_features=weight.shape[1])
+
+
+def bcq(weight: torch.Tensor, bits: int, group_size: int = 128, rounds: int = BCQ_ROUNDS) -> BitPlaneWeight:
+    """Binary-coding quantisation (LUT-GEMM): greedy signs and scales, then alternating refinement."""
+    check_format(bits, group_size, weight.shape[1])
+    w, valid = _grouped(weight, group_size), _valid(weight.shape[1], group_size)
+    count = valid.sum(-1).clamp(min=1)
+    residual = w.clone()
+    signs, alphas = [], []
+    for _ in range(bits):  # greedy: each plane takes the sign and the mean magnitude of what is left
+        s = torch.where(residual >= 0, 1.0, -1.0)
+        a = (residual.abs() * valid).sum(-1) / count
+        residual -= a.unsqueeze(-1) * s
+        signs.append(s)
+        alphas.append(a)
+    signs_t, alpha = torch.stack(signs, -1), torch.stack(alphas, -1)  # [n, G, g, q], [n, G, q]
+    candidates = _sign_table(bits)  # [2^q, q]
+    for _ in range(rounds):
+        # alpha: least squares over the group's real columns, (B^T B) alpha = B^T w
+        b = signs_t * valid.unsqueeze(-1)
+        # A small ridge keeps the solve defined when two planes agree on every sign of a group.
+        gram = b.transpose(-1, -2) @ b + (1e-4 * count)[..., None, None] * torch.eye(bits)
+        alpha = torch.linalg.solve(gram, (b.transpose(-1, -2) @ w.unsqueeze(-1))).squeeze(-1)
+        # signs: each weight takes the nearest of the 2^q values the group's alphas can make
+        values = alpha @ candidates.T  # [n, G, 2^q]
+        nearest = (w.unsqueeze(-1) - values.unsqueeze(-2)).abs().argmin(-1)  # [n, G, g]
+        signs_t = candidates[nearest]
+    planes = ((signs_t > 0).to(torch.int64) * valid.unsqueeze(-1).to(torch.int64)).permute(3, 0, 1, 2).flatten(-2)
+    return BitPlaneWeight(pack(planes), alpha, torch.zeros(alpha.shape[:2]), weight.shape[1], group_size)
+
+
+def from_codes(codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, bits: int,
+               in_features: int | None = None) -> BitPlaneWeight:
+    """Uniform codes ``[out, groups, group_size]`` with ``w = (code - zero) * scale`` (``zero`` and
+    ``scale`` ``[out, groups]``) as bit-planes, exactly: ``alpha_i = scale * 2**(i-1)``,
+    ``beta = scale * ((2**bits - 1)/2 - zero)``. ``in_features`` (default: every column) leaves
+    the last group's padding out."""
+    n, groups, group_size = codes.shape
+    in_features = groups * group_size if in_features is None else in_features
+    check_format(bits, group_size, in_features)
+    flat = codes.reshape(n, groups * group_size).to(torch.int64)
+    planes = torch.stack([(flat >> i) & 1 for i in range(bits)])
+    scale, zero = scale.to(torch.float32), zero.to(torch.float32)
+    alpha = torch.stack([scale * 2.0 ** (i - 1) for i in range(bits)], dim=-1)
+    return BitPlaneWeight(pack(planes), alpha, scale * ((2 ** bits - 1) / 2 - zero), in_features, group_size)
+
+
+def _sign_table(bits: int) -> torch.Tensor:
+    """``[2^q, q]``: row p holds the signs 2 * bit_i(p) - 1."""
+    p = torch.arange(2 ** bits).unsqueeze(-1)
+    return ((p >> torch.arange(bits)) & 1).to(torch.float32) * 2 - 1

@@ -1,0 +1,284 @@
+"""Triton kernels of the low-rank ops (``fxpress/ops/lowrank.py`` defines their semantics).
+
+Each program owns a block of rows and keeps the rank-r intermediates of that block on chip:
+
+- ``lowrank_linear``: ``p = x[rows] @ down.T`` (``[BM, R]``), then the output over blocks of
+  columns, ``p @ up.T + bias``;
+- ``lowrank_ffn``: ``p1 = x[rows] @ down1.T``; over blocks of the D-wide hidden layer,
+  ``h = act(p1 @ up1[blk].T + b1)`` (gated: ``act(gate) * h``) is folded into
+  ``t = sum h @ down2[:, blk].T`` (``[BM, R2]``); the output is ``t @ up2.T + b2``. Unlike
+  FlashSVD's FFN kernel, whose grid also splits the output columns, nothing is recomputed: the
+  D-wide activation is made once per row block and only rank-r accumulators live across blocks;
+- ``lowrank_attention``: FlashAttention's online softmax over key blocks, the query, key and value
+  tiles rebuilt from the rank-r factors ``p`` and the head's slice of ``up``; with ``o_down``, one
+  program per query block loops over all heads and accumulates ``ctx_h @ o_down[:, head].T``.
+
+A program reads all of its rows before writing any of them, and touches no other rows, so the
+linear and FFN outputs may overwrite their input (the planner's in-place reuse). Matrix products
+on fp32 run in full fp32 (``input_precision="ieee"``), as torch's matmul does by default, so the
+fused ops match the unfused chain to rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fxpress.core.triton_types import dot_pad as _pad
+
+SQRT1_2 = 0.7071067811865476
+GELU, GELU_TANH, SILU, RELU = 0, 1, 2, 3
+ACTIVATION_CODES = {"gelu": GELU, "gelu_tanh": GELU_TANH, "silu": SILU, "relu": RELU}
+# Factor tiles are [rank, block] wide; software pipelining (several stages in flight) of those
+# loads needs more shared memory than an H100 has at BERT-base ranks (seen: 312 KB > 227 KB).
+NUM_STAGES = 1
+
+
+def _precision(dtype: torch.dtype) -> str | None:
+    """fp32 products in full fp32 (Triton's default would be TF32); others at their own precision."""
+    return "ieee" if dtype == torch.float32 else None
+
+
+@triton.jit
+def _down_project(x, w, rows, row_mask, K, R, BM: tl.constexpr, BK: tl.constexpr, R_PAD: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """x[rows] @ w.T for w of shape [R, K]: a [BM, R_PAD] fp32 tile (columns >= R are zero)."""
+    rank = tl.arange(0, R_PAD)
+    acc = tl.zeros([BM, R_PAD], tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        xt = tl.load(x + rows[:, None] * K + ks[None, :], mask=row_mask[:, None] & (ks[None, :] < K), other=0.0)
+        wt = tl.load(w + rank[None, :] * K + ks[:, None], mask=(ks[:, None] < K) & (rank[None, :] < R), other=0.0)
+        acc += tl.dot(xt, wt, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _up_project(p, w, b, cols, R, N, HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr):
+    """p @ w[cols].T (+ b[cols]) for w of shape [N, R]: a [BM, len(cols)] fp32 tile."""
+    rank = tl.arange(0, R_PAD)
+    wt = tl.load(w + cols[None, :] * R + rank[:, None], mask=(rank[:, None] < R) & (cols[None, :] < N), other=0.0)
+    y = tl.dot(p.to(wt.dtype), wt, input_precision=PRECISION)
+    if HAS_BIAS:
+        y += tl.load(b + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    return y
+
+
+@triton.jit
+def _activate(h, ACT: tl.constexpr):
+    if ACT == 0:
+        h = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+    elif ACT == 1:
+        inner = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+        h = 0.5 * h * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))
+    elif ACT == 2:
+        h = h / (1.0 + tl.exp(-h))
+    else:
+        h = tl.maximum(h, 0.0)
+    return h
+
+
+@triton.jit
+def _store_rows(out, y, rows, row_mask, N, BN: tl.constexpr, n0):
+    cols = n0 + tl.arange(0, BN)
+    tl.store(out + rows[:, None] * N + cols[None, :], y.to(out.dtype.element_ty),
+             mask=row_mask[:, None] & (cols[None, :] < N))
+
+
+@triton.jit
+def lowrank_linear_kernel(x, down, up, bias, out, M, K, R, N, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
+                          BK: tl.constexpr, R_PAD: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    row_mask = rows < M
+    p = _down_project(x, down, rows, row_mask, K, R, BM, BK, R_PAD, PRECISION)
+    for n0 in range(0, N, BN):
+        y = _up_project(p, up, bias, n0 + tl.arange(0, BN), R, N, HAS_BIAS, R_PAD, PRECISION)
+        _store_rows(out, y, rows, row_mask, N, BN, n0)
+
+
+@triton.jit
+def lowrank_ffn_kernel(x, down1, up1, bias1, gate_down, gate_up, gate_bias, down2, up2, bias2, out,
+                       M, K, R1, D, RG, R2, N, ACT: tl.constexpr, GATED: tl.constexpr,
+                       HAS_B1: tl.constexpr, HAS_GB: tl.constexpr, HAS_B2: tl.constexpr,
+                       BM: tl.constexpr, BK: tl.constexpr, R1_PAD: tl.constexpr, RG_PAD: tl.constexpr,
+                       BD: tl.constexpr, R2_PAD: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    row_mask = rows < M
+    p1 = _down_project(x, down1, rows, row_mask, K, R1, BM, BK, R1_PAD, PRECISION)
+    if GATED:
+        pg = _down_project(x, gate_down, rows, row_mask, K, RG, BM, BK, RG_PAD, PRECISION)
+    rank2 = tl.arange(0, R2_PAD)
+    t = tl.zeros([BM, R2_PAD], tl.float32)
+    for d0 in range(0, D, BD):
+        hidden_cols = d0 + tl.arange(0, BD)
+        h = _up_project(p1, up1, bias1, hidden_cols, R1, D, HAS_B1, R1_PAD, PRECISION)
+        if GATED:
+            g = _up_project(pg, gate_up, gate_bias, hidden_cols, RG, D, HAS_GB, RG_PAD, PRECISION)
+            h = _activate(g, ACT) * h
+        else:
+            h = _activate(h, ACT)
+        # Round the activation to the model dtype, as the unfused chain stores it.
+        h = h.to(x.dtype.element_ty)
+        w2 = tl.load(down2 + rank2[None, :] * D + hidden_cols[:, None],
+                     mask=(hidden_cols[:, None] < D) & (rank2[None, :] < R2), other=0.0)
+        t += tl.dot(h, w2, input_precision=PRECISION)
+    for n0 in range(0, N, BN):
+        y = _up_project(t, up2, bias2, n0 + tl.arange(0, BN), R2, N, HAS_B2, R2_PAD, PRECISION)
+        _store_rows(out, y, rows, row_mask, N, BN, n0)
+
+
+@triton.jit
+def _head_tile(p, up, bias, b, seq_rows, seq_mask, S, R, h, d, HAS_BIAS: tl.constexpr,
+               R_PAD: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr):
+    """Rows ``seq_rows`` of one head rebuilt from its factors: p[b, rows] @ up[h*d:(h+1)*d].T + bias."""
+    rank = tl.arange(0, R_PAD)
+    pt = tl.load(p + (b * S + seq_rows[:, None]) * R + rank[None, :],
+                 mask=seq_mask[:, None] & (rank[None, :] < R), other=0.0)
+    cols = tl.arange(0, D_PAD)
+    wt = tl.load(up + (h * d + cols[None, :]) * R + rank[:, None],
+                 mask=(rank[:, None] < R) & (cols[None, :] < d), other=0.0)
+    tile = tl.dot(pt, wt, input_precision=PRECISION)
+    if HAS_BIAS:
+        tile += tl.load(bias + h * d + cols, mask=cols < d, other=0.0).to(tl.float32)[None, :]
+    return tile
+
+
+@triton.jit
+def lowrank_attention_kernel(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, mask, o_down, out,
+                             S, SK, RQ, RK, RV, RO, H, GROUP, d, scale,
+                             mask_sb, mask_sh, mask_sq, mask_sk,
+                             HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_VB: tl.constexpr,
+                             MASK: tl.constexpr, BOOL_MASK: tl.constexpr, CAUSAL: tl.constexpr,
+                             O_DOWN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                             D_PAD: tl.constexpr, RQ_PAD: tl.constexpr, RK_PAD: tl.constexpr,
+                             RV_PAD: tl.constexpr, RO_PAD: tl.constexpr, PRECISION: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    row_mask = rows < S
+    if O_DOWN:
+        b = tl.program_id(1)
+        first_head = 0
+        heads = H
+    else:
+        b = tl.program_id(1) // H
+        first_head = tl.program_id(1) % H
+        heads = 1
+    cols = tl.arange(0, D_PAD)
+    rank_o = tl.arange(0, RO_PAD)
+    projected = tl.zeros([BM, RO_PAD], tl.float32)
+    for h in range(first_head, first_head + heads):
+        kv = h // GROUP
+        q = _head_tile(pq, q_up, q_bias, b, rows, row_mask, S, RQ, h, d, HAS_QB, RQ_PAD, D_PAD, PRECISION)
+        q = q * scale
+        m_i = tl.full([BM], float("-inf"), tl.float32)
+        l_i = tl.zeros([BM], tl.float32)
+        acc = tl.zeros([BM, D_PAD], tl.float32)
+        for n0 in range(0, SK, BN):
+            keys = n0 + tl.arange(0, BN)
+            key_mask = keys < SK
+            k = _head_tile(pk, k_up, k_bias, b, keys, key_mask, SK, RK, kv, d, HAS_KB, RK_PAD, D_PAD, PRECISION)
+            v = _head_tile(pv, v_up, v_bias, b, keys, key_mask, SK, RV, kv, d, HAS_VB, RV_PAD, D_PAD, PRECISION)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            allowed = row_mask[:, None] & key_mask[None, :]
+            if CAUSAL:
+                allowed = allowed & (keys[None, :] <= rows[:, None])
+            if MASK:
+                m_ptr = mask + b * mask_sb + h * mask_sh + rows[:, None] * mask_sq + keys[None, :] * mask_sk
+                if BOOL_MASK:
+                    allowed = allowed & (tl.load(m_ptr, mask=allowed, other=0) != 0)
+                else:
+                    s += tl.load(m_ptr, mask=allowed, other=0.0).to(tl.float32)
+            s = tl.where(allowed, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a fully masked row so far
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        # Rows with every key masked give 0, as torch's SDPA does.
+        context = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
+        if O_DOWN:
+            wt = tl.load(o_down + rank_o[None, :] * (H * d) + h * d + cols[:, None],
+                         mask=(cols[:, None] < d) & (rank_o[None, :] < RO), other=0.0)
+            projected += tl.dot(context.to(wt.dtype), wt, input_precision=PRECISION)
+        else:
+            # out is [B, S, H, d] in memory (SDPA's layout, seen as [B, H, S, d]).
+            tl.store(out + ((b * S + rows[:, None]) * H + h) * d + cols[None, :],
+                     context.to(out.dtype.element_ty), mask=row_mask[:, None] & (cols[None, :] < d))
+    if O_DOWN:
+        tl.store(out + (b * S + rows[:, None]) * RO + rank_o[None, :], projected.to(out.dtype.element_ty),
+                 mask=row_mask[:, None] & (rank_o[None, :] < RO))
+
+
+# Launchers: what generated wrappers call, with the op's arguments plus ``out``. -----------------
+
+_DUMMY: dict[torch.device, torch.Tensor] = {}
+
+
+def _ptr(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """A pointer argument for an absent optional tensor (never read: its HAS_ flag is off)."""
+    if t is not None:
+        return t
+    if like.device not in _DUMMY:
+        _DUMMY[like.device] = torch.zeros(1, dtype=like.dtype, device=like.device)
+    return _DUMMY[like.device]
+
+
+def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    flat = x.reshape(-1, x.shape[-1])
+    if not flat.is_contiguous():
+        raise ValueError(f"lowrank kernels need x contiguous in its rows, got strides {x.stride()}")
+    return flat, flat.shape[0]
+
+
+def lowrank_linear(x, down, up, bias, out, BM: int = 32, BK: int = 32, BN: int = 64) -> None:
+    flat, rows = _rows(x)
+    R, K = down.shape
+    N = up.shape[0]
+    lowrank_linear_kernel[(triton.cdiv(rows, BM),)](
+        flat, down, up, _ptr(bias, up), out, rows, K, R, N, HAS_BIAS=bias is not None,
+        BM=BM, BK=BK, R_PAD=_pad(R), BN=BN, PRECISION=_precision(x.dtype), num_stages=NUM_STAGES)
+
+
+def lowrank_ffn(x, down1, up1, bias1, down2, up2, bias2, activation, gate_down, gate_up, gate_bias, out,
+                BM: int = 16, BK: int = 32, BD: int = 32, BN: int = 64) -> None:
+    flat, rows = _rows(x)
+    R1, K = down1.shape
+    D, R2, N = up1.shape[0], down2.shape[0], up2.shape[0]
+    RG = gate_down.shape[0] if gate_down is not None else 1
+    lowrank_ffn_kernel[(triton.cdiv(rows, BM),)](
+        flat, down1, up1, _ptr(bias1, up1), _ptr(gate_down, up1), _ptr(gate_up, up1), _ptr(gate_bias, up1),
+        down2, up2, _ptr(bias2, up2), out, rows, K, R1, D, RG, R2, N,
+        ACT=ACTIVATION_CODES[activation], GATED=gate_down is not None, HAS_B1=bias1 is not None,
+        HAS_GB=gate_bias is not None, HAS_B2=bias2 is not None, BM=BM, BK=BK, R1_PAD=_pad(R1),
+        RG_PAD=_pad(RG), BD=BD, R2_PAD=_pad(R2), BN=BN, PRECISION=_precision(x.dtype),
+        num_stages=NUM_STAGES)
+
+
+def lowrank_attention(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, num_heads, num_kv_heads,
+                      attn_mask, is_causal, scale, o_down, out, BM: int = 32, BN: int = 32) -> None:
+    batch, S, RQ = pq.shape
+    SK, RK, RV = pk.shape[1], pk.shape[2], pv.shape[2]
+    d = q_up.shape[0] // num_heads
+    if scale is None:
+        scale = d ** -0.5
+    if attn_mask is not None:
+        attn_mask = attn_mask.expand(batch, num_heads, S, SK)  # a view: broadcast dims get stride 0
+        strides = attn_mask.stride()
+    else:
+        strides = (0, 0, 0, 0)
+    RO = o_down.shape[0] if o_down is not None else 1
+    grid = (triton.cdiv(S, BM), batch if o_down is not None else batch * num_heads)
+    for t in (pq, pk, pv):
+        if not t.is_contiguous():
+            raise ValueError(f"lowrank_attention kernel needs contiguous p factors, got strides {t.stride()}")
+    lowrank_attention_kernel[grid](
+        pq, q_up, _ptr(q_bias, q_up), pk, k_up, _ptr(k_bias, k_up), pv, v_up, _ptr(v_bias, v_up),
+        _ptr(attn_mask, q_up), _ptr(o_down, q_up), out, S, SK, RQ, RK, RV, RO, num_heads,
+        num_heads // num_kv_heads, d, float(scale), *strides,
+        HAS_QB=q_bias is not None, HAS_KB=k_bias is not None, HAS_VB=v_bias is not None,
+        MASK=attn_mask is not None, BOOL_MASK=attn_mask is not None and attn_mask.dtype == torch.bool,
+        CAUSAL=bool(is_causal), O_DOWN=o_down is not None, BM=BM, BN=BN, D_PAD=_pad(d),
+        RQ_PAD=_pad(RQ), RK_PAD=_pad(RK), RV_PAD=_pad(RV), RO_PAD=_pad(RO), PRECISION=_precision(pq.dtype),
+        num_stages=NUM_STAGES)
