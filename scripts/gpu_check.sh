@@ -9,5 +9,5 @@ python3 -c "import torch, triton; print(torch.__version__, triton.__version__, t
 python3 -m pytest -q -m gpu tests/integer tests/lowbit 2>&1 | tail -15 | tee "$OUT/gpu-tests-integer-lowbit.txt"
 python3 bench/lut_gpu.py --markdown "$OUT/lut-gpu.md" 2>&1 | tail -20
 python3 bench/intops_gpu.py --markdown "$OUT/intops-gpu.md" 2>&1 | tail -20
-python3 -m pytest -q -m gpu tests/kv tests/ops tests/codegen/test_triton_kernels.py tests/aot 2>&1 | tail -15 | tee "$OUT/gpu-tests-kv-ops-codegen.txt"
+python3 -m pytest -q -m gpu tests/kv tests/hf tests/ops tests/codegen tests/aot 2>&1 | tail -15 | tee "$OUT/gpu-tests-kv-ops-codegen.txt"
 python3 bench/kv_gpu.py --markdown "$OUT/kv-gpu.md" 2>&1 | tail -30

@@ -48,7 +48,7 @@ def aot_compile(model: torch.nn.Module, example_args: tuple[Any, ...], path: str
     ``fxpress.backend``) and write the artifact folder ``path``. ``dynamic_shapes`` is
     torch.export's. Returns the path."""
     opts = Options.create(**options)
-    target = get_target(opts.target)  # refuses an unknown target before any work
+    get_target(opts.target)  # refuses an unknown target before any work
     passes = build_pipeline(opts)
     step = progress or (lambda stage: None)
     if not isinstance(example_args, tuple):
@@ -60,7 +60,7 @@ def aot_compile(model: torch.nn.Module, example_args: tuple[Any, ...], path: str
             raise UnsupportedGraphError(f"fxpress.aot_compile: input {name} is a {type(value).__name__}; "
                                         "artifacts take tensor inputs only")
     step("capture and passes")
-    report = GraphReport(index=0, target=target.name)
+    report = GraphReport(index=0, target=opts.target)  # lowering resolves "auto"
     lowered: dict[str, Any] = {}
 
     def lower(captured: CapturedGraph) -> Callable[[list[Any]], Any]:

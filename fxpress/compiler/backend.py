@@ -47,12 +47,12 @@ class Backend:
 
     def __init__(self, opts: Options, on_report: Callable[[GraphReport], None] | None = None):
         self.opts = opts
-        self.target = get_target(opts.target)  # refuses an unknown target now, not at first compile
+        get_target(opts.target)  # refuses an unknown target now, not at first compile
         self.passes = build_pipeline(opts)  # validates pass names now, not at first compile
         self.on_report = on_report
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
-        report = GraphReport(index=next(_graph_ids), target=self.target.name)
+        report = GraphReport(index=next(_graph_ids), target=self.opts.target)  # lowering resolves "auto"
         start = time.perf_counter()
         frozen: list[int] = []
         try:

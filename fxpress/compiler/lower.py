@@ -16,7 +16,7 @@ import torch.fx as fx
 from fxpress.codegen.plan_memory import MemoryPlan, plan_memory
 from fxpress.codegen.program import WrapperProgram, wrapper_source
 from fxpress.codegen.schedule import Schedule, build_schedule, size_hints
-from fxpress.codegen.targets import get_target
+from fxpress.codegen.targets import get_target, graph_devices
 from fxpress.compiler.capture import CapturedGraph
 from fxpress.compiler.pipeline import PassFn, run_pipeline
 from fxpress.compiler.report import GraphReport, op_histogram
@@ -47,8 +47,9 @@ def lower_captured(captured: CapturedGraph, opts: Options, passes: tuple[tuple[s
     report.ops_after, report.code = op_histogram(final), final.code
     schedule = build_schedule(final)
     plan = plan_memory(schedule, hints=size_hints(final))
-    program = WrapperProgram(final, schedule, plan, captured.runtime_inputs, f"graph {report.index}",
-                             get_target(report.target))
+    target = get_target(opts.target, graph_devices(final))  # "auto": by where the graph's tensors live
+    report.target = target.name
+    program = WrapperProgram(final, schedule, plan, captured.runtime_inputs, f"graph {report.index}", target)
     report.kernels = [(k.name, k.kind, k.nodes) for k in schedule.kernels]
     report.plan = plan.figures() | {"order": plan.order_chosen}
     report.memory_plan = plan

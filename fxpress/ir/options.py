@@ -66,7 +66,8 @@ def _is_name_list(value: Any) -> bool:
 # name -> (check, what a valid value is). One table, so the error can list every option.
 _VALID: dict[str, tuple[Callable[[Any], bool], str]] = {
     "target": (lambda v: isinstance(v, str) and v != "",
-               "the name of a registered target ('auto', 'cpu', 'triton', or one of your own)"),
+               "the name of a registered target: 'cpu', 'triton', one of your own, or 'auto' "
+               "(triton for graphs on CUDA, cpu otherwise)"),
     "strict": (lambda v: isinstance(v, bool), "bool: raise instead of falling back to eager"),
     "passes": (_is_pass_list, "list of pass functions or fxpress.Pass(fn, before=|after=)"),
     "disable": (_is_name_list, "list of pass names to skip"),

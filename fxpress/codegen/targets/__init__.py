@@ -6,10 +6,10 @@
 
 from fxpress.codegen.targets.base import GeneratedKernel, Target
 from fxpress.codegen.targets.cpu import CpuTarget
-from fxpress.codegen.targets.registry import get_target, register_target, target_names, unregister_target
+from fxpress.codegen.targets.registry import get_target, graph_devices, register_target, target_names, unregister_target
 from fxpress.codegen.targets.triton import TritonTarget
 
 register_target(CpuTarget())
 register_target(TritonTarget())
 
-__all__ = ["GeneratedKernel", "Target", "get_target", "register_target", "target_names", "unregister_target"]
+__all__ = ["GeneratedKernel", "Target", "get_target", "graph_devices", "register_target", "target_names", "unregister_target"]

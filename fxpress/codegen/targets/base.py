@@ -5,7 +5,7 @@ Every target runs the same schedule and memory plan through one generated wrappe
 A kernel it does not generate runs as torch calls into its planned slot (fxpress ops with their
 reference implementations), which is always correct, so a target can start with nothing and
 grow. A target is registered by name (``fxpress.codegen.targets.register_target``) and chosen
-with ``fxpress.backend(target=name)``.
+with ``fxpress.backend(target=name)``, or by ``target="auto"`` through its ``auto_rank``.
 """
 
 from __future__ import annotations
@@ -40,8 +40,13 @@ class Target:
     """A target's interface; each method's default is that of a target generating nothing."""
 
     name: str = ""
-    # Whether target="auto" may pick it; the registry takes the first registered target that says so.
-    auto: bool = False
+    # Rank among the targets target="auto" may pick (None: never picked); the registry picks the
+    # highest-ranked one that runs the graph's devices (``runs_devices``).
+    auto_rank: int | None = None
+
+    def runs_devices(self, devices: frozenset[str]) -> bool:
+        """Whether this target runs a graph whose tensors live on ``devices`` (``{"cuda"}``...)."""
+        return True
 
     def check_graph(self, gm: fx.GraphModule) -> None:
         """Raise ``UnsupportedGraphError`` when this target cannot run ``gm`` at all (its devices)."""

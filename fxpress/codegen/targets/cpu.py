@@ -9,4 +9,4 @@ from fxpress.codegen.targets.base import Target
 
 class CpuTarget(Target):
     name = "cpu"
-    auto = True
+    auto_rank = 0  # runs anything: what target="auto" falls back to

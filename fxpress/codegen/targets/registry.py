@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Iterable
+
+import torch
+import torch.fx as fx
+
 from fxpress.codegen.targets.base import Target
 from fxpress.core.errors import OptionError
 
@@ -26,13 +31,24 @@ def target_names() -> tuple[str, ...]:
     return ("auto", *_TARGETS)
 
 
-def get_target(name: str) -> Target:
-    """The target registered as ``name``; ``"auto"``: the first registered one that offers itself."""
+def get_target(name: str, devices: Iterable[str] = ("cpu",)) -> Target:
+    """The target registered as ``name``. ``"auto"``: the highest-ranked target that runs a graph on
+    ``devices`` (device types: triton for CUDA graphs, cpu otherwise)."""
     if name == "auto":
-        return next(t for t in _TARGETS.values() if t.auto)
+        devices = frozenset(devices)
+        candidates = [t for t in _TARGETS.values() if t.auto_rank is not None and t.runs_devices(devices)]
+        if not candidates:
+            raise OptionError(f"fxpress option target='auto': no registered target runs devices {sorted(devices)}")
+        return max(candidates, key=lambda t: t.auto_rank)
     target = _TARGETS.get(name)
     if target is None:
         valid = ", ".join(repr(n) for n in target_names())
         raise OptionError(f"fxpress option target={name!r} is invalid: expected one of {valid} "
                           "(targets registered with fxpress.codegen.targets.register_target)")
     return target
+
+
+def graph_devices(gm: fx.GraphModule) -> frozenset[str]:
+    """The device types of the tensors a graph holds; a graph of no tensors runs on the cpu."""
+    found = {n.meta["val"].device.type for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)}
+    return frozenset(found or {"cpu"})

@@ -12,6 +12,7 @@ import torch.fx as fx
 from fxpress.codegen.schedule import Kernel
 from fxpress.codegen.targets.base import GeneratedKernel, Target
 from fxpress.codegen.targets.op_launch import launch_op
+from fxpress.codegen.targets.registry import graph_devices
 from fxpress.codegen.targets.triton.pointwise import emit_pointwise, pointwise_kernel_refusal
 from fxpress.codegen.targets.triton.reduction import emit_reduction, reduction_refusal
 from fxpress.core import flags
@@ -20,10 +21,13 @@ from fxpress.core.errors import UnsupportedGraphError
 
 class TritonTarget(Target):
     name = "triton"
+    auto_rank = 10  # target="auto" on a graph whose tensors are all on CUDA
+
+    def runs_devices(self, devices: frozenset[str]) -> bool:
+        return devices == {"cuda"}
 
     def check_graph(self, gm: fx.GraphModule) -> None:
-        devices = {n.meta["val"].device.type for n in gm.graph.nodes
-                   if isinstance(n.meta.get("val"), torch.Tensor)}
+        devices = graph_devices(gm)
         if devices - {"cuda"} and not flags.TRITON_INTERPRET.get():
             raise UnsupportedGraphError(
                 f"target='triton' needs CUDA tensors (this graph has {sorted(devices)}); set "
