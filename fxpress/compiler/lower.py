@@ -45,8 +45,7 @@ def lower_captured(captured: CapturedGraph, opts: Options, passes: tuple[tuple[s
             f" and {len(unsupported) - 1} more unsupported node(s)" if len(unsupported) > 1 else ""))
     final, report.passes = run_pipeline(captured.gm, passes, opts, dump)
     report.ops_after, report.code = op_histogram(final), final.code
-    schedule = build_schedule(final)
-    plan = plan_memory(schedule, hints=size_hints(final))
+    schedule, plan = _schedule_and_plan(final)
     target = get_target(opts.target, graph_devices(final))  # "auto": by where the graph's tensors live
     report.target = target.name
     program = WrapperProgram(final, schedule, plan, captured.runtime_inputs, f"graph {report.index}", target)
@@ -67,7 +66,11 @@ def lower_captured(captured: CapturedGraph, opts: Options, passes: tuple[tuple[s
 def regenerate_wrapper(final: fx.GraphModule, target: str, title: str) -> str:
     """The wrapper source ``lower_captured`` made from this final graph: the same schedule, plan and
     kernels, decided again (an artifact's load checks it against the recorded one)."""
-    schedule = build_schedule(final)
-    plan = plan_memory(schedule, hints=size_hints(final))
+    schedule, plan = _schedule_and_plan(final)
     source, _, _ = wrapper_source(final, schedule, plan, title, get_target(target))
     return source
+
+
+def _schedule_and_plan(final: fx.GraphModule) -> tuple[Schedule, MemoryPlan]:
+    schedule = build_schedule(final)
+    return schedule, plan_memory(schedule, hints=size_hints(final))

@@ -85,7 +85,5 @@ def check_policy(policy: object, where: str) -> Policy:
 def make_store(policy: Policy, layer: int, *, batch: int, kv_heads: int, head_dim: int, max_len: int,
                dtype: torch.dtype, device: torch.device) -> Store:
     """The store ``policy`` keeps for attention layer ``layer``."""
-    build = _BUILDERS.get(type(policy))
-    if build is None:
-        check_policy(policy, "fxpress KV cache")
+    build = _BUILDERS[type(check_policy(policy, "fxpress KV cache"))]
     return build(policy, layer, StoreShape(batch, kv_heads, head_dim, max_len, dtype, device))
