@@ -45,3 +45,27 @@ def run_sections(sections: dict[str, Callable[[], Any]]) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": "cpu", "torch": torch.__version__, **results}, f, indent=1)
+
+
+def cpu_model() -> str:
+    """The CPU's model name and the threads torch runs on, for result tables."""
+    import platform
+
+    import torch
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
+def read_bandwidth(megabytes: int = 512, repeats: int = 10) -> float:
+    """Bytes per second this machine reads from memory: the median of summing a large float32
+    tensor (the roofline a memory-bound kernel is measured against)."""
+    import torch
+
+    x = torch.ones(megabytes * 2**20 // 4)
+    return x.numel() * 4 / median_seconds(lambda: x.sum(), repeats)

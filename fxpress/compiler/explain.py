@@ -39,6 +39,7 @@ class Report:
         out += [f"  break: {reason} (x{n})" for reason, n in self.graph_breaks.items()]
         for g in self.graphs:
             out.append(g.summary())
+            out += [f"  {note}" for note in g.target_notes]
             if g.fallback_reason:
                 out += [f"  unsupported: {u}" for u in g.unsupported]
                 continue

@@ -16,7 +16,7 @@ import torch.fx as fx
 from fxpress.codegen.plan_memory import MemoryPlan, plan_memory
 from fxpress.codegen.program import WrapperProgram, wrapper_source
 from fxpress.codegen.schedule import Schedule, build_schedule, size_hints
-from fxpress.codegen.targets import get_target, graph_devices
+from fxpress.codegen.targets import get_target, graph_devices, resolve_target
 from fxpress.compiler.capture import CapturedGraph
 from fxpress.compiler.pipeline import PassFn, run_pipeline
 from fxpress.compiler.report import GraphReport, op_histogram
@@ -46,7 +46,8 @@ def lower_captured(captured: CapturedGraph, opts: Options, passes: tuple[tuple[s
     final, report.passes = run_pipeline(captured.gm, passes, opts, dump)
     report.ops_after, report.code = op_histogram(final), final.code
     schedule, plan = _schedule_and_plan(final)
-    target = get_target(opts.target, graph_devices(final))  # "auto": by where the graph's tensors live
+    # "auto": by where the graph's tensors live, and whether a target's tools work here
+    target, report.target_notes = resolve_target(opts.target, graph_devices(final))
     report.target = target.name
     program = WrapperProgram(final, schedule, plan, captured.runtime_inputs, f"graph {report.index}", target)
     report.kernels = [(k.name, k.kind, k.nodes) for k in schedule.kernels]

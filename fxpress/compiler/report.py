@@ -30,6 +30,7 @@ def op_histogram(gm: fx.GraphModule) -> dict[str, int]:
 class GraphReport:
     index: int
     target: str
+    target_notes: list[str] = field(default_factory=list)  # why target="auto" passed others over
     inputs: int = 0
     frozen_weights: int = 0
     ops_before: dict[str, int] = field(default_factory=dict)
@@ -51,6 +52,7 @@ class GraphReport:
         return {
             "index": self.index,
             "target": self.target,
+            "target_notes": self.target_notes,
             "inputs": self.inputs,
             "frozen_weights": self.frozen_weights,
             "ops_before": self.ops_before,

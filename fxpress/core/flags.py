@@ -63,7 +63,14 @@ CHECK = Flag(
 
 CACHE_DIR = Flag(
     "FXPRESS_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "fxpress"), str,
-    "Where fxpress.workloads keeps converted real models (the fp32 copy of SmolLM2's GGUF).",
+    "Where fxpress keeps converted real models (the fp32 copy of SmolLM2's GGUF), readable copies "
+    "of generated wrappers and compiled C++ kernel libraries.",
+)
+
+CXX = Flag(
+    "FXPRESS_CXX", "g++", str,
+    "The C++ compiler target='cpp' builds its kernels with (a name on PATH or a path; g++ or "
+    "clang++). When it is missing or fails, target='auto' runs the cpu target and explain() says why.",
 )
 
 TRITON_INTERPRET = Flag(
@@ -72,4 +79,4 @@ TRITON_INTERPRET = Flag(
     "interpreter on CPU tensors (slow; for tests). Set it before triton is first imported.",
 )
 
-ALL_FLAGS: tuple[Flag, ...] = (DEBUG, DUMP_DIR, CHECK, CACHE_DIR, TRITON_INTERPRET)
+ALL_FLAGS: tuple[Flag, ...] = (DEBUG, DUMP_DIR, CHECK, CACHE_DIR, CXX, TRITON_INTERPRET)

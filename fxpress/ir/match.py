@@ -135,7 +135,9 @@ def add_constant(gm: fx.GraphModule, before: fx.Node, name: str, tensor: torch.T
     with gm.graph.inserting_before(before):
         node = gm.graph.get_attr(attr)
     mode = torch._guards.detect_fake_mode([val(n) for n in before.all_input_nodes])
-    node.meta["val"] = mode.from_tensor(tensor) if mode is not None else tensor
+    # static_shapes: a constant's sizes are known; a fake mode with a shape environment would give
+    # them fresh symbols that no wrapper input binds.
+    node.meta["val"] = mode.from_tensor(tensor, static_shapes=True) if mode is not None else tensor
     return node
 
 

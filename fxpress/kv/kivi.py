@@ -1,6 +1,7 @@
 """``KIVI``: keys quantised per channel in groups of tokens, values per token, a full-precision
 residual window (Liu et al. 2024), and its store; on CUDA the store quantises and decodes with the
-Triton kernels of ``fxpress.kv.kernels.kivi``."""
+Triton kernels of ``fxpress.kv.kernels.kivi``, on the CPU it decodes with the C++ kernel of
+``fxpress.kv.kernels.kivi_cpu`` where a C++ compiler works."""
 
 from __future__ import annotations
 
@@ -80,10 +81,15 @@ class KIVIStore(Store):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, rule: ScoreRule
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if q.is_cuda and q.shape[2] == 1 and rule.plain:
-            from fxpress.kv.kernels import kivi  # decode reads the packed codes in place
+        if q.shape[2] == 1 and rule.plain:  # decode reads the packed codes in place
+            if q.is_cuda:
+                from fxpress.kv.kernels import kivi
 
-            return kivi.decode_attention(q, self, k, v, scale), None
+                return kivi.decode_attention(q, self, k, v, scale), None
+            from fxpress.kv.kernels import kivi_cpu
+
+            if q.device.type == "cpu" and kivi_cpu.refusal(self) is None:
+                return kivi_cpu.decode_attention(q, self, k, v, scale), None
         return super().attend(q, k, v, scale, rule)
 
     @property

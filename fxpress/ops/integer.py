@@ -23,9 +23,11 @@ from fxpress.ops._define import define_op
 from fxpress.ops.lowering import Launcher, float_input_refusal
 
 
-def _triton(function: str) -> dict[str, Launcher]:
-    """The Triton kernel of an integer-only op (``fxpress/ops/kernels/integer.py``), bit-exact with its reference."""
-    return {"triton": Launcher("fxpress.ops.kernels.integer", function, float_input_refusal(function))}
+def _kernels(function: str) -> dict[str, Launcher]:
+    """The Triton and C++ kernels of an integer-only op (``fxpress/ops/kernels/integer.py``,
+    ``fxpress/ops/cpp/integer.py``), bit-exact with its reference."""
+    return {"triton": Launcher("fxpress.ops.kernels.integer", function, float_input_refusal(function)),
+            "cpp": Launcher("fxpress.ops.cpp.integer", function)}
 
 
 def _check_method(where: str, method: str) -> None:
@@ -70,8 +72,8 @@ def _quantize_fake(x: torch.Tensor, scale: torch.Tensor, masked: bool, bits: int
     return torch.empty_like(x, dtype=quantize.code_dtype(bits), memory_format=torch.contiguous_format)
 
 
-int_row_scale = define_op("int_row_scale", _row_scale_reference, _row_scale_fake, lowerings=_triton("int_row_scale"))
-int_quantize = define_op("int_quantize", _quantize_reference, _quantize_fake, lowerings=_triton("int_quantize"))
+int_row_scale = define_op("int_row_scale", _row_scale_reference, _row_scale_fake, lowerings=_kernels("int_row_scale"))
+int_quantize = define_op("int_quantize", _quantize_reference, _quantize_fake, lowerings=_kernels("int_quantize"))
 
 
 # int_softmax --------------------------------------------------------------------------------------
@@ -95,7 +97,7 @@ def _softmax_fake(q, scale, method, max_q, exp_bits, out_bits):
     return torch.empty_like(q, dtype=arith.softmax_dtype(out_bits), memory_format=torch.contiguous_format)
 
 
-int_softmax = define_op("int_softmax", _softmax_reference, _softmax_fake, lowerings=_triton("int_softmax"))
+int_softmax = define_op("int_softmax", _softmax_reference, _softmax_fake, lowerings=_kernels("int_softmax"))
 
 
 # int_gelu / int_gelu_scale ------------------------------------------------------------------------
@@ -126,9 +128,9 @@ def _gelu_scale_fake(scale: torch.Tensor, method: str) -> torch.Tensor:
     return torch.empty_like(scale)
 
 
-int_gelu = define_op("int_gelu", _gelu_reference, _gelu_fake, lowerings=_triton("int_gelu"))
+int_gelu = define_op("int_gelu", _gelu_reference, _gelu_fake, lowerings=_kernels("int_gelu"))
 int_gelu_scale = define_op("int_gelu_scale", _gelu_scale_reference, _gelu_scale_fake,
-                           lowerings=_triton("int_gelu_scale"))
+                           lowerings={"triton": _kernels("int_gelu_scale")["triton"]})
 
 
 # int_layer_norm -----------------------------------------------------------------------------------
@@ -157,4 +159,4 @@ def _layer_norm_fake(q, bias_codes, in_shift, var_shift, out_shift):
 
 
 int_layer_norm = define_op("int_layer_norm", _layer_norm_reference, _layer_norm_fake, overwritable=0,
-                           lowerings=_triton("int_layer_norm"))
+                           lowerings=_kernels("int_layer_norm"))

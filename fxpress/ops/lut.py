@@ -121,6 +121,8 @@ def _lut_fake(x, planes, alpha, beta, bias, in_features, group_size, max_lut_row
     return x.new_empty(*x.shape[:-1], planes.shape[1])
 
 
-# Table lookup for a few rows, dequantise-per-tile GEMM above (``fxpress/ops/kernels/lut.py``).
+# Table lookup for a few rows, dequantise-per-tile GEMM above (``fxpress/ops/kernels/lut.py``,
+# ``fxpress/ops/cpp/lut.py``).
 lut_linear = define_op("lut_linear", _lut_reference, _lut_fake, lowerings={
-    "triton": Launcher("fxpress.ops.kernels.lut", "lut_linear", float_input_refusal("lut_linear"))})
+    "triton": Launcher("fxpress.ops.kernels.lut", "lut_linear", float_input_refusal("lut_linear")),
+    "cpp": Launcher("fxpress.ops.cpp.lut", "lut_linear")})

@@ -1,4 +1,4 @@
-"""Integer kernels bit for bit: Triton kernel == torch reference == NumPy reference.
+"""Integer kernels bit for bit: Triton kernel == C++ kernel == torch reference == NumPy reference.
 
 Elementwise ops are checked exhaustively over all 256 int8 codes at several scales; softmax and
 LayerNorm over random rows and the extremes (all equal, -128/127, every position masked, rows far
@@ -6,6 +6,9 @@ longer than a block).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,17 +25,30 @@ ALL_CODES = torch.arange(-128, 128, dtype=torch.int32).to(torch.int8)
 SCALES = [1e-6, 3e-5, 0.003, 0.02, 0.0625, 0.11, 0.5, 2.0]
 
 
-def _kernels():
+@dataclass(frozen=True)
+class Kernels:
+    module: Any  # the launchers
+    device: str  # where their tensors live
+
+
+@pytest.fixture(params=["interpreter", pytest.param("cuda", marks=pytest.mark.gpu), "cpp"])
+def kernel(request, monkeypatch):
+    """Each target's integer kernels: Triton's (in Triton's interpreter on CPU, and on a CUDA device
+    when there is one) and the cpp target's."""
+    if request.param == "cpp":
+        from fxpress.ops.cpp import integer
+
+        return Kernels(integer, "cpu")
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if request.param == "interpreter":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     from fxpress.ops.kernels import integer
 
-    return integer
+    return Kernels(integer, "cuda" if request.param == "cuda" else "cpu")
 
 
-def _on(device, *tensors):
-    return [t.to(device) for t in tensors]
-
-
-def _triton(launcher, device, q, *args, dtype):
+def _run(launcher, device, q, *args, dtype):
     q = q.to(device)
     out = torch.empty(q.shape, dtype=dtype, device=device)
     launcher(q, *[a.to(device) if isinstance(a, torch.Tensor) else a for a in args], out)
@@ -41,32 +57,34 @@ def _triton(launcher, device, q, *args, dtype):
 
 @pytest.mark.parametrize("method", ["ibert", "shift"])
 @pytest.mark.parametrize("scale", SCALES)
-def test_gelu_every_int8_code(method, scale, device):
+def test_gelu_every_int8_code(method, scale, kernel):
     q = ALL_CODES.reshape(2, 128)
     s = torch.tensor([scale])
     max_q, exp_bits = (23 if method == "shift" else 30), 22
     reference = ops.int_gelu(q, s, method, max_q, exp_bits)
     table = constants.gelu_constants(s, method, exp_bits, max_q).numpy()
     np.testing.assert_array_equal(reference.numpy(), npref.gelu(q.numpy(), table, method))
-    assert torch.equal(_triton(_kernels().int_gelu, device, q, s, method, max_q, exp_bits, dtype=torch.int32), reference)
+    assert torch.equal(_run(kernel.module.int_gelu, kernel.device, q, s, method, max_q, exp_bits, dtype=torch.int32), reference)
 
 
 @pytest.mark.parametrize("method", ["ibert", "shift"])
-def test_gelu_output_scale_kernel(method, device):
+def test_gelu_output_scale_kernel(method, device):  # a Triton kernel only: the cpp target runs the reference
+    from fxpress.ops.kernels import integer
+
     scale = torch.tensor(SCALES + [7e-5, 0.3, 1.0]).reshape(-1, 1)
     out = torch.empty_like(scale, device=device)
-    _kernels().int_gelu_scale(scale.to(device), method, out)
+    integer.int_gelu_scale(scale.to(device), method, out)
     assert torch.equal(out.cpu(), ops.int_gelu_scale(scale, method))
 
 
 @pytest.mark.parametrize("method", ["ibert", "shift"])
-def test_gelu_per_row_scales_and_one_row_of_all_codes(method, device):
+def test_gelu_per_row_scales_and_one_row_of_all_codes(method, kernel):
     q = ALL_CODES[torch.randperm(256, generator=torch.Generator().manual_seed(0))].reshape(1, 256).repeat(len(SCALES), 1)
     s = torch.tensor(SCALES).reshape(-1, 1)
     reference = ops.int_gelu(q, s, method, 23, 22)
     table = constants.gelu_constants(s, method, 22, 23).numpy()
     np.testing.assert_array_equal(reference.numpy(), npref.gelu(q.numpy(), table, method))
-    assert torch.equal(_triton(_kernels().int_gelu, device, q, s, method, 23, 22, dtype=torch.int32), reference)
+    assert torch.equal(_run(kernel.module.int_gelu, kernel.device, q, s, method, 23, 22, dtype=torch.int32), reference)
 
 
 def _softmax_rows(width: int, seed: int) -> torch.Tensor:
@@ -82,25 +100,25 @@ def _softmax_rows(width: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("method,max_q", [("ibert", 30), ("shift", 15), ("ibert", 4)])
 @pytest.mark.parametrize("width", [1, 7, 128, 3000])
-def test_softmax_random_and_extreme_rows(method, max_q, width, device):
+def test_softmax_random_and_extreme_rows(method, max_q, width, kernel):
     q = _softmax_rows(width, seed=width)
     for scale in (torch.tensor([0.09]), torch.tensor(SCALES[:6]).reshape(-1, 1)):
         reference = ops.int_softmax(q, scale, method, max_q, 15, 8)
         table = constants.softmax_constants(scale, method, 15, max_q).numpy()
         np.testing.assert_array_equal(reference.numpy(), npref.softmax(q.numpy(), table, method == "ibert", 8))
-        out = _triton(_kernels().int_softmax, device, q, scale, method, max_q, 15, 8, dtype=torch.uint8)
+        out = _run(kernel.module.int_softmax, kernel.device, q, scale, method, max_q, 15, 8, dtype=torch.uint8)
         assert torch.equal(out, reference)
     assert int(reference[3].sum()) == pytest.approx(256, abs=width)  # the masked row is uniform
 
 
-def test_softmax_very_long_row_and_wide_output(device):
+def test_softmax_very_long_row_and_wide_output(kernel):
     q = torch.randint(-127, 128, (2, 40000), generator=torch.Generator().manual_seed(1), dtype=torch.int32).to(torch.int8)
     scale = torch.tensor([0.05])
     reference = ops.int_softmax(q, scale, "ibert", 30, 15, 12)
     assert reference.dtype == torch.int16
     table = constants.softmax_constants(scale, "ibert", 15, 30).numpy()
     np.testing.assert_array_equal(reference.numpy(), npref.softmax(q.numpy(), table, True, 12))
-    assert torch.equal(_triton(_kernels().int_softmax, device, q, scale, "ibert", 30, 15, 12, dtype=torch.int16), reference)
+    assert torch.equal(_run(kernel.module.int_softmax, kernel.device, q, scale, "ibert", 30, 15, 12, dtype=torch.int16), reference)
 
 
 def _norm_rows(width: int, dtype: torch.dtype, bound: int, seed: int) -> torch.Tensor:
@@ -114,7 +132,7 @@ def _norm_rows(width: int, dtype: torch.dtype, bound: int, seed: int) -> torch.T
 
 @pytest.mark.parametrize("width,dtype,in_bits", [(1, torch.int8, 7), (384, torch.int8, 7), (3000, torch.int8, 7),
                                                  (16384, torch.int8, 7), (384, torch.int32, 24), (768, torch.int32, 22)])
-def test_layer_norm_random_and_extreme_rows(width, dtype, in_bits, device):
+def test_layer_norm_random_and_extreme_rows(width, dtype, in_bits, kernel):
     q = _norm_rows(width, dtype, 128 if dtype == torch.int8 else 2 ** in_bits, seed=width)
     g = torch.Generator().manual_seed(0)
     out_shift, bias_codes, _ = constants.layer_norm_affine(torch.rand(width, generator=g) + 0.1,
@@ -123,7 +141,7 @@ def test_layer_norm_random_and_extreme_rows(width, dtype, in_bits, device):
     reference = ops.int_layer_norm(q, bias_codes, in_shift, var_shift, out_shift)
     expected = npref.layer_norm(q.numpy(), bias_codes.numpy(), in_shift, var_shift, out_shift)
     np.testing.assert_array_equal(reference.numpy(), expected)
-    out = _triton(_kernels().int_layer_norm, device, q, bias_codes, in_shift, var_shift, out_shift, dtype=torch.int32)
+    out = _run(kernel.module.int_layer_norm, kernel.device, q, bias_codes, in_shift, var_shift, out_shift, dtype=torch.int32)
     assert torch.equal(out, reference)
 
 
@@ -135,20 +153,20 @@ def test_newton_square_root_is_the_exact_floor_at_least_one():
 
 
 @pytest.mark.parametrize("masked,bits", [(False, 8), (True, 8), (False, 12), (False, 22)])
-def test_quantize_matches_reference(masked, bits, device):
+def test_quantize_matches_reference(masked, bits, kernel):
     x = torch.randn(7, 301, generator=torch.Generator().manual_seed(2)) * 4
     if masked:
         x[0, :5] = float("-inf")
         x[1] = torch.finfo(torch.float32).min
     x[2] = 0.0
     scale = ops.int_row_scale(x, masked, bits)
-    row_scale = torch.empty(scale.shape, device=device)
-    _kernels().int_row_scale(x.to(device), masked, bits, row_scale)
+    row_scale = torch.empty(scale.shape, device=kernel.device)
+    kernel.module.int_row_scale(x.to(kernel.device), masked, bits, row_scale)
     assert torch.equal(row_scale.cpu(), scale)
     reference = ops.int_quantize(x, scale, masked, bits)
     dtype = torch.int8 if bits == 8 else torch.int32
     assert reference.dtype == dtype
-    assert torch.equal(_triton(_kernels().int_quantize, device, x, scale, masked, bits, dtype=dtype), reference)
+    assert torch.equal(_run(kernel.module.int_quantize, kernel.device, x, scale, masked, bits, dtype=dtype), reference)
     limit = 2 ** (bits - 1) - 1
     assert int(reference.min()) == (-128 if masked else -limit) and int(reference.max()) == limit
     unmasked = reference[3:].double() * scale[3:]
@@ -190,3 +208,17 @@ def test_invalid_shapes_and_parameters_are_refused():
 def test_invalid_options_name_the_field_and_range(field, value):
     with pytest.raises(IntegerError, match=field):
         fxpress.IntegerOnly(**{field: value})
+
+
+@pytest.mark.parametrize("bad", [0.0, float("nan")])
+def test_cpp_kernels_refuse_invalid_scales(bad):
+    from fxpress.native import build
+    from fxpress.ops.cpp import integer
+
+    if build.compiler_refusal() is not None:
+        pytest.skip("no working C++ compiler")
+    q = ALL_CODES.reshape(1, 256)
+    with pytest.raises(IntegerError, match="finite and positive"):
+        integer.int_softmax(q, torch.tensor([bad]), "ibert", 30, 15, 8, torch.empty(1, 256, dtype=torch.uint8))
+    with pytest.raises(IntegerError, match="finite and positive"):
+        integer.int_gelu(q, torch.tensor([bad]), "shift", 23, 22, torch.empty(1, 256, dtype=torch.int32))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fxpress.kv import KIVI, quant
-from fxpress.kv.attention import attend
+from fxpress.kv.attention import PLAIN, reference_attend
 from fxpress.kv.kivi import KIVIStore
 
 
@@ -127,7 +127,34 @@ def test_decode_kernel_matches_reference_attention(bits, sink, split, device):
     q, kn, vn = (torch.randn(*s, generator=g) for s in ((2, 9, 1, 64), (2, 3, 1, 64), (2, 3, 1, 64)))
     reference = _filled_store(bits, sink, "cpu")
     assert reference.quantised > 0 and reference.waiting > 0 and reference.sunk == sink
-    expected, _ = attend(reference, q, kn, vn, 0.125)  # dequantise segment by segment, in torch
+    expected, _ = reference_attend(reference, q, kn, vn, 0.125)  # dequantise segment by segment, in torch
     got = kivi.decode_attention(q.to(device), _filled_store(bits, sink, device), kn.to(device), vn.to(device), 0.125,
                                 tokens_per_split=split)
     assert (got.cpu() - expected).abs().max() <= 2e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits,group,d,sink,split,filled", [
+    (2, 32, 64, 0, 1024, 107), (4, 32, 64, 3, 32, 300), (2, 64, 64, 4, 128, 517), (2, 48, 96, 1, 96, 250),
+    (4, 32, 32, 0, 64, 20)])
+def test_cpp_decode_kernel_matches_reference_attention(dtype, bits, group, d, sink, split, filled):
+    """The C++ decode kernel (batch 2, 3 query heads per KV head) against the reference attention
+    over the same store: constant and run-time group sizes, every storage dtype, sink and ragged
+    residual windows, with and without quantised tokens."""
+    from fxpress.kv.kernels import kivi_cpu
+    from fxpress.native import build
+
+    if build.compiler_refusal() is not None:
+        pytest.skip("no working C++ compiler")
+    g = torch.Generator().manual_seed(filled)
+    store = KIVIStore(KIVI(bits=bits, group_size=group, residual=32, sink=sink), filled + 1, batch=2, heads=2,
+                      head_dim=d, dtype=dtype, device=torch.device("cpu"))
+    k, v = torch.randn(2, 2, filled, d, generator=g), torch.randn(2, 2, filled, d, generator=g)
+    store.append(k[:, :, :filled // 2].to(dtype), v[:, :, :filled // 2].to(dtype), 0)
+    store.append(k[:, :, filled // 2:].to(dtype), v[:, :, filled // 2:].to(dtype), filled // 2)
+    q, kn, vn = (torch.randn(*shape, generator=g).to(dtype) for shape in ((2, 6, 1, d), (2, 2, 1, d), (2, 2, 1, d)))
+    expected, _ = reference_attend(store, q, kn, vn, d ** -0.5, PLAIN)
+    got = kivi_cpu.decode_attention(q, store, kn, vn, d ** -0.5, tokens_per_split=split)
+    assert (got - expected).abs().max() <= 2e-5
+    assert store.attend(q, kn, vn, d ** -0.5, PLAIN)[0].equal(
+        kivi_cpu.decode_attention(q, store, kn, vn, d ** -0.5))  # what the store runs on the CPU

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from fxpress.runtime import wrapper_cache
-from fxpress.runtime.wrapper_cache import CacheFolderWarning
+from fxpress.core import cache_folder
+from fxpress.core.cache_folder import CacheFolderWarning
 from tests.tiny_models import tiny_bert, token_ids
 
 
@@ -20,7 +21,7 @@ def cache_dir(tmp_path, monkeypatch):
     folder = tmp_path / "cache"
     folder.mkdir(mode=0o700)
     monkeypatch.setenv("FXPRESS_CACHE_DIR", str(folder))
-    monkeypatch.setattr(wrapper_cache, "_warned", set())
+    monkeypatch.setattr(cache_folder, "_warned", set())
     return folder
 
 
@@ -79,7 +80,7 @@ def test_an_unusable_folder_falls_back_to_memory(tmp_path, monkeypatch):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
     monkeypatch.setenv("FXPRESS_CACHE_DIR", str(blocker / "cache"))
-    monkeypatch.setattr(wrapper_cache, "_warned", set())
+    monkeypatch.setattr(cache_folder, "_warned", set())
     with pytest.warns(CacheFolderWarning, match="cannot be made"):
         _compile_and_check(tiny_bert(), token_ids())
 
@@ -88,7 +89,7 @@ def test_a_full_disk_falls_back_to_memory(cache_dir, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(wrapper_cache.tempfile, "mkstemp", full)
+    monkeypatch.setattr(cache_folder.tempfile, "mkstemp", full)
     with pytest.warns(CacheFolderWarning, match="No space left"):
         _compile_and_check(tiny_bert(), token_ids())
 

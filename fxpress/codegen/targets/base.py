@@ -48,6 +48,12 @@ class Target:
         """Whether this target runs a graph whose tensors live on ``devices`` (``{"cuda"}``...)."""
         return True
 
+    def auto_refusal(self) -> str | None:
+        """Why target="auto" may not pick this target here although it runs the graph's devices
+        (a tool it needs is missing; shown in explain() when a lower-ranked target runs
+        instead), or None when it may."""
+        return None
+
     def check_graph(self, gm: fx.GraphModule) -> None:
         """Raise ``UnsupportedGraphError`` when this target cannot run ``gm`` at all (its devices)."""
 

@@ -31,15 +31,28 @@ def target_names() -> tuple[str, ...]:
     return ("auto", *_TARGETS)
 
 
+def resolve_target(name: str, devices: Iterable[str] = ("cpu",)) -> tuple[Target, list[str]]:
+    """``get_target``, and for ``"auto"`` why each higher-ranked target was passed over."""
+    if name != "auto":
+        return get_target(name), []
+    devices = frozenset(devices)
+    passed_over = []
+    ranked = sorted((t for t in _TARGETS.values() if t.auto_rank is not None and t.runs_devices(devices)),
+                    key=lambda t: -t.auto_rank)
+    for target in ranked:
+        refusal = target.auto_refusal()
+        if refusal is None:
+            return target, passed_over
+        passed_over.append(f"target='auto' did not pick {target.name}: {refusal}")
+    raise OptionError(f"fxpress option target='auto': no registered target runs devices {sorted(devices)}")
+
+
 def get_target(name: str, devices: Iterable[str] = ("cpu",)) -> Target:
     """The target registered as ``name``. ``"auto"``: the highest-ranked target that runs a graph on
-    ``devices`` (device types: triton for CUDA graphs, cpu otherwise)."""
+    ``devices`` (device types: triton for CUDA graphs, cpp on CPU where a C++ compiler works, cpu
+    otherwise)."""
     if name == "auto":
-        devices = frozenset(devices)
-        candidates = [t for t in _TARGETS.values() if t.auto_rank is not None and t.runs_devices(devices)]
-        if not candidates:
-            raise OptionError(f"fxpress option target='auto': no registered target runs devices {sorted(devices)}")
-        return max(candidates, key=lambda t: t.auto_rank)
+        return resolve_target(name, devices)[0]
     target = _TARGETS.get(name)
     if target is None:
         valid = ", ".join(repr(n) for n in target_names())

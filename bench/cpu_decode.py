@@ -1,0 +1,120 @@
+"""Decoding on the CPU with compressed KV caches and low-bit weights, against the dense baseline a
+CPU user would otherwise run, side by side in one run on this machine.
+
+Sections (markdown tables; ``--json`` writes the rows):
+
+- ``attention``: one decode step's attention over a KIVI-2 store (the C++ kernel,
+  ``fxpress/kv/kernels/kivi.cpp``; fp16 storage, ``fxpress.kv_cache``'s default) against fp32
+  ``scaled_dot_product_attention`` over the full fp32 cache, at 8k and 32k tokens, SmolLM2-135M's
+  heads (9 query / 3 KV, d 64) and Llama-3-8B's (32 / 8, d 128), batch 1; with the bytes each
+  reads and the largest difference from the reference attention over the same store.
+- ``smollm2``: SmolLM2-135M decoding after a 4096-token prefix: tokens/s of eager fp32 with
+  transformers' DynamicCache (SDPA), against 4-bit RTN weights (group 128, ``lut_matmul``) and a
+  KIVI-2 ``fxpress.kv_cache``, compiled with ``backend="fxpress"``; the compiled model's greedy
+  tokens are compared with the same compressed model run eagerly.
+
+Run: ``python bench/cpu_decode.py [attention] [smollm2] [--json PATH]``
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import fxpress
+from _common import cpu_model, median_seconds, print_table, run_sections
+from fxpress import workloads
+from fxpress.kv.attention import PLAIN, reference_attend
+from fxpress.kv.kernels import kivi_cpu
+from fxpress.kv.kivi import KIVI, KIVIStore
+
+HEADS = {"SmolLM2-135M": (9, 3, 64), "Llama-3-8B": (32, 8, 128)}
+CONTEXTS = (8192, 32768)
+REPEATS = 10
+
+
+def _store(hkv: int, d: int, tokens: int, dtype: torch.dtype):
+    store = KIVIStore(KIVI(bits=2), tokens + 1, batch=1, heads=hkv, head_dim=d, dtype=dtype,
+                      device=torch.device("cpu"))
+    k, v = torch.randn(1, hkv, tokens, d), torch.randn(1, hkv, tokens, d)
+    for start in range(0, tokens, 4096):
+        store.append(k[:, :, start:start + 4096].to(dtype), v[:, :, start:start + 4096].to(dtype), start)
+    return store, k, v
+
+
+def attention() -> list[dict]:
+    rows = []
+    lines = [f"CPU: {cpu_model()}", "", "| heads | tokens | fp32 SDPA ms | KIVI-2 cpp ms | speedup | SDPA MB read "
+             "| KIVI-2 MB held | max abs diff vs reference |", "|---|---|---|---|---|---|---|---|"]
+    torch.manual_seed(0)
+    for name, (hq, hkv, d) in HEADS.items():
+        for tokens in CONTEXTS:
+            store, k, v = _store(hkv, d, tokens, torch.float16)
+            q, k1, v1 = torch.randn(1, hq, 1, d), torch.randn(1, hkv, 1, d), torch.randn(1, hkv, 1, d)
+            full_k, full_v = torch.cat([k, k1], 2), torch.cat([v, v1], 2)
+            t_sdpa = median_seconds(lambda: F.scaled_dot_product_attention(q, full_k, full_v, enable_gqa=True),
+                                    REPEATS)
+            t_kivi = median_seconds(lambda: kivi_cpu.decode_attention(q, store, k1, v1, d ** -0.5), REPEATS)
+            got = kivi_cpu.decode_attention(q, store, k1, v1, d ** -0.5)
+            expected, _ = reference_attend(store, q, k1, v1, d ** -0.5, PLAIN)
+            row = {"heads": name, "tokens": tokens, "sdpa_ms": t_sdpa * 1e3, "kivi_ms": t_kivi * 1e3,
+                   "speedup": t_sdpa / t_kivi, "sdpa_bytes": full_k.nbytes + full_v.nbytes,
+                   "kivi_bytes": store.nbytes(), "max_abs_diff": float((got - expected).abs().max())}
+            rows.append(row)
+            lines.append(f"| {name} | {tokens} | {row['sdpa_ms']:.2f} | {row['kivi_ms']:.2f} | {row['speedup']:.2f}x | "
+                         f"{row['sdpa_bytes'] / 1e6:.1f} | {row['kivi_bytes'] / 1e6:.1f} | {row['max_abs_diff']:.1e} |")
+    print_table(lines, None)
+    return rows
+
+
+PREFIX, STEPS = 4096, 16
+
+
+def _decode(model, ids: torch.Tensor, cache) -> tuple[list[int], list[float]]:
+    """Prefill the prefix in chunks of 512, then STEPS greedy tokens: (tokens, step seconds)."""
+    with torch.no_grad():
+        for start in range(0, PREFIX, 512):
+            logits = model(ids[:, start:start + 512], past_key_values=cache, logits_to_keep=1,
+                           position_ids=torch.arange(start, start + 512)[None]).logits
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        tokens, times = [], []
+        for i in range(STEPS):
+            t0 = time.perf_counter()
+            logits = model(token, past_key_values=cache, position_ids=torch.tensor([[PREFIX + i]])).logits
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            times.append(time.perf_counter() - t0)
+            tokens.append(int(token))
+    return tokens, times
+
+
+def smollm2() -> list[dict]:
+    from transformers import DynamicCache
+
+    model, tokenizer = workloads.load_smollm2()
+    ids = tokenizer(workloads.lee_background(), return_tensors="pt").input_ids[:, :PREFIX]
+    _, dense_times = _decode(model, ids, DynamicCache(config=model.config))
+    compressed = fxpress.compress.quantize(model, bits=4, group_size=128).model
+    eager_tokens, eager_times = _decode(compressed, ids, fxpress.kv_cache(compressed, PREFIX + STEPS, KIVI(bits=2)))
+    compressed.forward = torch.compile(compressed.forward, backend="fxpress", dynamic=True)
+    tokens, times = _decode(compressed, ids, fxpress.kv_cache(compressed, PREFIX + STEPS, KIVI(bits=2)))
+    per_step = {name: statistics.median(t[2:]) for name, t in
+                (("dense", dense_times), ("compressed_eager", eager_times), ("compressed_fxpress", times))}
+    row = {"prefix": PREFIX, "steps": STEPS, **{f"{k}_tokens_per_s": 1 / v for k, v in per_step.items()},
+           "speedup_vs_dense": per_step["dense"] / per_step["compressed_fxpress"],
+           "greedy_tokens_equal_to_eager": tokens == eager_tokens}
+    lines = [f"CPU: {cpu_model()}", "", "| model | tokens/s | vs eager fp32 dense |", "|---|---|---|",
+             f"| eager fp32, DynamicCache (SDPA) | {row['dense_tokens_per_s']:.1f} | 1.00x |",
+             f"| 4-bit RTN + KIVI-2, eager | {row['compressed_eager_tokens_per_s']:.1f} | "
+             f"{per_step['dense'] / per_step['compressed_eager']:.2f}x |",
+             f"| 4-bit RTN + KIVI-2, fxpress | {row['compressed_fxpress_tokens_per_s']:.1f} | "
+             f"{row['speedup_vs_dense']:.2f}x |", "",
+             f"fxpress greedy tokens equal to the same model run eagerly: {row['greedy_tokens_equal_to_eager']}"]
+    print_table(lines, None)
+    return [row]
+
+
+if __name__ == "__main__":
+    run_sections({"attention": attention, "smollm2": smollm2})

@@ -1,0 +1,127 @@
+"""The cpp target's kernels against the baselines a CPU user would otherwise pick, side by side in
+one run on this machine.
+
+Sections (markdown tables; ``--json`` writes the rows):
+
+- ``lut``: ``fxpress::lut_linear`` (4-bit RTN, group 128) on the cpp target at M = 1, 4 and 16 rows,
+  against fp32 ``F.linear`` and torch's own int4 CPU kernel (``aten._weight_int4pack_mm_for_cpu``,
+  bf16 activations, same group size), with the bytes each reads and the share of this machine's
+  measured read bandwidth it reaches; plus its error against the exact product of the same
+  low-bit weights (``x @ dequantize(W).T``).
+- ``integer``: the integer-only softmax, GELU and LayerNorm kernels at MiniLM's sizes (batch 8 x 128
+  tokens, 12 heads, hidden 384, MLP 1536) against float ATen on the same tensors, and the cpu
+  target's reference of each; the cpp results are checked equal to the reference first.
+
+Run: ``python bench/cpu_kernels.py [lut] [integer] [--json PATH]``
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import fxpress  # noqa: F401  (registers the ops)
+import fxpress.lowbit as lowbit
+from _common import cpu_model, median_seconds, print_table, read_bandwidth, run_sections
+from fxpress.integer import constants
+from fxpress.ops.cpp import integer as cpp_integer
+from fxpress.ops.cpp import lut as cpp_lut
+
+REPEATS = 30
+GROUP = 128
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in): Llama-7B attention, MLP up, MLP down
+
+
+def _int4pack(n: int, k: int):
+    """torch's int4 CPU kernel on a weight of the same shape and group size."""
+    codes = torch.randint(0, 16, (n, k), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    scales_zeros = torch.randn(k // GROUP, n, 2).to(torch.bfloat16)
+    return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, scales_zeros)
+
+
+def lut() -> list[dict]:
+    bandwidth = read_bandwidth()
+    rows = []
+    lines = [f"CPU: {cpu_model()}; measured read bandwidth {bandwidth / 1e9:.1f} GB/s", "",
+             "| out x in | M | fp32 linear ms | torch int4 ms | fxpress cpp ms | vs fp32 | vs int4 | cpp bytes MB "
+             "| cpp % read bw | rel. error |", "|---|---|---|---|---|---|---|---|---|---|"]
+    torch.manual_seed(0)
+    for n, k in SHAPES:
+        w = torch.randn(n, k)
+        q = lowbit.rtn(w, 4, GROUP)
+        exact_w = lowbit.dequantize(q.planes, q.alpha, q.beta, k, GROUP)
+        int4 = _int4pack(n, k)
+        weight_bytes = q.nbytes()
+        for m in (1, 4, 16):
+            x = torch.randn(m, k)
+            x_bf16 = x.to(torch.bfloat16)
+            out = torch.empty(m, n)
+            t_fp32 = median_seconds(lambda: F.linear(x, w), REPEATS)
+            t_int4 = median_seconds(lambda: int4(x_bf16), REPEATS)
+            t_cpp = median_seconds(lambda: cpp_lut.lut_linear(x, q.planes, q.alpha, q.beta, None, k, GROUP, 16, out),
+                                   REPEATS)
+            exact = x @ exact_w.T
+            error = float((out - exact).norm() / exact.norm())
+            moved = weight_bytes + (m * k + m * n) * 4
+            row = {"out": n, "in": k, "m": m, "fp32_ms": t_fp32 * 1e3, "int4_ms": t_int4 * 1e3,
+                   "cpp_ms": t_cpp * 1e3, "speedup_vs_fp32": t_fp32 / t_cpp, "speedup_vs_int4": t_int4 / t_cpp,
+                   "cpp_bytes": moved, "cpp_read_bw_share": moved / t_cpp / bandwidth, "relative_error": error}
+            rows.append(row)
+            lines.append(f"| {n} x {k} | {m} | {row['fp32_ms']:.2f} | {row['int4_ms']:.2f} | {row['cpp_ms']:.2f} | "
+                         f"{row['speedup_vs_fp32']:.2f}x | {row['speedup_vs_int4']:.2f}x | {moved / 1e6:.1f} | "
+                         f"{100 * row['cpp_read_bw_share']:.0f}% | {error:.1e} |")
+    print_table(lines, None)
+    return rows
+
+
+def _integer_cases():
+    """(name, float op, reference op, cpp launcher, codes, extra args, out dtype) at MiniLM's sizes."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(8, 12, 128, 128, generator=g) * 3
+    hidden = torch.randn(8, 128, 1536, generator=g)
+    normed = torch.randn(8, 128, 384, generator=g) * 2
+    ops = torch.ops.fxpress
+    s_scale = ops.int_row_scale(scores, False, 8)
+    g_scale = ops.int_row_scale(hidden, False, 8)
+    width = normed.shape[-1]
+    in_shift, var_shift = constants.layer_norm_shifts(width, 7)
+    out_shift, bias_codes, _ = constants.layer_norm_affine(torch.rand(width, generator=g) + 0.5,
+                                                           torch.randn(width, generator=g), width)
+    n_scale = ops.int_row_scale(normed, False, 8)
+    weight, bias = torch.ones(width), torch.zeros(width)
+    return [
+        ("softmax", lambda: torch.softmax(scores, -1), ops.int_quantize(scores, s_scale, False, 8),
+         lambda q: ops.int_softmax(q, s_scale, "shift", 15, 15, 8), cpp_integer.int_softmax,
+         (s_scale, "shift", 15, 15, 8), torch.uint8),
+        ("gelu", lambda: F.gelu(hidden), ops.int_quantize(hidden, g_scale, False, 8),
+         lambda q: ops.int_gelu(q, g_scale, "shift", 23, 22), cpp_integer.int_gelu,
+         (g_scale, "shift", 23, 22), torch.int32),
+        ("layer_norm", lambda: F.layer_norm(normed, (width,), weight, bias), ops.int_quantize(normed, n_scale, False, 8),
+         lambda q: ops.int_layer_norm(q, bias_codes, in_shift, var_shift, out_shift), cpp_integer.int_layer_norm,
+         (bias_codes, in_shift, var_shift, out_shift), torch.int32),
+    ]
+
+
+def integer() -> list[dict]:
+    rows = []
+    lines = [f"CPU: {cpu_model()}", "", "| op | shape | float ATen ms | cpu target (reference) ms | cpp ms "
+             "| cpp / float | bit-exact |", "|---|---|---|---|---|---|---|"]
+    for name, float_op, codes, reference_op, launcher, args, dtype in _integer_cases():
+        out = torch.empty(codes.shape, dtype=dtype)
+        launcher(codes, *args, out)
+        exact = torch.equal(out, reference_op(codes))
+        t_float = median_seconds(float_op, REPEATS)
+        t_ref = median_seconds(lambda: reference_op(codes), 5)
+        t_cpp = median_seconds(lambda: launcher(codes, *args, out), REPEATS)
+        row = {"op": name, "shape": list(codes.shape), "float_ms": t_float * 1e3, "reference_ms": t_ref * 1e3,
+               "cpp_ms": t_cpp * 1e3, "cpp_over_float": t_cpp / t_float, "bit_exact": exact}
+        rows.append(row)
+        lines.append(f"| {name} | {tuple(codes.shape)} | {row['float_ms']:.3f} | {row['reference_ms']:.2f} | "
+                     f"{row['cpp_ms']:.3f} | {row['cpp_over_float']:.2f}x | {'yes' if exact else 'NO'} |")
+    print_table(lines, None)
+    return rows
+
+
+if __name__ == "__main__":
+    run_sections({"lut": lut, "integer": integer})

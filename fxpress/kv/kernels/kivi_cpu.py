@@ -1,0 +1,58 @@
+"""KIVI decode attention on the CPU (``kivi.cpp``): the counterpart of ``decode_attention`` in
+``kivi.py`` (Triton, CUDA), with the same arguments. The store calls it for one-token decode steps
+on CPU tensors when a C++ compiler works (``fxpress.native.build``); otherwise, and for prefill,
+the reference attention runs."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+
+from fxpress.native import build
+
+TOKENS_PER_SPLIT = 1024  # quantised tokens per work item
+_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+P, I, L, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL:
+    source = (Path(__file__).parent / "kivi.cpp").read_text()
+    return build.library("kivi", source, {"fxpress_kivi_decode": (
+        None, [P] * 13 + [I, L, L, L, L, L, I, L, L, L, L, L, L, L, L, L, P, I])})
+
+
+def refusal(store) -> str | None:
+    """Why the C++ kernel cannot run this store's decode steps here, or None."""
+    if store.dtype not in _DTYPES:
+        return f"a KIVI store of {store.dtype}"
+    return build.compiler_refusal()
+
+
+def decode_attention(q: torch.Tensor, store, k_new: torch.Tensor, v_new: torch.Tensor, scale: float,
+                     tokens_per_split: int = TOKENS_PER_SPLIT) -> torch.Tensor:
+    """``q [B, Hq, 1, d]``, the new ``k, v [B, Hkv, 1, d]`` -> float32 ``[B, Hq, 1, d]``."""
+    b, hq, t, d = q.shape
+    hkv = k_new.shape[1]
+    if t != 1 or hq % hkv:
+        raise ValueError(f"decode_attention takes one query token per sequence and whole query groups; got q "
+                         f"{tuple(q.shape)}, k {tuple(k_new.shape)}")
+    policy = store.policy
+    g = policy.group_size
+    tokens_per_split = max(tokens_per_split // g, 1) * g
+    qs = (q.reshape(b, hq, d).to(torch.float32) * scale).contiguous()
+    k1 = k_new.reshape(b, hkv, d).to(torch.float32).contiguous()
+    v1 = v_new.reshape(b, hkv, d).to(torch.float32).contiguous()
+    out = torch.empty(b, hq, d, dtype=torch.float32)
+    s = store
+    _lib().fxpress_kivi_decode(
+        qs.data_ptr(), s.k_codes.data_ptr(), s.k_scale.data_ptr(), s.k_lo.data_ptr(), s.v_codes.data_ptr(),
+        s.v_scale.data_ptr(), s.v_lo.data_ptr(), s.k_residual.data_ptr(), s.v_residual.data_ptr(),
+        s.k_sink.data_ptr(), s.v_sink.data_ptr(), k1.data_ptr(), v1.data_ptr(), _DTYPES[s.dtype], b, hkv, hq // hkv,
+        d, g, policy.bits, s.quantised, s.k_codes.shape[2], s.k_scale.shape[2], s.v_codes.shape[2], s.waiting,
+        s.k_residual.shape[2], s.sunk, s.k_sink.shape[2], tokens_per_split, out.data_ptr(), torch.get_num_threads())
+    return out.reshape(b, hq, 1, d)

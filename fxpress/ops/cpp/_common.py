@@ -1,0 +1,27 @@
+"""What every cpp-kernel launcher needs: its C++ source read from beside it, pointers, thread count."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+
+from fxpress.native import build
+
+POINTER, INT, LONG, FLOAT = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+
+
+def library(name: str, signatures: dict[str, tuple[object, list[object]]]) -> ctypes.CDLL:
+    """The library built from ``fxpress/ops/cpp/<name>.cpp``."""
+    source = (Path(__file__).parent / f"{name}.cpp").read_text()
+    return build.library(name, source, signatures)
+
+
+def pointer(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def threads() -> int:
+    """Run kernels on as many threads as torch's intra-op pool has."""
+    return torch.get_num_threads()

@@ -1,0 +1,262 @@
+// Integer-only ops (I-BERT / I-ViT) on the CPU, bit-exact with fxpress.integer.arith.
+//
+// Each op's per-row constants are computed here from the row's float scale with the float64
+// operations of fxpress.integer.constants, in the same order (built with -ffp-contract=off, so
+// each is exactly rounded as in torch); the rest is integer arithmetic. Integer divisions by a
+// per-row or per-element divisor run as a float64 division of the two integers, truncated: for
+// 0 <= a < 2**31 and 0 < b < 2**31 that is exactly floor(a / b) (a quotient just below an integer
+// k lies at least 1/a below it, far more than float64's rounding error), and it vectorises.
+// Functions that derive constants return 0, or 1 when a scale is not finite and positive, or 2
+// when a constant overflows int32 (the reference raises for both; so does the launcher).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int32_t INT32_MAX_ = 2147483647;
+constexpr int MASKED = -128;
+
+inline int32_t shift(int32_t value, int32_t amount) {  // value * 2**amount, floored; >> saturates at 31
+  return amount >= 0 ? (int32_t)((uint32_t)value << amount) : value >> std::min(-amount, 31);
+}
+
+inline int32_t div_floor(int32_t a, int32_t b) {  // 0 <= a, 0 < b
+  return (int32_t)((double)a / (double)b);
+}
+
+inline int exponent(double x) {  // frexp's: x in [2**(e-1), 2**e)
+  int e;
+  std::frexp(x, &e);
+  return e;
+}
+
+bool fits(double v) { return std::fabs(v) < 2147483648.0; }
+
+// constants._normalise: (pre, s * 2**pre) with s * 2**pre in [2**-14, 2**-13), pre >= -20.
+inline int normalise(double s, double* scaled) {
+  int pre = std::max(-13 - exponent(s), -20);
+  *scaled = s * std::ldexp(1.0, pre);
+  return pre;
+}
+
+struct ExpConstants {
+  int32_t pre, x0, b, c, norm, low;
+  float inv_x0;  // 1 / -x0, for the quotient's first estimate
+};
+
+// floor(a / b) for 0 <= a, 0 < b, a / b <= 2**20 (shift_exp's quotients are at most max_q <= 30):
+// a float32 estimate, then one correction each way (its error is far below 1).
+inline int32_t small_quotient(int32_t a, int32_t b, float inv_b) {
+  int32_t q = (int32_t)((float)a * inv_b);
+  q -= (q * b > a);
+  q += ((q + 1) * b <= a);
+  return q;
+}
+
+// constants.softmax_constants for one scale (coef: constants.COEFFICIENTS).
+int softmax_constants(double s, const double* coef, bool poly, int exp_bits, int max_q, ExpConstants* k) {
+  if (!(std::isfinite(s) && s > 0)) return 1;
+  double sp, x0, b = 0, c = 0, top;
+  int pre = normalise(s, &sp);
+  if (poly) {
+    x0 = std::floor(coef[0] / sp);
+    b = std::floor(coef[1] / sp);
+    c = std::floor(coef[2] / (sp * sp));
+    top = c;
+  } else {
+    x0 = std::floor(-1.0 / sp);
+    top = -2 * x0;
+  }
+  double low = max_q * x0;
+  if (!(fits(x0) && fits(b) && fits(c) && fits(low))) return 2;
+  *k = {pre, (int32_t)x0, (int32_t)b, (int32_t)c, exp_bits - exponent(top), (int32_t)low, (float)(-1.0 / x0)};
+  return 0;
+}
+
+// arith.shift_exp: exp(d) for d <= 0 at the row's scale, normalised.
+inline int32_t shift_exp(int32_t d, const ExpConstants& k, bool poly) {
+  d = shift(d, -k.pre);
+  if (!poly) d = d + (d >> 1) - (d >> 4);
+  d = std::max(d, k.low);
+  int32_t q = small_quotient(-d, -k.x0, k.inv_x0);
+  int32_t r = d - k.x0 * q;
+  int32_t z = poly ? (r + k.b) * r + k.c : r - 2 * k.x0;
+  return shift(z, k.norm - q);
+}
+
+}  // namespace
+
+extern "C" {
+
+void fxpress_int_row_scale(const float* x, int64_t rows, int64_t width, int masked, float mask_limit, float inv_limit,
+                           float* out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t row = 0; row < rows; ++row) {
+    const float* v = x + row * width;
+    float top = 0.f;
+    for (int64_t i = 0; i < width; ++i) {
+      float m = (masked && v[i] <= mask_limit) ? 0.f : std::fabs(v[i]);
+      top = std::max(top, m);
+    }
+    out[row] = top > 0.f ? top * inv_limit : 1.f;
+  }
+}
+
+// codes (int8 when code_bytes == 1, else int32) = clamp(floor(x * inv + 1/2), -limit, limit).
+void fxpress_int_quantize(const float* x, const float* inv, int64_t inv_stride, int64_t rows, int64_t width,
+                          int masked, float mask_limit, float limit, int code_bytes, void* out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t row = 0; row < rows; ++row) {
+    const float* v = x + row * width;
+    const float r = inv[row * inv_stride];
+    if (code_bytes == 1) {
+      int8_t* o = (int8_t*)out + row * width;
+      for (int64_t i = 0; i < width; ++i) {
+        float c = std::min(std::max(std::floor(v[i] * r + 0.5f), -limit), limit);
+        o[i] = (masked && v[i] <= mask_limit) ? (int8_t)MASKED : (int8_t)c;
+      }
+    } else {
+      int32_t* o = (int32_t*)out + row * width;
+      for (int64_t i = 0; i < width; ++i) o[i] = (int32_t)std::min(std::max(std::floor(v[i] * r + 0.5f), -limit), limit);
+    }
+  }
+}
+
+// Probabilities at 2**-out_bits (uint8 up to 8 bits, int16 above) of int8 codes, per row.
+int fxpress_int_softmax(const int8_t* q, const double* scale, int64_t s_stride, const double* coef, int64_t rows,
+                        int64_t width, int poly, int exp_bits, int max_q, int out_bits, void* out, int threads) {
+  int status = 0;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<int32_t> e(width);
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < rows; ++row) {
+      ExpConstants k;
+      int bad = softmax_constants(scale[row * s_stride], coef, poly, exp_bits, max_q, &k);
+      if (bad) {
+#pragma omp atomic write
+        status = bad;
+        continue;
+      }
+      const int8_t* v = q + row * width;
+      int32_t m = MASKED;
+      for (int64_t i = 0; i < width; ++i) m = std::max(m, (int32_t)v[i]);
+      int64_t total = 0;
+      for (int64_t i = 0; i < width; ++i) {
+        int32_t x = shift_exp((int32_t)v[i] - m, k, poly);
+        e[i] = (v[i] != MASKED || m == MASKED) ? x : 0;
+        total += e[i];
+      }
+      const int sh = 31 - out_bits;
+      // e <= total, so e * factor + half <= 2**31 - 1: int32 throughout.
+      const int32_t half = int32_t(1) << (sh - 1), cap = (int32_t(1) << out_bits) - 1;
+      const int32_t factor = (int32_t)((INT32_MAX_ - half) / total);
+      if (out_bits <= 8) {
+        uint8_t* o = (uint8_t*)out + row * width;
+        for (int64_t i = 0; i < width; ++i) o[i] = (uint8_t)std::min((e[i] * factor + half) >> sh, cap);
+      } else {
+        int16_t* o = (int16_t*)out + row * width;
+        for (int64_t i = 0; i < width; ++i) o[i] = (int16_t)std::min((e[i] * factor + half) >> sh, cap);
+      }
+    }
+  }
+  return status;
+}
+
+// GELU of int8 codes as int32 codes at constants.gelu_output_scale: I-BERT's i-GELU (poly) or
+// I-ViT's ShiftGELU.
+int fxpress_int_gelu(const int8_t* q, const double* scale, int64_t s_stride, const double* coef, int64_t rows,
+                     int64_t width, int poly, int exp_bits, int max_q, int erf_bits, int sigmoid_bits, int32_t* out,
+                     int threads) {
+  int status = 0;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t row = 0; row < rows; ++row) {
+    const double s = scale[row * s_stride];
+    const int8_t* v = q + row * width;
+    int32_t* o = out + row * width;
+    if (!(std::isfinite(s) && s > 0)) {
+#pragma omp atomic write
+      status = 1;
+      continue;
+    }
+    if (poly) {
+      double se;
+      const int32_t pre = normalise(s / coef[3], &se);
+      const double b = std::floor(coef[4] / se), c = std::floor(coef[5] / (se * se));
+      if (!(fits(b) && fits(c))) {
+#pragma omp atomic write
+        status = 2;
+        continue;
+      }
+      const int32_t rs = std::max(exponent(-c) - erf_bits, 0);
+      const double one = std::floor(1.0 / (se * se * coef[6] * std::ldexp(1.0, rs)));
+      if (!fits(one)) {
+#pragma omp atomic write
+        status = 2;
+        continue;
+      }
+      const int32_t bi = (int32_t)b, ci = (int32_t)c, onei = (int32_t)one;
+      for (int64_t i = 0; i < width; ++i) {
+        int32_t x = shift(v[i], -pre);
+        int32_t a = std::min(std::abs(x), -bi);
+        int32_t sign = (x > 0) - (x < 0);
+        int32_t erf = (sign * ((a + bi) * (a + bi) + ci)) >> rs;
+        o[i] = (int32_t)(-(int64_t)v[i] * (erf + onei));
+      }
+    } else {
+      double sg;
+      const int32_t pre = normalise(s * coef[7], &sg);
+      const double x0 = std::floor(-1.0 / sg), low = max_q * x0;
+      if (!(fits(x0) && fits(low))) {
+#pragma omp atomic write
+        status = 2;
+        continue;
+      }
+      const ExpConstants k{pre, (int32_t)x0, 0, 0, exp_bits - exponent(-2 * x0), (int32_t)low, (float)(-1.0 / x0)};
+      for (int64_t i = 0; i < width; ++i) {
+        int32_t e1 = shift_exp(std::min((int32_t)v[i], 0), k, false);
+        int32_t e2 = shift_exp(-std::max((int32_t)v[i], 0), k, false);
+        int32_t factor = div_floor(INT32_MAX_, e1 + e2);
+        o[i] = (int32_t)((int64_t)v[i] * (((int64_t)e1 * factor) >> (31 - sigmoid_bits)));
+      }
+    }
+  }
+  return status;
+}
+
+// I-ViT's integer LayerNorm of int8 (code_bytes 1) or int32 codes; int32 out.
+void fxpress_int_layer_norm(const void* q, int code_bytes, const int32_t* bias, int64_t rows, int64_t width,
+                            int in_shift, int var_shift, int out_shift, int newton_steps, int32_t* out, int threads) {
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<int32_t> x(width);
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < rows; ++row) {
+      if (code_bytes == 1)
+        for (int64_t i = 0; i < width; ++i) x[i] = ((const int8_t*)q)[row * width + i] >> in_shift;
+      else
+        for (int64_t i = 0; i < width; ++i) x[i] = ((const int32_t*)q)[row * width + i] >> in_shift;
+      int64_t sum = 0;
+      for (int64_t i = 0; i < width; ++i) sum += x[i];
+      const int64_t n = sum + width / 2;
+      const int32_t mean = (int32_t)(n >= 0 ? n / width : -((width - 1 - n) / width));  // floor division
+      // Each squared deviation is below 2**31 (their sum is: isqrt's domain), the sum is int64.
+      int64_t var = 0;
+      for (int64_t i = 0; i < width; ++i) {
+        int32_t sh = (x[i] - mean) >> var_shift;
+        var += sh * sh;
+      }
+      int64_t std_ = 1 << 16;
+      for (int step = 0; step < newton_steps; ++step) std_ = std::min(std_, std::max((std_ + var / std_) >> 1, (int64_t)1));
+      // |x - mean| <= the deviation bound, so (x - mean) * factor fits int32 (arith.deviation_bound).
+      const int32_t factor = (int32_t)(INT32_MAX_ / ((std_ << var_shift) + ((int64_t(1) << var_shift) - 1)));
+      int32_t* o = out + row * width;
+      for (int64_t i = 0; i < width; ++i) o[i] = (((x[i] - mean) * factor) >> out_shift) + bias[i];
+    }
+  }
+}
+
+}  // extern "C"

@@ -1,0 +1,206 @@
+// fxpress::lut_linear on the CPU (T-MAC's algorithm over fxpress's bit-plane weights).
+//
+// Few rows: for every group of 4 activations, a table of the 16 signed sums
+// T[p] = sum_j (2 bit_j(p) - 1) x_j, quantised to int16 with one scale per chunk of tables (so a
+// chunk's lookups add up in int16 without overflow) and split into a low-byte and a high-byte
+// table of 16 bytes each. Weights are re-laid out once (fxpress/ops/cpp/lut.py): for every block of
+// 32 output rows and every bit-plane, byte b of row r holds the 4-bit indices of tables 2b (low
+// nibble) and 2b+1 (high nibble), the 32 rows side by side, so one 32-byte load gives 32 rows'
+// indices and one byte shuffle (AVX2 vpshufb) looks up 32 rows at once. Each chunk's int16 sums
+// are scaled to float by the table scale times the weight's alpha per (row, group, bit).
+//
+// Many rows: lut_dequantize expands output rows of the original layout into float32 for a GEMM.
+//
+// Threads: OpenMP over blocks of output rows, as many as the caller passes (torch's intra-op
+// count). The AVX2 and the portable paths do the same integer sums and the same float operations
+// in the same order, so they agree to the bit.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int ROWS = 32;        // output rows per block: one byte lane each
+constexpr int MAX_M = 16;       // activation rows per call of the table path
+constexpr int CHUNK_MAX = 16;   // tables per int16 chunk, at most (64 columns)
+
+struct Tables {
+  // [m][table][16] low and high bytes of the int16 entries, and one float scale per (m, chunk).
+  std::vector<uint8_t> lo, hi;
+  std::vector<float> scale, group_sum;
+};
+
+// Tables of one activation row; columns at or past in_features count as zero.
+void build_tables(const float* x, int64_t in_features, int64_t k_pad, int64_t chunk_tables, int64_t group_size,
+                  uint8_t* lo, uint8_t* hi, float* scale, float* group_sum) {
+  const int64_t n_tables = k_pad / 4;
+  const float table_max = (float)(32767 / chunk_tables);
+  for (int64_t g = 0; g < k_pad / group_size; ++g) {
+    float s = 0.f;
+    for (int64_t k = g * group_size; k < (g + 1) * group_size && k < in_features; ++k) s += x[k];
+    group_sum[g] = s;
+  }
+  for (int64_t c0 = 0; c0 < n_tables; c0 += chunk_tables) {
+    float v[CHUNK_MAX][16];
+    float top = 0.f;
+    for (int64_t t = 0; t < chunk_tables; ++t) {
+      float a[4];
+      for (int j = 0; j < 4; ++j) {
+        int64_t k = (c0 + t) * 4 + j;
+        a[j] = k < in_features ? x[k] : 0.f;
+      }
+      for (int p = 0; p < 16; ++p) {
+        float sum = 0.f;
+        for (int j = 0; j < 4; ++j) sum += (p >> j & 1) ? a[j] : -a[j];
+        v[t][p] = sum;
+      }
+      float mag = std::fabs(a[0]) + std::fabs(a[1]) + std::fabs(a[2]) + std::fabs(a[3]);
+      top = mag > top ? mag : top;
+    }
+    float s = top > 0.f ? top / table_max : 1.f;
+    float inv = 1.f / s;
+    scale[c0 / chunk_tables] = s;
+    for (int64_t t = 0; t < chunk_tables; ++t) {
+      for (int p = 0; p < 16; ++p) {
+        float r = std::nearbyint(v[t][p] * inv);
+        r = r > table_max ? table_max : (r < -table_max ? -table_max : r);
+        uint16_t code = (uint16_t)(int16_t)r;
+        lo[(c0 + t) * 16 + p] = (uint8_t)(code & 0xFF);
+        hi[(c0 + t) * 16 + p] = (uint8_t)(code >> 8);
+      }
+    }
+  }
+}
+
+// Adds, for one block of 32 rows, one chunk and one bit-plane, sum_t T_m[t][index(row, t)] for
+// every row into sums[m][32] (int32: exact), for rows m of x.
+void chunk_sums(const uint8_t* idx, int64_t n_bytes, const Tables& tab, int64_t table0, int64_t n_tables, int64_t m,
+                int32_t (*sums)[ROWS]) {
+#if defined(__AVX2__)
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  for (int64_t r = 0; r < m; ++r) {
+    __m256i acc_a = _mm256_setzero_si256(), acc_b = _mm256_setzero_si256();
+    const uint8_t* lo = tab.lo.data() + (r * n_tables + table0) * 16;
+    const uint8_t* hi = tab.hi.data() + (r * n_tables + table0) * 16;
+    for (int64_t b = 0; b < n_bytes; ++b) {
+      __m256i v = _mm256_loadu_si256((const __m256i*)(idx + b * ROWS));
+      __m256i even = _mm256_and_si256(v, low4), odd = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+      __m256i t_lo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(lo + 32 * b)));
+      __m256i t_hi = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(hi + 32 * b)));
+      __m256i l = _mm256_shuffle_epi8(t_lo, even), h = _mm256_shuffle_epi8(t_hi, even);
+      acc_a = _mm256_add_epi16(acc_a, _mm256_unpacklo_epi8(l, h));  // rows 0-7 | 16-23
+      acc_b = _mm256_add_epi16(acc_b, _mm256_unpackhi_epi8(l, h));  // rows 8-15 | 24-31
+      t_lo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(lo + 32 * b + 16)));
+      t_hi = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(hi + 32 * b + 16)));
+      l = _mm256_shuffle_epi8(t_lo, odd);
+      h = _mm256_shuffle_epi8(t_hi, odd);
+      acc_a = _mm256_add_epi16(acc_a, _mm256_unpacklo_epi8(l, h));
+      acc_b = _mm256_add_epi16(acc_b, _mm256_unpackhi_epi8(l, h));
+    }
+    __m256i* s = (__m256i*)sums[r];
+    s[0] = _mm256_add_epi32(s[0], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc_a)));
+    s[1] = _mm256_add_epi32(s[1], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc_b)));
+    s[2] = _mm256_add_epi32(s[2], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc_a, 1)));
+    s[3] = _mm256_add_epi32(s[3], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc_b, 1)));
+  }
+#else
+  (void)n_tables;
+  for (int64_t r = 0; r < m; ++r) {
+    const uint8_t* lo = tab.lo.data() + (r * n_tables + table0) * 16;
+    const uint8_t* hi = tab.hi.data() + (r * n_tables + table0) * 16;
+    for (int row = 0; row < ROWS; ++row) {
+      int32_t acc = 0;
+      for (int64_t b = 0; b < n_bytes; ++b) {
+        uint8_t v = idx[b * ROWS + row];
+        int e = v & 15, o = v >> 4;
+        acc += (int16_t)(uint16_t)(lo[32 * b + e] | hi[32 * b + e] << 8);
+        acc += (int16_t)(uint16_t)(lo[32 * b + 16 + o] | hi[32 * b + 16 + o] << 8);
+      }
+      sums[r][row] += acc;
+    }
+  }
+#endif
+}
+
+}  // namespace
+
+extern "C" {
+
+// out[m, n] (row stride out_stride) = x[m, :in_features] @ W.T (+ bias), m <= 16.
+// idx: [blocks][q][k_pad/8][32] bytes; alpha_p: [blocks][groups][q][32]; beta_p: [blocks][groups][32].
+void fxpress_lut_gemv(const float* x, int64_t x_stride, int64_t m, int64_t in_features, int64_t k_pad,
+                      const uint8_t* idx, const float* alpha_p, const float* beta_p, const float* bias, int64_t n,
+                      int64_t q, int64_t group_size, float* out, int64_t out_stride, int threads) {
+  const int64_t n_tables = k_pad / 4, groups = k_pad / group_size, blocks = (n + ROWS - 1) / ROWS;
+  const int64_t chunk_cols = group_size < 4 * CHUNK_MAX ? group_size : 4 * CHUNK_MAX;
+  const int64_t chunk_tables = chunk_cols / 4, chunks = k_pad / chunk_cols, chunks_per_group = group_size / chunk_cols;
+  Tables tab;
+  tab.lo.resize(m * n_tables * 16);
+  tab.hi.resize(m * n_tables * 16);
+  tab.scale.resize(m * chunks);
+  tab.group_sum.resize(m * groups);
+  for (int64_t r = 0; r < m; ++r)
+    build_tables(x + r * x_stride, in_features, k_pad, chunk_tables, group_size, tab.lo.data() + r * n_tables * 16,
+                 tab.hi.data() + r * n_tables * 16, tab.scale.data() + r * chunks, tab.group_sum.data() + r * groups);
+  const int64_t plane_bytes = k_pad / 8;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    alignas(32) float acc[MAX_M][ROWS] = {};
+    alignas(32) int32_t sums[MAX_M][ROWS];
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* alpha = alpha_p + (blk * groups + g) * q * ROWS;
+      const float* beta = beta_p + (blk * groups + g) * ROWS;
+      for (int64_t i = 0; i < q; ++i) {
+        const uint8_t* plane = idx + (blk * q + i) * plane_bytes * ROWS;
+        for (int64_t c = g * chunks_per_group; c < (g + 1) * chunks_per_group; ++c) {
+          std::memset(sums, 0, sizeof(sums));
+          chunk_sums(plane + c * (chunk_tables / 2) * ROWS, chunk_tables / 2, tab, c * chunk_tables, n_tables, m, sums);
+          for (int64_t r = 0; r < m; ++r) {
+            const float s = tab.scale[r * chunks + c];
+            for (int row = 0; row < ROWS; ++row) acc[r][row] += (float)sums[r][row] * s * alpha[i * ROWS + row];
+          }
+        }
+      }
+      for (int64_t r = 0; r < m; ++r) {
+        const float gs = tab.group_sum[r * groups + g];
+        for (int row = 0; row < ROWS; ++row) acc[r][row] += beta[row] * gs;
+      }
+    }
+    const int64_t first = blk * ROWS, last = first + ROWS < n ? first + ROWS : n;
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t o = first; o < last; ++o)
+        out[r * out_stride + o] = acc[r][o - first] + (bias ? bias[o] : 0.f);
+  }
+}
+
+// w[rows, in_features] = the float32 weight of output rows [row0, row0 + rows), original layout:
+// planes int32 [q, n, words], alpha [n, groups, q], beta [n, groups].
+void fxpress_lut_dequantize(const int32_t* planes, const float* alpha, const float* beta, int64_t q, int64_t n,
+                            int64_t words, int64_t group_size, int64_t in_features, int64_t row0, int64_t rows,
+                            float* w, int threads) {
+  const int64_t groups = words * 32 / group_size;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t o = row0 + r;
+    float* dst = w + r * in_features;
+    for (int64_t word = 0; word < words; ++word) {
+      const int64_t g = word * 32 / group_size, k0 = word * 32;
+      const float* a = alpha + (o * groups + g) * q;
+      float v[32];
+      for (int j = 0; j < 32; ++j) v[j] = beta[o * groups + g];
+      for (int64_t i = 0; i < q; ++i) {
+        const uint32_t bits = (uint32_t)planes[(i * n + o) * words + word];
+        for (int j = 0; j < 32; ++j) v[j] += (bits >> j & 1u) ? a[i] : -a[i];
+      }
+      const int64_t count = in_features - k0 < 32 ? in_features - k0 : 32;
+      for (int64_t j = 0; j < count; ++j) dst[k0 + j] = v[j];
+    }
+  }
+}
+
+}  // extern "C"
