@@ -12,7 +12,12 @@ Sections (markdown tables; ``--json`` writes the rows):
   tokens, 12 heads, hidden 384, MLP 1536) against float ATen on the same tensors, and the cpu
   target's reference of each; the cpp results are checked equal to the reference first.
 
-Run: ``python bench/cpu_kernels.py [lut] [integer] [--json PATH]``
+- ``overhead``: what one call of a compiled graph costs beyond its ops, on a graph of three tiny ops
+  (Linear 16 -> ReLU -> Linear 16, 2 rows): eager, fxpress and Inductor through ``torch.compile``,
+  and fxpress's generated wrapper module called directly against the same ATen calls made
+  directly; then MiniLM (batch 8 x 128) through each, the end-to-end latency.
+
+Run: ``python bench/cpu_kernels.py [lut] [integer] [overhead] [--json PATH]``
 """
 
 from __future__ import annotations
@@ -123,5 +128,54 @@ def integer() -> list[dict]:
     return rows
 
 
+def _best_median(fn, repeats: int, rounds: int = 5) -> float:
+    """The least of several medians: call overheads of microseconds on a shared machine."""
+    return min(median_seconds(fn, repeats) for _ in range(rounds))
+
+
+@torch.no_grad()
+def overhead() -> list[dict]:
+    from fxpress import workloads
+    from fxpress.runtime.wrapper_cache import load_wrapper
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16)).eval()
+    x = torch.randn(2, 16)
+    times, reports = {"eager": _best_median(lambda: model(x), 2000)}, []
+    for name, backend in (("fxpress", fxpress.Backend(fxpress.Options(), on_report=reports.append)),
+                          ("inductor", "inductor")):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=backend)
+        compiled(x)
+        times[name] = _best_median(lambda: compiled(x), 2000)
+    (first, bias1), (second, bias2) = ((m.weight, m.bias) for m in (model[0], model[2]))
+    wrapper = load_wrapper(reports[0].wrapper, {"fn_0_weight": first, "fn_0_bias": bias1, "fn_2_weight": second,
+                                                "fn_2_bias": bias2})
+    out = torch.empty(2, 16)
+    t_first = first.t()
+    times["wrapper module"] = _best_median(lambda: wrapper.call([x]), 2000)
+    times["its ATen calls"] = _best_median(
+        lambda: torch.ops.aten.addmm.default(bias2, torch.ops.aten.relu.out(
+            torch.ops.aten.addmm.out(bias1, x, t_first, out=out), out=out), second.t()), 2000)
+    minilm, tokenizer = workloads.load_minilm()
+    ids = tokenizer(["fxpress compiles compressed transformers"] * 8, padding="max_length", max_length=128,
+                    return_tensors="pt")
+    latency = {"eager": median_seconds(lambda: minilm(**ids), 10)}
+    for name in ("fxpress", "inductor"):
+        torch._dynamo.reset()
+        compiled = torch.compile(minilm, backend=name)
+        compiled(**ids)
+        latency[name] = median_seconds(lambda: compiled(**ids), 10)
+    lines = [f"CPU: {cpu_model()}", "", "| tiny graph, per call | µs | / eager |", "|---|---|---|"]
+    lines += [f"| {name} | {t * 1e6:.1f} | {t / times['eager']:.2f}x |" for name, t in times.items()]
+    lines += ["", f"wrapper overhead beyond its ops: {(times['wrapper module'] - times['its ATen calls']) * 1e6:.1f} µs",
+              "", "| MiniLM 8 x 128 | ms | / eager | / Inductor |", "|---|---|---|---|"]
+    lines += [f"| {name} | {t * 1e3:.1f} | {t / latency['eager']:.2f}x | {t / latency['inductor']:.2f}x |"
+              for name, t in latency.items()]
+    print_table(lines, None)
+    return [{"tiny_graph_us": {k: v * 1e6 for k, v in times.items()},
+             "minilm_ms": {k: v * 1e3 for k, v in latency.items()}}]
+
+
 if __name__ == "__main__":
-    run_sections({"lut": lut, "integer": integer})
+    run_sections({"lut": lut, "integer": integer, "overhead": overhead})

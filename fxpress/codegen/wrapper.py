@@ -54,6 +54,28 @@ def _device(schedule: Schedule, gm: fx.GraphModule) -> torch.device:
     return torch.device("cpu")
 
 
+def _constant_views(gm: fx.GraphModule, schedule: Schedule, plan: MemoryPlan) -> list[fx.Node]:
+    """View kernels over constants (a Linear's transposed weight): made once when the wrapper
+    loads instead of on every call. Views never copy, so they follow in-place updates of the
+    constant as before; a view with symbolic arguments stays in ``call``, where its sizes are bound."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    constant = {n for n in gm.graph.nodes if n.op == "get_attr"}
+    hoisted = []
+    for kernel in schedule.kernels:
+        if kernel.kind != "view":
+            continue
+        for name in kernel.nodes:
+            node = nodes[name]
+            symbolic = any(isinstance(a, (torch.SymInt, torch.SymFloat)) for a in
+                           torch.utils._pytree.tree_leaves((node.args, node.kwargs)))
+            if name in plan.slots or symbolic or not node.all_input_nodes \
+                    or not all(i in constant for i in node.all_input_nodes):
+                continue
+            constant.add(node)
+            hoisted.append(node)
+    return hoisted
+
+
 def emit_wrapper(gm: fx.GraphModule, schedule: Schedule, plan: MemoryPlan, title: str,
                  generated: dict[str, GeneratedKernel] | None = None, preamble: tuple[str, ...] = ()) -> str:
     """Python source of a module defining ``call(args)``; constants come in as ``CONSTANTS``.
@@ -90,6 +112,9 @@ def emit_wrapper(gm: fx.GraphModule, schedule: Schedule, plan: MemoryPlan, title
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             w.line(f"{node.name} = CONSTANTS[{node.target!r}]")
+    hoisted = _constant_views(gm, schedule, plan)
+    for node in hoisted:
+        w.line(f"{node.name} = {call(node)}  # a view of a constant: made once")
     w.line(f"DEVICE = {render(_device(schedule, gm))}")
     w.line("_arenas = ArenaPool()")
     w.line()
@@ -128,7 +153,7 @@ def emit_wrapper(gm: fx.GraphModule, schedule: Schedule, plan: MemoryPlan, title
     w.level += 1
     if slotted:
         w.line(f"({', '.join(slotted)},) = slots")
-    _emit_body(w, gm, schedule, plan, nodes, kernels, generated)
+    _emit_body(w, gm, schedule, plan, nodes, kernels, generated, {n.name for n in hoisted})
     output = next(n for n in gm.graph.nodes if n.op == "output")
     w.line(f"return {render(tuple(output.args[0]) if isinstance(output.args[0], (list, tuple)) else output.args[0])}")
     w.level -= 1
@@ -139,14 +164,15 @@ def emit_wrapper(gm: fx.GraphModule, schedule: Schedule, plan: MemoryPlan, title
 
 def _emit_body(w: SourceWriter, gm: fx.GraphModule, schedule: Schedule, plan: MemoryPlan,
                nodes: dict[str, fx.Node], kernels: dict[str, Any],
-               generated: dict[str, GeneratedKernel]) -> None:
+               generated: dict[str, GeneratedKernel], hoisted: set[str]) -> None:
     sequence = [nodes[n] for k in plan.order for n in kernels[k].nodes]
     last_use: dict[fx.Node, int] = {}
     for i, node in enumerate(sequence):
         for inp in node.all_input_nodes:
             last_use[inp] = i
     output = next(n for n in gm.graph.nodes if n.op == "output")
-    keep = set(output.all_input_nodes) | set(n for n in gm.graph.nodes if n.op in ("placeholder", "get_attr"))
+    keep = set(output.all_input_nodes) | set(n for n in gm.graph.nodes if n.op in ("placeholder", "get_attr")) \
+        | {nodes[name] for name in hoisted}
     dies_at: dict[int, list[str]] = {}
     for n, last in last_use.items():  # temporaries: freed right after their last reader
         if n not in keep and n.name not in plan.slots:
@@ -154,6 +180,9 @@ def _emit_body(w: SourceWriter, gm: fx.GraphModule, schedule: Schedule, plan: Me
     position = 0
     for kernel_name in plan.order:
         kernel = kernels[kernel_name]
+        if set(kernel.nodes) <= hoisted:  # made when the wrapper loaded
+            position += len(kernel.nodes)
+            continue
         w.line(f"# {kernel.name}: {', '.join(kernel.nodes)}")
         whole = kernel_name in generated
         if whole:

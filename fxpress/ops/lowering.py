@@ -45,6 +45,13 @@ def tensor_arguments(node: fx.Node) -> list[fx.Node]:
     return [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
 
 
+def rows_of(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """``t`` contiguous, its number of rows and its row width (the last dim): what row kernels take."""
+    t = t.contiguous()
+    width = t.shape[-1]
+    return t, t.numel() // max(width, 1), width
+
+
 def argument_name(node: fx.Node, arg: fx.Node) -> str:
     """The schema name of the argument ``arg`` fills in ``node``."""
     schema = node.target._schema

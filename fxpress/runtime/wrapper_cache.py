@@ -19,6 +19,8 @@ import linecache
 import types
 from pathlib import Path
 
+import torch
+
 from fxpress.core import cache_folder
 
 _WITHOUT = "generated wrappers run from memory without a copy on disk"
@@ -47,7 +49,10 @@ def load_module(source: str, names: dict[str, object]) -> types.ModuleType:
     module = types.ModuleType(name)
     module.__file__ = filename
     module.__dict__.update(names)
-    exec(compile(source, filename, "exec"), module.__dict__)
+    # Module-level statements (views of constants) run on the real constants, though a compile
+    # may load the wrapper inside the tracer's fake mode.
+    with torch._subclasses.fake_tensor.unset_fake_temporarily():
+        exec(compile(source, filename, "exec"), module.__dict__)
     return module
 
 

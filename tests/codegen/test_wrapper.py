@@ -88,3 +88,18 @@ def test_a_reduction_alone_in_its_kernel_runs_in_blocks():
     report, out = _compile(lambda t: torch.softmax(t, -1), x)
     assert "for start in range(" in report.wrapper
     assert (out - torch.softmax(x, -1)).abs().max() <= 1e-6
+
+
+def test_views_of_constants_are_made_once_and_follow_in_place_updates():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)).eval()
+    x = torch.randn(3, 8)
+    report, _ = _compile(model, x)
+    module_level, body = report.wrapper.split("def call(args):")
+    assert "permute = torch.ops.aten.permute.default(" in module_level  # the transposed weight
+    assert "permute.default" not in body
+    compiled = torch.compile(model, backend="fxpress")
+    with torch.no_grad():
+        compiled(x)
+        model[0].weight.mul_(2)  # in place: the hoisted view shows the new values
+        torch.testing.assert_close(compiled(x), model(x))

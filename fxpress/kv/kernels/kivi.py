@@ -23,6 +23,7 @@ import triton.language as tl
 
 from fxpress.core.triton_types import dot_pad as _pad
 import fxpress.kv.quant as quant
+from fxpress.kv.kernels import decode_step
 
 EXACT_ROWS = tl.constexpr(16)  # full-precision tokens per step of _exact_block (the smallest tl.dot side)
 
@@ -228,14 +229,9 @@ def decode_attention(q: torch.Tensor, store, k_new: torch.Tensor, v_new: torch.T
     """One decode step over a :class:`~fxpress.kv.stores.KIVIStore`: ``q [B, Hq, 1, d]``, the new
     ``k, v [B, Hkv, 1, d]`` -> float32 ``[B, Hq, 1, d]``. The quantised tokens are split among
     programs ``tokens_per_split`` (a multiple of the group size) at a time."""
-    b, hq, t, d = q.shape
-    hkv = k_new.shape[1]
-    if t != 1 or hq % hkv:
-        raise ValueError(f"decode_attention takes one query token per sequence and whole query groups; got q "
-                         f"{tuple(q.shape)}, k {tuple(k_new.shape)}")
     policy = store.policy
     g = policy.group_size
-    tokens_per_split = max(tokens_per_split // g, 1) * g
+    b, hq, hkv, d, tokens_per_split = decode_step(q, k_new, g, tokens_per_split)
     splits = max(triton.cdiv(store.quantised, tokens_per_split), 1)
     gq, gq_pad = hq // hkv, _pad(hq // hkv)
     part_acc = torch.empty(b * hkv, splits, gq_pad, d, dtype=torch.float32, device=q.device)

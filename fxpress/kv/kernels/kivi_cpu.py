@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from fxpress.kv.kernels import decode_step
 from fxpress.native import build
 
 TOKENS_PER_SPLIT = 1024  # quantised tokens per work item
@@ -36,14 +37,9 @@ def refusal(store) -> str | None:
 def decode_attention(q: torch.Tensor, store, k_new: torch.Tensor, v_new: torch.Tensor, scale: float,
                      tokens_per_split: int = TOKENS_PER_SPLIT) -> torch.Tensor:
     """``q [B, Hq, 1, d]``, the new ``k, v [B, Hkv, 1, d]`` -> float32 ``[B, Hq, 1, d]``."""
-    b, hq, t, d = q.shape
-    hkv = k_new.shape[1]
-    if t != 1 or hq % hkv:
-        raise ValueError(f"decode_attention takes one query token per sequence and whole query groups; got q "
-                         f"{tuple(q.shape)}, k {tuple(k_new.shape)}")
     policy = store.policy
     g = policy.group_size
-    tokens_per_split = max(tokens_per_split // g, 1) * g
+    b, hq, hkv, d, tokens_per_split = decode_step(q, k_new, g, tokens_per_split)
     qs = (q.reshape(b, hq, d).to(torch.float32) * scale).contiguous()
     k1 = k_new.reshape(b, hkv, d).to(torch.float32).contiguous()
     v1 = v_new.reshape(b, hkv, d).to(torch.float32).contiguous()

@@ -16,6 +16,7 @@ from fxpress.integer import constants
 from fxpress.integer.arith import NEWTON_STEPS, check_row_length
 from fxpress.integer.quantize import code_limit, mask_limit, reciprocal
 from fxpress.ops.cpp._common import FLOAT, INT, LONG, POINTER, library, pointer, threads
+from fxpress.ops.lowering import rows_of
 
 
 @functools.cache
@@ -31,12 +32,6 @@ def _lib():
 
 # A ctypes array, not a tensor: this module may first be imported inside a compile's fake mode.
 _COEFFICIENTS = (ctypes.c_double * len(constants.COEFFICIENTS))(*constants.COEFFICIENTS)
-
-
-def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    t = t.contiguous()
-    width = t.shape[-1]
-    return t, t.numel() // max(width, 1), width
 
 
 def _float32(t: torch.Tensor) -> torch.Tensor:
@@ -58,7 +53,7 @@ def _raise_for(status: int, where: str, scale: torch.Tensor) -> None:
 
 def int_row_scale(x: torch.Tensor, masked: bool, bits: int, out: torch.Tensor) -> torch.Tensor:
     limit = mask_limit(x.dtype)
-    x, rows, width = _rows(_float32(x))
+    x, rows, width = rows_of(_float32(x))
     inv_limit = float(torch.tensor(1.0 / code_limit(bits), dtype=torch.float32))
     _lib().fxpress_int_row_scale(pointer(x), rows, width, int(masked), limit, inv_limit, pointer(out), threads())
     return out
@@ -66,7 +61,7 @@ def int_row_scale(x: torch.Tensor, masked: bool, bits: int, out: torch.Tensor) -
 
 def int_quantize(x: torch.Tensor, scale: torch.Tensor, masked: bool, bits: int, out: torch.Tensor) -> torch.Tensor:
     limit = mask_limit(x.dtype)
-    x, rows, width = _rows(_float32(x))
+    x, rows, width = rows_of(_float32(x))
     inv = reciprocal(scale).reshape(-1).contiguous()
     _lib().fxpress_int_quantize(pointer(x), pointer(inv), 0 if inv.numel() == 1 else 1, rows, width, int(masked),
                                 limit, float(code_limit(bits)), out.element_size(), pointer(out), threads())
@@ -75,7 +70,7 @@ def int_quantize(x: torch.Tensor, scale: torch.Tensor, masked: bool, bits: int, 
 
 def int_softmax(q: torch.Tensor, scale: torch.Tensor, method: str, max_q: int, exp_bits: int, out_bits: int,
                 out: torch.Tensor) -> torch.Tensor:
-    q, rows, width = _rows(q)
+    q, rows, width = rows_of(q)
     check_row_length(width, exp_bits)
     scales, stride = _scales(scale)
     status = _lib().fxpress_int_softmax(pointer(q), pointer(scales), stride, _COEFFICIENTS, rows, width,
@@ -86,7 +81,7 @@ def int_softmax(q: torch.Tensor, scale: torch.Tensor, method: str, max_q: int, e
 
 def int_gelu(q: torch.Tensor, scale: torch.Tensor, method: str, max_q: int, exp_bits: int,
              out: torch.Tensor) -> torch.Tensor:
-    q, rows, width = _rows(q)
+    q, rows, width = rows_of(q)
     scales, stride = _scales(scale)
     status = _lib().fxpress_int_gelu(pointer(q), pointer(scales), stride, _COEFFICIENTS, rows, width,
                                      int(method == "ibert"), exp_bits, max_q, constants.ERF_BITS,
@@ -97,7 +92,7 @@ def int_gelu(q: torch.Tensor, scale: torch.Tensor, method: str, max_q: int, exp_
 
 def int_layer_norm(q: torch.Tensor, bias_codes: torch.Tensor, in_shift: int, var_shift: int, out_shift: int,
                    out: torch.Tensor) -> torch.Tensor:
-    q, rows, width = _rows(q)
+    q, rows, width = rows_of(q)
     bias = bias_codes.contiguous()
     _lib().fxpress_int_layer_norm(pointer(q), q.element_size(), pointer(bias), rows, width, in_shift, var_shift,
                                   out_shift, NEWTON_STEPS, pointer(out), threads())

@@ -29,6 +29,13 @@ constexpr int ROWS = 32;        // output rows per block: one byte lane each
 constexpr int MAX_M = 16;       // activation rows per call of the table path
 constexpr int CHUNK_MAX = 16;   // tables per int16 chunk, at most (64 columns)
 
+// SIGN[j][p] = 2 bit_j(p) - 1: the sign of activation j in table entry p.
+constexpr float SIGN[4][16] = {
+    {-1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1},
+    {-1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1},
+    {-1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1},
+    {-1, -1, -1, -1, -1, -1, -1, -1, 1, 1, 1, 1, 1, 1, 1, 1}};
+
 struct Tables {
   // [m][table][16] low and high bytes of the int16 entries, and one float scale per (m, chunk).
   std::vector<uint8_t> lo, hi;
@@ -54,11 +61,8 @@ void build_tables(const float* x, int64_t in_features, int64_t k_pad, int64_t ch
         int64_t k = (c0 + t) * 4 + j;
         a[j] = k < in_features ? x[k] : 0.f;
       }
-      for (int p = 0; p < 16; ++p) {
-        float sum = 0.f;
-        for (int j = 0; j < 4; ++j) sum += (p >> j & 1) ? a[j] : -a[j];
-        v[t][p] = sum;
-      }
+      for (int p = 0; p < 16; ++p)  // signs as constants: the 16 entries vectorise
+        v[t][p] = SIGN[0][p] * a[0] + SIGN[1][p] * a[1] + SIGN[2][p] * a[2] + SIGN[3][p] * a[3];
       float mag = std::fabs(a[0]) + std::fabs(a[1]) + std::fabs(a[2]) + std::fabs(a[3]);
       top = mag > top ? mag : top;
     }
@@ -67,7 +71,7 @@ void build_tables(const float* x, int64_t in_features, int64_t k_pad, int64_t ch
     scale[c0 / chunk_tables] = s;
     for (int64_t t = 0; t < chunk_tables; ++t) {
       for (int p = 0; p < 16; ++p) {
-        float r = std::nearbyint(v[t][p] * inv);
+        float r = std::floor(v[t][p] * inv + 0.5f);  // inlined (nearbyint is a libm call here)
         r = r > table_max ? table_max : (r < -table_max ? -table_max : r);
         uint16_t code = (uint16_t)(int16_t)r;
         lo[(c0 + t) * 16 + p] = (uint8_t)(code & 0xFF);
@@ -158,7 +162,7 @@ void fxpress_lut_gemv(const float* x, int64_t x_stride, int64_t m, int64_t in_fe
       for (int64_t i = 0; i < q; ++i) {
         const uint8_t* plane = idx + (blk * q + i) * plane_bytes * ROWS;
         for (int64_t c = g * chunks_per_group; c < (g + 1) * chunks_per_group; ++c) {
-          std::memset(sums, 0, sizeof(sums));
+          std::memset(sums, 0, sizeof(sums[0]) * m);
           chunk_sums(plane + c * (chunk_tables / 2) * ROWS, chunk_tables / 2, tab, c * chunk_tables, n_tables, m, sums);
           for (int64_t r = 0; r < m; ++r) {
             const float s = tab.scale[r * chunks + c];

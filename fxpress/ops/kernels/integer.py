@@ -17,6 +17,7 @@ import triton.language as tl
 from fxpress.integer import constants
 from fxpress.integer.arith import MASKED, NEWTON_STEPS, check_row_length
 from fxpress.integer.quantize import code_limit, mask_limit, reciprocal
+from fxpress.ops.lowering import rows_of
 
 INT32_MAX = 2 ** 31 - 1
 MAX_BLOCK = 1024
@@ -232,12 +233,6 @@ def int_layer_norm_kernel(q, bias, out, width, IN_SHIFT: tl.constexpr, VAR_SHIFT
 
 # Launchers: the op's arguments, then ``out``. -----------------------------------------------------
 
-def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    t = t.contiguous()
-    width = t.shape[-1]
-    return t, t.numel() // max(width, 1), width
-
-
 _COEFFICIENTS: dict[torch.device, torch.Tensor] = {}
 
 
@@ -254,7 +249,7 @@ def _scales(scale: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def int_row_scale(x: torch.Tensor, masked: bool, bits: int, out: torch.Tensor) -> torch.Tensor:
-    x, rows, width = _rows(x)
+    x, rows, width = rows_of(x)
     if rows:
         int_row_scale_kernel[(rows,)](x, out, width, mask_limit(x.dtype), MASK=masked,
                                       INV_LIMIT=float(torch.tensor(1.0 / code_limit(bits), dtype=torch.float32)),
@@ -272,7 +267,7 @@ def int_gelu_scale(scale: torch.Tensor, method: str, out: torch.Tensor) -> torch
 
 
 def int_quantize(x: torch.Tensor, scale: torch.Tensor, masked: bool, bits: int, out: torch.Tensor) -> torch.Tensor:
-    x, rows, width = _rows(x)
+    x, rows, width = rows_of(x)
     inv = reciprocal(scale).reshape(-1).contiguous()
     if rows:
         int_quantize_kernel[(rows,)](x, inv, out, width, 0 if inv.numel() == 1 else 1, mask_limit(x.dtype),
@@ -283,7 +278,7 @@ def int_quantize(x: torch.Tensor, scale: torch.Tensor, masked: bool, bits: int, 
 
 def int_softmax(q: torch.Tensor, scale: torch.Tensor, method: str, max_q: int, exp_bits: int, out_bits: int,
                 out: torch.Tensor) -> torch.Tensor:
-    q, rows, width = _rows(q)
+    q, rows, width = rows_of(q)
     check_row_length(width, exp_bits)
     scales, stride = _scales(scale)
     if rows:
@@ -294,7 +289,7 @@ def int_softmax(q: torch.Tensor, scale: torch.Tensor, method: str, max_q: int, e
 
 def int_gelu(q: torch.Tensor, scale: torch.Tensor, method: str, max_q: int, exp_bits: int,
              out: torch.Tensor) -> torch.Tensor:
-    q, rows, width = _rows(q)
+    q, rows, width = rows_of(q)
     scales, stride = _scales(scale)
     if rows:
         int_gelu_kernel[(rows,)](q, scales, _coefficients(q.device), out, width, stride, POLY=method == "ibert",
@@ -305,7 +300,7 @@ def int_gelu(q: torch.Tensor, scale: torch.Tensor, method: str, max_q: int, exp_
 
 def int_layer_norm(q: torch.Tensor, bias_codes: torch.Tensor, in_shift: int, var_shift: int, out_shift: int,
                    out: torch.Tensor) -> torch.Tensor:
-    q, rows, width = _rows(q)
+    q, rows, width = rows_of(q)
     if rows:
         int_layer_norm_kernel[(rows,)](q, bias_codes.contiguous(), out, width, IN_SHIFT=in_shift,
                                        VAR_SHIFT=var_shift, OUT_SHIFT=out_shift, STEPS=NEWTON_STEPS,
