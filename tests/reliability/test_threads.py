@@ -83,3 +83,34 @@ def test_threads_generating_with_kv_caches_of_their_own_equal_eager():
 
     _run_in_threads(serve)
     assert all(torch.equal(g, e) for g, e in zip(got, expected))
+
+
+def test_threads_calling_cpp_kernels_equal_one_thread():
+    """The cpp target's kernels (LUT matmul, with its once-per-weight layout made while other
+    threads call) from many threads at once give what one thread gives, bit for bit."""
+    import fxpress
+    from fxpress.native import build
+
+    if build.compiler_refusal() is not None:
+        pytest.skip("no working C++ compiler")
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(96, 160), torch.nn.GELU(), torch.nn.Linear(160, 64)).eval()
+    model = fxpress.compress.quantize(mlp, bits=4, group_size=32, skip=()).model
+    compiled = torch.compile(model, backend=fxpress.backend(target="cpp"))
+    inputs = [torch.randn(1 + i % 3, 96) for i in range(6)]
+    with torch.no_grad():
+        expected = [compiled(x) for x in inputs]  # compiles every graph; the layout is made later too
+    from fxpress.ops.cpp import lut
+
+    lut._packed.clear()  # the threads race to make the weights' layout again
+    wrong = []
+
+    def serve(worker: int) -> None:
+        for call in range(CALLS):
+            i = (worker + call) % len(inputs)
+            with torch.no_grad():
+                if not torch.equal(compiled(inputs[i]), expected[i]):
+                    wrong.append((worker, call))
+
+    _run_in_threads(serve)
+    assert not wrong, f"{len(wrong)} of {THREADS * CALLS} concurrent calls differ"

@@ -40,6 +40,10 @@ class _Packed:
     alpha: torch.Tensor  # float32 [blocks, groups, q, 32]
     beta: torch.Tensor  # float32 [blocks, groups, 32]
 
+    @functools.cached_property
+    def pointers(self) -> tuple[int, int, int]:
+        return self.indices.data_ptr(), self.alpha.data_ptr(), self.beta.data_ptr()
+
 
 def _pack(planes: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> _Packed:
     q, n, words = planes.shape
@@ -62,8 +66,9 @@ _lock = threading.Lock()
 _packed: dict[tuple[int, int, int], tuple[tuple, _Packed]] = {}
 
 
-def _stamp(*tensors: torch.Tensor) -> tuple:
-    return tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype) for t in tensors)
+def _stamp(planes: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> tuple:
+    """What changes when a weight tensor is modified in place or its storage swapped (``.data =``)."""
+    return (planes._version, alpha._version, beta._version, planes.data_ptr(), alpha.data_ptr(), beta.data_ptr())
 
 
 def packed(planes: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> _Packed:
@@ -71,8 +76,7 @@ def packed(planes: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> _Pa
     unchanged (a tensor modified in place, or a new tensor at a freed one's address, is re-packed)."""
     key = (id(planes), id(alpha), id(beta))
     stamp = _stamp(planes, alpha, beta)
-    with _lock:
-        hit = _packed.get(key)
+    hit = _packed.get(key)  # one dict read: atomic, no lock needed
     if hit is not None and hit[0] == stamp:
         return hit[1]
     made = _pack(planes, alpha, beta)
@@ -96,12 +100,12 @@ def lut_linear(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, beta:
     result = out.view(m, n) if direct else torch.empty(m, n, dtype=torch.float32)
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
     if m <= max_lut_rows:
-        weights = packed(planes, alpha, beta)
-        for start in range(0, m, MAX_M):
-            rows = min(MAX_M, m - start)
-            _lib().fxpress_lut_gemv(pointer(flat[start:]), flat.stride(0), rows, in_features, words * 32,
-                                    pointer(weights.indices), pointer(weights.alpha), pointer(weights.beta),
-                                    pointer(bias32), n, q, group_size, pointer(result[start:]), n, threads())
+        indices, alpha_p, beta_p = packed(planes, alpha, beta).pointers
+        gemv, x_at, out_at, bias_at, pool = _lib().fxpress_lut_gemv, flat.data_ptr(), result.data_ptr(), \
+            pointer(bias32), threads()
+        for start in range(0, m, MAX_M):  # 4-byte floats: row `start` is start * stride elements in
+            gemv(x_at + 4 * start * flat.stride(0), flat.stride(0), min(MAX_M, m - start), in_features, words * 32,
+                 indices, alpha_p, beta_p, bias_at, n, q, group_size, out_at + 4 * start * n, n, pool)
     else:
         _tiled(flat, planes.contiguous(), alpha.to(torch.float32).contiguous(), beta.to(torch.float32).contiguous(),
                in_features, group_size, result)
