@@ -153,7 +153,8 @@ void decode(const Args& a) {
 #pragma omp parallel num_threads(a.threads)
   {
     const int64_t n_max = std::max(group, sunk + waiting + 1);  // tokens per fold: a group, or the exact ones
-    std::vector<float> s(gq * n_max), p(gq * n_max), v(d), tile(d * group), qs(gq * d), base(gq);
+    std::vector<float> s(gq * n_max), p(gq * n_max), v(d), tile(d * group), qs(gq * d), base(gq), k_scale(d),
+        k_min(d);
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t bh = item / items_per_head, split = item % items_per_head;
@@ -163,12 +164,16 @@ void decode(const Args& a) {
         const int64_t t0 = split * a.tokens_per_split, t1 = std::min(a.quantised, t0 + a.tokens_per_split);
         for (int64_t g0 = t0; g0 < t1; g0 += group) {
           const int64_t ko = (bh * a.k_groups + g0 / group) * d;
+          for (int64_t c = 0; c < d; ++c) {  // the group's scales and mins, converted once
+            k_scale[c] = load<DT>(a.k_scale, ko + c);
+            k_min[c] = load<DT>(a.k_min, ko + c);
+          }
           for (int64_t j = 0; j < gq; ++j) {
             float b0 = 0.f;
 #pragma omp simd reduction(+ : b0)
             for (int64_t c = 0; c < d; ++c) {
-              qs[j * d + c] = qh[j * d + c] * load<DT>(a.k_scale, ko + c);
-              b0 += qh[j * d + c] * load<DT>(a.k_min, ko + c);
+              qs[j * d + c] = qh[j * d + c] * k_scale[c];
+              b0 += qh[j * d + c] * k_min[c];
             }
             base[j] = b0;
           }
