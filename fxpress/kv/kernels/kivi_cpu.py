@@ -7,24 +7,20 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from pathlib import Path
 
 import torch
 
 from fxpress.kv.kernels import decode_step
 from fxpress.native import build
+from fxpress.native.kernels import INT, LONG, POINTER, library_beside, threads
 
 TOKENS_PER_SPLIT = 1024  # quantised tokens per work item
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
-P, I, L, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
-
-
 @functools.cache
 def _lib() -> ctypes.CDLL:
-    source = (Path(__file__).parent / "kivi.cpp").read_text()
-    return build.library("kivi", source, {"fxpress_kivi_decode": (
-        None, [P] * 13 + [I, L, L, L, L, L, I, L, L, L, L, L, L, L, L, L, P, I])})
+    return library_beside(__file__, "kivi", {"fxpress_kivi_decode": (
+        None, [POINTER] * 13 + [INT] + [LONG] * 5 + [INT] + [LONG] * 9 + [POINTER, INT])})
 
 
 def refusal(store) -> str | None:
@@ -50,5 +46,5 @@ def decode_attention(q: torch.Tensor, store, k_new: torch.Tensor, v_new: torch.T
         s.v_scale.data_ptr(), s.v_lo.data_ptr(), s.k_residual.data_ptr(), s.v_residual.data_ptr(),
         s.k_sink.data_ptr(), s.v_sink.data_ptr(), k1.data_ptr(), v1.data_ptr(), _DTYPES[s.dtype], b, hkv, hq // hkv,
         d, g, policy.bits, s.quantised, s.k_codes.shape[2], s.k_scale.shape[2], s.v_codes.shape[2], s.waiting,
-        s.k_residual.shape[2], s.sunk, s.k_sink.shape[2], tokens_per_split, out.data_ptr(), torch.get_num_threads())
+        s.k_residual.shape[2], s.sunk, s.k_sink.shape[2], tokens_per_split, out.data_ptr(), threads())
     return out.reshape(b, hq, 1, d)

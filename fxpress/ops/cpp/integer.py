@@ -15,13 +15,13 @@ from fxpress.core.errors import IntegerError
 from fxpress.integer import constants
 from fxpress.integer.arith import NEWTON_STEPS, check_row_length
 from fxpress.integer.quantize import code_limit, mask_limit, reciprocal
-from fxpress.ops.cpp._common import FLOAT, INT, LONG, POINTER, library, pointer, threads
+from fxpress.native.kernels import FLOAT, INT, LONG, POINTER, library_beside, pointer, threads
 from fxpress.ops.lowering import rows_of
 
 
 @functools.cache
 def _lib():
-    return library("integer", {
+    return library_beside(__file__, "integer", {
         "fxpress_int_row_scale": (None, [POINTER, LONG, LONG, INT, FLOAT, FLOAT, POINTER, INT]),
         "fxpress_int_quantize": (None, [POINTER, POINTER, LONG, LONG, LONG, INT, FLOAT, FLOAT, INT, POINTER, INT]),
         "fxpress_int_softmax": (INT, [POINTER, POINTER, LONG, POINTER, LONG, LONG, INT, INT, INT, INT, POINTER, INT]),

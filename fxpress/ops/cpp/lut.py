@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fxpress.ops.cpp._common import INT, LONG, POINTER, library, pointer, threads
+from fxpress.native.kernels import INT, LONG, POINTER, library_beside, pointer, threads
 
 ROWS = 32  # output rows per block (lut.cpp's ROWS)
 MAX_M = 16  # activation rows per table-path call (lut.cpp's MAX_M)
@@ -26,7 +26,7 @@ TILE_ROWS = 1024  # output rows dequantised per GEMM step above max_lut_rows
 
 @functools.cache
 def _lib():
-    return library("lut", {
+    return library_beside(__file__, "lut", {
         "fxpress_lut_gemv": (None, [POINTER, LONG, LONG, LONG, LONG, POINTER, POINTER, POINTER, POINTER, LONG,
                                     LONG, LONG, POINTER, LONG, INT]),
         "fxpress_lut_dequantize": (None, [POINTER, POINTER, POINTER, LONG, LONG, LONG, LONG, LONG, LONG, LONG,

@@ -1,4 +1,5 @@
-"""What every cpp-kernel launcher needs: its C++ source read from beside it, pointers, thread count."""
+"""What every launcher of a C++ kernel needs: its source built from beside the launcher, the ctypes
+argument types, tensor pointers, and the thread count."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from fxpress.native import build
 POINTER, INT, LONG, FLOAT = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 
 
-def library(name: str, signatures: dict[str, tuple[object, list[object]]]) -> ctypes.CDLL:
-    """The library built from ``fxpress/ops/cpp/<name>.cpp``."""
-    source = (Path(__file__).parent / f"{name}.cpp").read_text()
+def library_beside(launcher_file: str, name: str, signatures: dict[str, tuple[object, list[object]]]) -> ctypes.CDLL:
+    """The library built from ``<name>.cpp`` in the launcher's own folder."""
+    source = (Path(launcher_file).parent / f"{name}.cpp").read_text()
     return build.library(name, source, signatures)
 
 
