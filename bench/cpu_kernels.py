@@ -11,13 +11,18 @@ Sections (markdown tables; ``--json`` writes the rows):
 - ``integer``: the integer-only softmax, GELU and LayerNorm kernels at MiniLM's sizes (batch 8 x 128
   tokens, 12 heads, hidden 384, MLP 1536) against float ATen on the same tensors, and the cpu
   target's reference of each; the cpp results are checked equal to the reference first.
-
+- ``lowrank``: the low-rank kernels at BERT-base shapes (hidden 768, 12 heads, FFN 3072, every
+  factor pair keeping 50 % of its Linear's parameters: rank 307 for the FFN, 192 for Q, K, V and
+  the output), batch 16 x 128 and 4 x 512 tokens: the fused FFN (the cpp kernel, and the cpu
+  target's streamed reference) against the unfused chain (four ``F.linear`` and GELU), and fused
+  attention with its output factor against the unfused Q, K, V up-projections + SDPA + output
+  factor; with GFLOP/s of the cpp kernels.
 - ``overhead``: what one call of a compiled graph costs beyond its ops, on a graph of three tiny ops
   (Linear 16 -> ReLU -> Linear 16, 2 rows): eager, fxpress and Inductor through ``torch.compile``,
   and fxpress's generated wrapper module called directly against the same ATen calls made
   directly; then MiniLM (batch 8 x 128) through each, the end-to-end latency.
 
-Run: ``python bench/cpu_kernels.py [lut] [integer] [overhead] [--json PATH]``
+Run: ``python bench/cpu_kernels.py [lut] [integer] [lowrank] [overhead] [--json PATH]``
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ import fxpress  # noqa: F401  (registers the ops)
 import fxpress.lowbit as lowbit
 from _common import cpu_model, median_seconds, print_table, read_bandwidth, run_sections
 from fxpress.integer import constants
+import fxpress.ops.lowrank as ops_lowrank
 from fxpress.ops.cpp import integer as cpp_integer
+from fxpress.ops.cpp import lowrank as cpp_lowrank
 from fxpress.ops.cpp import lut as cpp_lut
 
 REPEATS = 30
@@ -128,6 +135,65 @@ def integer() -> list[dict]:
     return rows
 
 
+def _factors(n_in: int, rank: int, n_out: int, g: torch.Generator):
+    return (torch.randn(rank, n_in, generator=g) / n_in ** 0.5, torch.randn(n_out, rank, generator=g) / rank ** 0.5,
+            torch.randn(n_out, generator=g))
+
+
+def _lowrank_ffn_case(g, rows):
+    x = torch.randn(rows, 768, generator=g)
+    first, second = _factors(768, 307, 3072, g), _factors(3072, 307, 768, g)
+    out = torch.empty(rows, 768)
+    unfused = lambda: F.linear(F.linear(F.gelu(F.linear(F.linear(x, first[0]), first[1], first[2])), second[0]),
+                               second[1], second[2])
+    reference = lambda: ops_lowrank._ffn_into(x, *first, *second, "gelu", None, None, None, out=out)
+    fused = lambda: cpp_lowrank.lowrank_ffn(x, *first, *second, "gelu", None, None, None, out)
+    flops = 2 * rows * 307 * (768 + 3072) * 2
+    return unfused, reference, fused, out, flops
+
+
+def _lowrank_attention_case(g, batch, seq):
+    heads, d, rank = 12, 64, 192
+    ps = [torch.randn(batch, seq, rank, generator=g) for _ in range(3)]
+    ups = [_factors(rank, rank, 768, g)[1:] for _ in range(3)]  # (up [768, rank], bias)
+    o_down = torch.randn(rank, 768, generator=g) / 768 ** 0.5
+    keep = torch.ones(batch, 1, 1, seq, dtype=torch.bool)  # BERT's padding mask, nothing padded
+    args = [t for p, (up, bias) in zip(ps, ups) for t in (p, up, bias)] + [heads, heads, keep, False, None, o_down]
+    out = torch.empty(batch, seq, rank)
+
+    def unfused():
+        q, k, v = [(p @ up.T + bias).view(batch, seq, heads, d).transpose(1, 2) for p, (up, bias) in zip(ps, ups)]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep).transpose(1, 2).reshape(batch, seq, 768) \
+            @ o_down.T
+    reference = lambda: ops_lowrank._attention_into(*args, out=out)
+    fused = lambda: cpp_lowrank.lowrank_attention(*args, out)
+    flops = 2 * batch * seq * (3 * rank * 768 + 2 * seq * 768 + 768 * rank)
+    return unfused, reference, fused, out, flops
+
+
+def lowrank() -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    cases = [("FFN", (16, 128), _lowrank_ffn_case(g, 16 * 128)), ("FFN", (4, 512), _lowrank_ffn_case(g, 4 * 512)),
+             ("attention + o_down", (16, 128), _lowrank_attention_case(g, 16, 128)),
+             ("attention + o_down", (4, 512), _lowrank_attention_case(g, 4, 512))]
+    rows = []
+    lines = [f"CPU: {cpu_model()}", "", "| kernel | batch x seq | unfused ms | cpu target (reference) ms | cpp ms "
+             "| **cpp / unfused** | cpp GFLOP/s | max abs cpp - unfused |", "|---|---|---|---|---|---|---|---|"]
+    for name, (batch, seq), (unfused, reference, fused, out, flops) in cases:
+        fused()
+        error = float((out - unfused()).abs().max())
+        t_unfused, t_ref, t_fused = (median_seconds(f, 5) for f in (unfused, reference, fused))
+        row = {"kernel": name, "batch": batch, "seq": seq, "unfused_ms": t_unfused * 1e3, "reference_ms": t_ref * 1e3,
+               "cpp_ms": t_fused * 1e3, "cpp_over_unfused": t_fused / t_unfused, "cpp_gflops": flops / t_fused / 1e9,
+               "max_abs_error": error}
+        rows.append(row)
+        lines.append(f"| {name} | {batch} x {seq} | {row['unfused_ms']:.1f} | {row['reference_ms']:.1f} | "
+                     f"{row['cpp_ms']:.1f} | **{row['cpp_over_unfused']:.2f}x** | {row['cpp_gflops']:.0f} | "
+                     f"{error:.1e} |")
+    print_table(lines, None)
+    return rows
+
+
 def _best_median(fn, repeats: int, rounds: int = 5) -> float:
     """The least of several medians: call overheads of microseconds on a shared machine."""
     return min(median_seconds(fn, repeats) for _ in range(rounds))
@@ -178,4 +244,4 @@ def overhead() -> list[dict]:
 
 
 if __name__ == "__main__":
-    run_sections({"lut": lut, "integer": integer, "overhead": overhead})
+    run_sections({"lut": lut, "integer": integer, "lowrank": lowrank, "overhead": overhead})

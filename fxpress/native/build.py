@@ -33,7 +33,11 @@ from fxpress.core.errors import FxpressError
 
 # -ffp-contract=off: no fused multiply-adds the source did not write, so float results do not
 # depend on which instructions the compiler picked (integer kernels' float64 constants stay exact).
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off")
+# -fno-trapping-math: floating-point exceptions are masked, so the compiler may compute both sides
+# of a choice (a division on one side of a `?:`), which loops with choices need to vectorise; every
+# operation still rounds as written.
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off",
+         "-fno-trapping-math")
 BUILD_SECONDS = 300
 _WITHOUT = "C++ kernels are rebuilt in every process"
 _PROBE = 'extern "C" int fxpress_probe(int n) { int s = 0;\n#pragma omp parallel for reduction(+:s)\n' \

@@ -13,9 +13,13 @@ from fxpress.native import build
 POINTER, INT, LONG, FLOAT = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 
 
-def library_beside(launcher_file: str, name: str, signatures: dict[str, tuple[object, list[object]]]) -> ctypes.CDLL:
-    """The library built from ``<name>.cpp`` in the launcher's own folder."""
-    source = (Path(launcher_file).parent / f"{name}.cpp").read_text()
+def library_beside(launcher_file: str, name: str, signatures: dict[str, tuple[object, list[object]]],
+                   headers: tuple[str, ...] = ("fast_math.h",)) -> ctypes.CDLL:
+    """The library built from ``<name>.cpp`` in the launcher's own folder, after the shared
+    ``headers`` of this folder (pasted in front, so they are part of the library's key)."""
+    here = Path(__file__).parent
+    source = "".join((here / h).read_text() for h in headers)
+    source += (Path(launcher_file).parent / f"{name}.cpp").read_text()
     return build.library(name, source, signatures)
 
 

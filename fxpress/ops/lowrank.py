@@ -15,6 +15,7 @@ Factors are in ``nn.Linear`` layout, as ``fxpress.compress.LowRankLinear`` store
   ``merge_heads(attention) @ o_down.T``, ``[B, S, rank_o]``, accumulated head by head, so the
   attention output never exists at full width either.
 
+The cpp target runs all three in C++ (``fxpress/ops/cpp/lowrank.cpp`` and ``lowrank_attention.cpp``).
 The references below are what the cpu target runs. They stream: the factored Linears and the FFN
 go over blocks of rows, attention over one head and one block of queries at a time; each block's
 widest temporary holds about ``BLOCK_ELEMENTS`` values, so their extra memory is a block's, not the
@@ -50,6 +51,19 @@ def _triton(function: str) -> dict[str, Launcher]:
             return f"{function} with a rank above {MAX_RANK_PAD} (its on-chip accumulator would spill)"
         return None
     return {"triton": Launcher("fxpress.ops.kernels.lowrank", function, refusal)}
+
+
+def _cpp(function: str) -> dict[str, Launcher]:
+    """The op's C++ kernel (``fxpress/ops/cpp/``), which computes in float32 (a mask may be boolean)."""
+
+    def refusal(node: torch.fx.Node) -> str | None:
+        dtypes = {a.meta["val"].dtype for a in tensor_arguments(node)
+                  if not (argument_name(node, a) == "attn_mask" and a.meta["val"].dtype == torch.bool)}
+        dtypes.add(node.meta["val"].dtype)
+        if dtypes != {torch.float32}:
+            return f"{function} on {sorted(map(str, dtypes))} (the cpp kernel is float32)"
+        return None
+    return {"cpp": Launcher("fxpress.ops.cpp.lowrank", function, refusal)}
 
 BLOCK_ELEMENTS = 1 << 18  # widest temporary of one streamed block: 1 MiB in fp32
 MIN_ROWS = 16  # blocks never shrink below this many rows (matmul efficiency)
@@ -130,7 +144,7 @@ def _linear_fake(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, bias: to
 
 
 lowrank_linear = define_op("lowrank_linear", _linear_reference, _linear_fake, overwritable=0,
-                           out_impl=_linear_into, lowerings=_triton("lowrank_linear"))
+                           out_impl=_linear_into, lowerings=_triton("lowrank_linear") | _cpp("lowrank_linear"))
 
 
 # lowrank_ffn ------------------------------------------------------------------------------------
@@ -180,7 +194,7 @@ def _ffn_fake(x, down1, up1, bias1, down2, up2, bias2, activation, gate_down, ga
 
 
 lowrank_ffn = define_op("lowrank_ffn", _ffn_reference, _ffn_fake, overwritable=0, out_impl=_ffn_into,
-                        lowerings=_triton("lowrank_ffn"))
+                        lowerings=_triton("lowrank_ffn") | _cpp("lowrank_ffn"))
 
 
 # lowrank_attention ------------------------------------------------------------------------------
@@ -289,5 +303,5 @@ def _attention_fake(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, num_he
 
 
 lowrank_attention = define_op("lowrank_attention", _attention_reference, _attention_fake,
-                              out_impl=_attention_into, lowerings=_triton("lowrank_attention"))
+                              out_impl=_attention_into, lowerings=_triton("lowrank_attention") | _cpp("lowrank_attention"))
 

@@ -102,7 +102,7 @@ def test_threads_calling_cpp_kernels_equal_one_thread():
         expected = [compiled(x) for x in inputs]  # compiles every graph; the layout is made later too
     from fxpress.ops.cpp import lut
 
-    lut._packed.clear()  # the threads race to make the weights' layout again
+    lut.packed.clear()  # the threads race to make the weights' layout again
     wrong = []
 
     def serve(worker: int) -> None:

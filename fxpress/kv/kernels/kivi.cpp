@@ -23,6 +23,8 @@
 
 namespace {
 
+using fxpress_math::exp_nonpositive;  // fxpress/native/fast_math.h
+
 enum Dtype { F32 = 0, F16 = 1, BF16 = 2 };
 
 inline float half_to_float(uint16_t h) {
@@ -81,26 +83,6 @@ struct Partial {  // an online softmax per query head of the group
   std::vector<float> m, l, acc;  // [gq], [gq], [gq][d]
   Partial(int64_t gq, int64_t d) : m(gq, -INFINITY), l(gq, 0.f), acc(gq * d, 0.f) {}
 };
-
-// exp(x) for x <= 0 (scores minus their running max), in float32 to within 2 ulp: x = n ln2 + r,
-// |r| <= ln2 / 2, exp(r) by its degree-6 Taylor polynomial, times 2**n through the exponent bits.
-// Plain arithmetic, so loops of it vectorise (std::exp is a scalar call). Below -87 it is 0.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.f);
-  const float n = std::nearbyint(x * 1.44269504f);
-  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;  // ln 2 in two parts
-  float e = 1.f / 720;
-  e = e * r + 1.f / 120;
-  e = e * r + 1.f / 24;
-  e = e * r + 1.f / 6;
-  e = e * r + 0.5f;
-  e = e * r + 1.f;
-  e = e * r + 1.f;
-  const int32_t bits = ((int32_t)n + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  return e * scale;
-}
 
 // Folds scores s[j][0..n) and a value-row loader into the partial: for each head j, the new max,
 // rescaled sums, then p[t] * v[t] added for every token.

@@ -27,6 +27,9 @@ inline int32_t div_floor(int32_t a, int32_t b) {  // 0 <= a, 0 < b
   return (int32_t)((double)a / (double)b);
 }
 
+// The same for 0 <= a < 2**53 (an int64 division takes tens of cycles more).
+inline int64_t div_floor64(int64_t a, int64_t b) { return (int64_t)((double)a / (double)b); }
+
 inline int exponent(double x) {  // frexp's: x in [2**(e-1), 2**e)
   int e;
   std::frexp(x, &e);
@@ -87,9 +90,63 @@ inline int32_t shift_exp(int32_t d, const ExpConstants& k, bool poly) {
   return shift(z, k.norm - q);
 }
 
+// arith.isqrt: Newton's iteration from 2**16, whose fixed point is max(1, floor(sqrt(v))) for
+// v < 2**31; there it is computed from the correctly rounded float64 square root, corrected by one
+// either way. Past that domain, the iteration itself (a float64 division is exact: v < 2**53).
+inline int64_t isqrt(int64_t v, int newton_steps) {
+  if (v < (int64_t(1) << 31)) {
+    int64_t r = (int64_t)std::sqrt((double)v);
+    r -= (r * r > v);
+    r += ((r + 1) * (r + 1) <= v);
+    return std::max<int64_t>(r, 1);
+  }
+  int64_t k = 1 << 16;
+  for (int step = 0; step < newton_steps; ++step)
+    k = std::min(k, std::max((k + (int64_t)((double)v / (double)k)) >> 1, (int64_t)1));
+  return k;
+}
+
+// GELU of all 256 int8 codes at one row scale, as int32 codes at constants.gelu_output_scale:
+// I-BERT's i-GELU (poly) or I-ViT's ShiftGELU. Returns a status as the constants do.
+int gelu_table(double s, const double* coef, int poly, int exp_bits, int max_q, int erf_bits, int sigmoid_bits,
+               int32_t* table) {
+  if (!(std::isfinite(s) && s > 0)) return 1;
+  if (poly) {
+    double se;
+    const int32_t pre = normalise(s / coef[3], &se);
+    const double b = std::floor(coef[4] / se), c = std::floor(coef[5] / (se * se));
+    if (!(fits(b) && fits(c))) return 2;
+    const int32_t rs = std::max(exponent(-c) - erf_bits, 0);
+    const double one = std::floor(1.0 / (se * se * coef[6] * std::ldexp(1.0, rs)));
+    if (!fits(one)) return 2;
+    const int32_t bi = (int32_t)b, ci = (int32_t)c, onei = (int32_t)one;
+    for (int32_t v = -128; v < 128; ++v) {
+      int32_t x = shift(v, -pre);
+      int32_t a = std::min(std::abs(x), -bi);
+      int32_t sign = (x > 0) - (x < 0);
+      int32_t erf = (sign * ((a + bi) * (a + bi) + ci)) >> rs;
+      table[v + 128] = (int32_t)(-(int64_t)v * (erf + onei));
+    }
+  } else {
+    double sg;
+    const int32_t pre = normalise(s * coef[7], &sg);
+    const double x0 = std::floor(-1.0 / sg), low = max_q * x0;
+    if (!(fits(x0) && fits(low))) return 2;
+    const ExpConstants k{pre, (int32_t)x0, 0, 0, exp_bits - exponent(-2 * x0), (int32_t)low, (float)(-1.0 / x0)};
+    for (int32_t v = -128; v < 128; ++v) {
+      int32_t e1 = shift_exp(std::min(v, 0), k, false);
+      int32_t e2 = shift_exp(-std::max(v, 0), k, false);
+      int32_t factor = div_floor(INT32_MAX_, e1 + e2);
+      table[v + 128] = (int32_t)((int64_t)v * (((int64_t)e1 * factor) >> (31 - sigmoid_bits)));
+    }
+  }
+  return 0;
+}
+
 }  // namespace
 
 extern "C" {
+
 
 void fxpress_int_row_scale(const float* x, int64_t rows, int64_t width, int masked, float mask_limit, float inv_limit,
                            float* out, int threads) {
@@ -166,62 +223,36 @@ int fxpress_int_softmax(const int8_t* q, const double* scale, int64_t s_stride, 
   return status;
 }
 
-// GELU of int8 codes as int32 codes at constants.gelu_output_scale: I-BERT's i-GELU (poly) or
-// I-ViT's ShiftGELU.
+// GELU of int8 codes: an int8 code has 256 values, so each row scale's results are tabulated once
+// (once in all for one scale, s_stride 0) and looked up.
 int fxpress_int_gelu(const int8_t* q, const double* scale, int64_t s_stride, const double* coef, int64_t rows,
                      int64_t width, int poly, int exp_bits, int max_q, int erf_bits, int sigmoid_bits, int32_t* out,
                      int threads) {
+  int32_t shared[256];
+  const bool one_scale = s_stride == 0;
+  if (one_scale && rows > 0) {
+    const int status = gelu_table(scale[0], coef, poly, exp_bits, max_q, erf_bits, sigmoid_bits, shared);
+    if (status) return status;
+  }
   int status = 0;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t row = 0; row < rows; ++row) {
-    const double s = scale[row * s_stride];
-    const int8_t* v = q + row * width;
-    int32_t* o = out + row * width;
-    if (!(std::isfinite(s) && s > 0)) {
+#pragma omp parallel num_threads(threads)
+  {
+    int32_t own[256];
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < rows; ++row) {
+      const int32_t* table = shared;
+      if (!one_scale) {
+        const int failed = gelu_table(scale[row * s_stride], coef, poly, exp_bits, max_q, erf_bits, sigmoid_bits, own);
+        if (failed) {
 #pragma omp atomic write
-      status = 1;
-      continue;
-    }
-    if (poly) {
-      double se;
-      const int32_t pre = normalise(s / coef[3], &se);
-      const double b = std::floor(coef[4] / se), c = std::floor(coef[5] / (se * se));
-      if (!(fits(b) && fits(c))) {
-#pragma omp atomic write
-        status = 2;
-        continue;
+          status = failed;
+          continue;
+        }
+        table = own;
       }
-      const int32_t rs = std::max(exponent(-c) - erf_bits, 0);
-      const double one = std::floor(1.0 / (se * se * coef[6] * std::ldexp(1.0, rs)));
-      if (!fits(one)) {
-#pragma omp atomic write
-        status = 2;
-        continue;
-      }
-      const int32_t bi = (int32_t)b, ci = (int32_t)c, onei = (int32_t)one;
-      for (int64_t i = 0; i < width; ++i) {
-        int32_t x = shift(v[i], -pre);
-        int32_t a = std::min(std::abs(x), -bi);
-        int32_t sign = (x > 0) - (x < 0);
-        int32_t erf = (sign * ((a + bi) * (a + bi) + ci)) >> rs;
-        o[i] = (int32_t)(-(int64_t)v[i] * (erf + onei));
-      }
-    } else {
-      double sg;
-      const int32_t pre = normalise(s * coef[7], &sg);
-      const double x0 = std::floor(-1.0 / sg), low = max_q * x0;
-      if (!(fits(x0) && fits(low))) {
-#pragma omp atomic write
-        status = 2;
-        continue;
-      }
-      const ExpConstants k{pre, (int32_t)x0, 0, 0, exp_bits - exponent(-2 * x0), (int32_t)low, (float)(-1.0 / x0)};
-      for (int64_t i = 0; i < width; ++i) {
-        int32_t e1 = shift_exp(std::min((int32_t)v[i], 0), k, false);
-        int32_t e2 = shift_exp(-std::max((int32_t)v[i], 0), k, false);
-        int32_t factor = div_floor(INT32_MAX_, e1 + e2);
-        o[i] = (int32_t)((int64_t)v[i] * (((int64_t)e1 * factor) >> (31 - sigmoid_bits)));
-      }
+      const int8_t* v = q + row * width;
+      int32_t* o = out + row * width;
+      for (int64_t i = 0; i < width; ++i) o[i] = table[v[i] + 128];
     }
   }
   return status;
@@ -242,17 +273,16 @@ void fxpress_int_layer_norm(const void* q, int code_bytes, const int32_t* bias, 
       int64_t sum = 0;
       for (int64_t i = 0; i < width; ++i) sum += x[i];
       const int64_t n = sum + width / 2;
-      const int32_t mean = (int32_t)(n >= 0 ? n / width : -((width - 1 - n) / width));  // floor division
+      const int32_t mean = (int32_t)(n >= 0 ? div_floor64(n, width) : -div_floor64(width - 1 - n, width));
       // Each squared deviation is below 2**31 (their sum is: isqrt's domain), the sum is int64.
       int64_t var = 0;
       for (int64_t i = 0; i < width; ++i) {
         int32_t sh = (x[i] - mean) >> var_shift;
         var += sh * sh;
       }
-      int64_t std_ = 1 << 16;
-      for (int step = 0; step < newton_steps; ++step) std_ = std::min(std_, std::max((std_ + var / std_) >> 1, (int64_t)1));
+      const int64_t std_ = isqrt(var, newton_steps);
       // |x - mean| <= the deviation bound, so (x - mean) * factor fits int32 (arith.deviation_bound).
-      const int32_t factor = (int32_t)(INT32_MAX_ / ((std_ << var_shift) + ((int64_t(1) << var_shift) - 1)));
+      const int32_t factor = (int32_t)div_floor64(INT32_MAX_, (std_ << var_shift) + ((int64_t(1) << var_shift) - 1));
       int32_t* o = out + row * width;
       for (int64_t i = 0; i < width; ++i) o[i] = (((x[i] - mean) * factor) >> out_shift) + bias[i];
     }

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import functools
 import sys
-import threading
-import weakref
 from dataclasses import dataclass
 
 import torch
 
 from fxpress.native.kernels import INT, LONG, POINTER, library_beside, pointer, threads
+from fxpress.native.layouts import DerivedLayouts
 
 ROWS = 32  # output rows per block (lut.cpp's ROWS)
 MAX_M = 16  # activation rows per table-path call (lut.cpp's MAX_M)
@@ -62,30 +61,8 @@ def _pack(planes: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> _Pac
                    b.view(blocks, ROWS, groups).permute(0, 2, 1).contiguous())
 
 
-_lock = threading.Lock()
-_packed: dict[tuple[int, int, int], tuple[tuple, _Packed]] = {}
-
-
-def _stamp(planes: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> tuple:
-    """What changes when a weight tensor is modified in place or its storage swapped (``.data =``)."""
-    return (planes._version, alpha._version, beta._version, planes.data_ptr(), alpha.data_ptr(), beta.data_ptr())
-
-
-def packed(planes: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> _Packed:
-    """The shuffle layout of these weight tensors, made on first use and kept while they live
-    unchanged (a tensor modified in place, or a new tensor at a freed one's address, is re-packed)."""
-    key = (id(planes), id(alpha), id(beta))
-    stamp = _stamp(planes, alpha, beta)
-    hit = _packed.get(key)  # one dict read: atomic, no lock needed
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
-    made = _pack(planes, alpha, beta)
-    with _lock:
-        if key not in _packed:
-            for t in (planes, alpha, beta):  # forget the layout when any of the three is freed
-                weakref.finalize(t, _packed.pop, key, None)
-        _packed[key] = (stamp, made)
-    return made
+# The shuffle layout of (planes, alpha, beta), made on first use and kept while they live unchanged.
+packed = DerivedLayouts(_pack)
 
 
 def lut_linear(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
