@@ -103,3 +103,23 @@ def test_views_of_constants_are_made_once_and_follow_in_place_updates():
         compiled(x)
         model[0].weight.mul_(2)  # in place: the hoisted view shows the new values
         torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_dtype_conversions_and_fxpress_ops_are_called_without_the_dispatcher():
+    """prims.convert_element_type runs through Python (about 100 µs a call) and a custom op through
+    torch's custom-op layers: the wrapper converts with copy_ / _to_copy and calls an fxpress op's
+    Python function itself, with the same results."""
+    def fn(x, w, eps):  # dynamic: eps is a float64 graph input, converted by prims
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return torch.ops.fxpress.rms_norm(y, w, 1e-6)
+
+    x, w = torch.randn(4, 8) * 10, torch.rand(8)
+    reports = []
+    compiled = torch.compile(fn, backend=fxpress.Backend(fxpress.Options(), on_report=reports.append), dynamic=True)
+    with torch.no_grad():
+        compiled(x, w, 1e-5)
+        out = compiled(x, w, 1e-3)
+    source = reports[-1].wrapper
+    assert "convert_element_type_default" in source and "prims.convert_element_type" not in source
+    assert "torch.ops.fxpress" not in source and "FXPRESS_OPS['rms_norm']" in source
+    torch.testing.assert_close(out, fn(x, w, 1e-3))
