@@ -85,24 +85,39 @@ def test_threads_generating_with_kv_caches_of_their_own_equal_eager():
     assert all(torch.equal(g, e) for g, e in zip(got, expected))
 
 
-def test_threads_calling_cpp_kernels_equal_one_thread():
-    """The cpp target's kernels (LUT matmul, with its once-per-weight layout made while other
-    threads call) from many threads at once give what one thread gives, bit for bit."""
+def _cpp_model(kind: str):
+    """A small MLP whose Linears run a cpp kernel: 4-bit LUT matmul, or one fused low-rank FFN."""
+    import fxpress
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(96, 160), torch.nn.GELU(), torch.nn.Linear(160, 64)).eval()
+    if kind == "lut":
+        return fxpress.compress.quantize(mlp, bits=4, group_size=32, skip=()).model
+    return fxpress.compress.svd(mlp, rank_ratio=0.3).model
+
+
+@pytest.mark.parametrize("kind", ["lut", "lowrank"])
+def test_threads_calling_cpp_kernels_equal_one_thread(kind):
+    """The cpp target's kernels (LUT matmul and the low-rank FFN, with their once-per-weight
+    layouts made while other threads call) from many threads at once give what one thread gives,
+    bit for bit."""
     import fxpress
     from fxpress.native import build
+    from fxpress.ops.cpp import lowrank, lut
 
     if build.compiler_refusal() is not None:
         pytest.skip("no working C++ compiler")
-    torch.manual_seed(0)
-    mlp = torch.nn.Sequential(torch.nn.Linear(96, 160), torch.nn.GELU(), torch.nn.Linear(160, 64)).eval()
-    model = fxpress.compress.quantize(mlp, bits=4, group_size=32, skip=()).model
-    compiled = torch.compile(model, backend=fxpress.backend(target="cpp"))
-    inputs = [torch.randn(1 + i % 3, 96) for i in range(6)]
+    model = _cpp_model(kind)
+    reports = []
+    compiled = torch.compile(model, backend=fxpress.Backend(fxpress.Options(target="cpp"), on_report=reports.append))
+    inputs = [torch.randn(1 + i % 3, 96) if i % 2 else torch.randn(60 + i, 96) for i in range(6)]
     with torch.no_grad():
-        expected = [compiled(x) for x in inputs]  # compiles every graph; the layout is made later too
-    from fxpress.ops.cpp import lut
-
-    lut.packed.clear()  # the threads race to make the weights' layout again
+        expected = [compiled(x) for x in inputs]  # compiles every graph; the layouts are made later too
+    generated = {name for r in reports for name, kind_, _ in r.kernels if kind_ == "op"} - \
+        {name for r in reports for name in r.not_generated}
+    assert any(("lut" if kind == "lut" else "lowrank_ffn") in name for name in generated), generated
+    lut.packed.clear()  # the threads race to make the weights' layouts again
+    lowrank.panels.clear()
     wrong = []
 
     def serve(worker: int) -> None:
