@@ -121,13 +121,15 @@ void epilogue(const Step& s, const float* acc, int64_t m, float* c, int64_t ldc,
 // Panels go in groups whose accumulators fit in L2; within a group, k slices go outermost, so a
 // slice of A's rows stays in L2 while each panel's slice (in L1) passes over all of its rows.
 void run_step(const Step& s, const float* a, int64_t lda, int64_t m, float* c, int64_t ldc, int64_t j0, int64_t j1) {
-  const int64_t slices = (s.k + KC - 1) / KC, kc_even = (s.k + slices - 1) / slices;
+  if (m == 0) return;
+  const int64_t slices = std::max<int64_t>(1, (s.k + KC - 1) / KC), kc_even = std::max<int64_t>(1, (s.k + slices - 1) / slices);
   const int64_t group = std::max<int64_t>(1, ACC_BYTES / (4 * NR * m));
   thread_local std::vector<float> accumulators;  // [panel of the group][row][NR]
   accumulators.resize(std::max<size_t>(accumulators.size(), (size_t)(group * m * NR)));
   float* acc = accumulators.data();
   for (int64_t g0 = j0; g0 < j1; g0 += group) {
     const int64_t g1 = std::min(j1, g0 + group);
+    if (s.k == 0) std::fill(acc, acc + (g1 - g0) * m * NR, 0.f);  // an empty sum (no keys, say)
     for (int64_t p0 = 0; p0 < s.k; p0 += kc_even) {
       const int64_t kc = std::min(kc_even, s.k - p0);
       for (int64_t j = g0; j < g1; ++j) {
