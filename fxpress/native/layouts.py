@@ -5,7 +5,9 @@ A layout is keyed by the identity of the tensors it was made from and stamped wi
 ``_version`` counters and data pointers, so an in-place update (``weight.mul_``), a swapped
 storage (``weight.data = ...``), or a new tensor at a freed one's address makes it again. It is
 forgotten when any of its tensors is freed. The hit path is one dict read (atomic under the GIL),
-so threads running the same compiled model take no lock.
+so threads running the same compiled model take no lock. Threads that make the same layout at
+once all get the first one stored: a layout is replaced only when its tensors changed. Callers keep
+the layout itself (not only its data pointer) until their kernel returns.
 """
 
 from __future__ import annotations
@@ -38,7 +40,10 @@ class DerivedLayouts(Generic[Layout]):
             return hit[1]
         made = self._make(*tensors, **params)
         with self._lock:
-            if key not in self._made:
+            hit = self._made.get(key)
+            if hit is not None and hit[0] == stamp:  # another thread made it meanwhile: theirs stays,
+                return hit[1]                        # so a pointer it handed out stays valid
+            if hit is None:
                 for t in tensors:
                     weakref.finalize(t, self._made.pop, key, None)
             self._made[key] = (stamp, made)

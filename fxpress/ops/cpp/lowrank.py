@@ -83,8 +83,9 @@ def lowrank_linear(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, bias: 
                    out: torch.Tensor) -> torch.Tensor:
     n = up.shape[0]
     flat, result = _rows(x, out, n)
+    down_p, up_p = panels(down), panels(up)  # held until the kernel returns
     _lib().fxpress_lowrank_linear(flat.data_ptr(), flat.stride(0), flat.shape[0], flat.shape[1],
-                                  pointer(panels(down)), down.shape[0], pointer(panels(up)), n, pointer(bias),
+                                  down_p.data_ptr(), down.shape[0], up_p.data_ptr(), n, pointer(bias),
                                   result.data_ptr(), n, threads())
     return _finish(out, result)
 
@@ -96,12 +97,13 @@ def lowrank_ffn(x: torch.Tensor, down1: torch.Tensor, up1: torch.Tensor, bias1: 
     n = up2.shape[0]
     flat, result = _rows(x, out, n)
     gated = gate_down is not None
+    d1, u1, d2, u2 = panels(down1), panels(up1), panels(down2), panels(up2)  # held until the kernel returns
+    gd, gu = (panels(gate_down), panels(gate_up)) if gated else (None, None)
     _lib().fxpress_lowrank_ffn(
         flat.data_ptr(), flat.stride(0), flat.shape[0], flat.shape[1],
-        pointer(panels(down1)), down1.shape[0], pointer(panels(up1)), up1.shape[0], pointer(bias1),
-        pointer(panels(down2)), down2.shape[0], pointer(panels(up2)), n, pointer(bias2),
-        pointer(panels(gate_down)) if gated else None, gate_down.shape[0] if gated else 0,
-        pointer(panels(gate_up)) if gated else None, pointer(gate_bias),
+        d1.data_ptr(), down1.shape[0], u1.data_ptr(), up1.shape[0], pointer(bias1),
+        d2.data_ptr(), down2.shape[0], u2.data_ptr(), n, pointer(bias2),
+        pointer(gd), gate_down.shape[0] if gated else 0, pointer(gu), pointer(gate_bias),
         ACTIVATION_CODES[activation], result.data_ptr(), n, threads())
     return _finish(out, result)
 
@@ -128,10 +130,11 @@ def lowrank_attention(pq: torch.Tensor, q_up: torch.Tensor, q_bias: torch.Tensor
     (batch, seq, _), seq_k, d = pq.shape, pk.shape[1], q_up.shape[0] // num_heads
     mask = _additive_mask(attn_mask, (batch, num_heads, seq, seq_k))
     result = out if o_down is None or out.is_contiguous() else torch.empty(out.shape)
-    factors = []
+    factors, layouts = [], []  # the layouts are held until the kernel returns
     for p, up, bias, heads in ((pq, q_up, q_bias, num_heads), (pk, k_up, k_bias, num_kv_heads),
                                (pv, v_up, v_bias, num_kv_heads)):
-        factors += [p.data_ptr(), p.shape[-1], head_panels(up, heads=heads, columns=False).data_ptr(), pointer(bias)]
+        layouts.append(head_panels(up, heads=heads, columns=False))
+        factors += [p.data_ptr(), p.shape[-1], layouts[-1].data_ptr(), pointer(bias)]
     o_panels = None if o_down is None else head_panels(o_down, heads=num_heads, columns=True)
     _attention_lib().fxpress_lowrank_attention(
         *factors, batch, seq, seq_k, num_heads, num_kv_heads, d, pointer(mask),

@@ -77,7 +77,8 @@ def lut_linear(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, beta:
     result = out.view(m, n) if direct else torch.empty(m, n, dtype=torch.float32)
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
     if m <= max_lut_rows:
-        indices, alpha_p, beta_p = packed(planes, alpha, beta).pointers
+        layout = packed(planes, alpha, beta)  # held until the kernels return
+        indices, alpha_p, beta_p = layout.pointers
         gemv, x_at, out_at, bias_at, pool = _lib().fxpress_lut_gemv, flat.data_ptr(), result.data_ptr(), \
             pointer(bias32), threads()
         for start in range(0, m, MAX_M):  # 4-byte floats: row `start` is start * stride elements in
