@@ -1,6 +1,7 @@
-"""``fxpress::lowrank_linear`` and ``fxpress::lowrank_ffn`` on the cpp target (``lowrank.cpp``:
-the factored Linears run a tile of rows at a time, with bias, activation and gate applied to each
-block before it is stored, so the FFN's wide hidden layer never exists beyond one tile per thread).
+"""The low-rank ops on the cpp target: ``lowrank_linear`` and ``lowrank_ffn`` (``lowrank.cpp``: the
+factored Linears run a tile of rows at a time, with bias, activation and gate applied to each
+block before it is stored, so the FFN's wide hidden layer never exists beyond one tile per thread)
+and ``lowrank_attention`` (``lowrank_attention.cpp``).
 
 The kernel reads each factor re-laid out in panels of 16 output rows (``panels``), made once per
 weight and kept while it lives unchanged, like the LUT kernel's layout. float32 only: the ops'
@@ -43,9 +44,7 @@ def _attention_lib():
 
 def _panel_layout(weight: torch.Tensor) -> torch.Tensor:
     """``[n, k]`` -> ``[ceil(n / NR), k, NR]``: each panel's k rows of NR columns, zero past n."""
-    n, k = weight.shape
-    padded = torch.nn.functional.pad(weight.detach(), (0, 0, 0, -n % NR))
-    return padded.view(-1, NR, k).transpose(1, 2).contiguous()
+    return _head_panel_layout(weight, heads=1, columns=False)[0]
 
 
 panels = DerivedLayouts(_panel_layout)
