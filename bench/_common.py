@@ -22,6 +22,20 @@ def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(samples)
 
 
+def interleaved_medians(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
+    """Median wall time of each of ``fns``, called in turn round after round (after one warm-up
+    call each), so that a slow spell of a shared machine falls on all of them alike."""
+    for fn in fns.values():
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
 def print_table(lines: list[str], markdown: Path | None) -> None:
     """Print a finished markdown table, and write it to ``markdown`` when given."""
     text = "\n".join(lines) + "\n"
@@ -60,6 +74,18 @@ def cpu_model() -> str:
     except (OSError, StopIteration):
         pass
     return f"{name}, {torch.get_num_threads()} threads"
+
+
+def last_level_cache_bytes() -> int:
+    """The size of this CPU's last-level cache (32 MiB where Linux does not say)."""
+    for index in (3, 2):
+        try:
+            text = Path(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size").read_text().strip()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1], 1)
+        return int(text.rstrip("KM")) * scale
+    return 32 << 20
 
 
 def read_bandwidth(megabytes: int = 512, repeats: int = 10) -> float:

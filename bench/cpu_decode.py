@@ -7,7 +7,9 @@ Sections (markdown tables; ``--json`` writes the rows):
   ``fxpress/kv/kernels/kivi.cpp``; fp16 storage, ``fxpress.kv_cache``'s default) against fp32
   ``scaled_dot_product_attention`` over the full fp32 cache, at 8k and 32k tokens, SmolLM2-135M's
   heads (9 query / 3 KV, d 64) and Llama-3-8B's (32 / 8, d 128), batch 1; with the bytes each
-  reads and the largest difference from the reference attention over the same store.
+  reads and the largest difference from the reference attention over the same store. Each call
+  reads the next of several layers' caches, as a model's decode step does (so a cache is not still
+  in the CPU's caches from the call before); the same layer called again is shown beside it.
 - ``smollm2``: SmolLM2-135M decoding after a 4096-token prefix: tokens/s of eager fp32 with
   transformers' DynamicCache (SDPA), against 4-bit RTN weights (group 128, every Linear including
   the tied ``lm_head``, through ``lut_matmul``) and a
@@ -19,14 +21,17 @@ Run: ``python bench/cpu_decode.py [attention] [smollm2] [--json PATH]``
 
 from __future__ import annotations
 
+import itertools
+import math
 import statistics
 import time
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
 import fxpress
-from _common import cpu_model, median_seconds, print_table, run_sections
+from _common import cpu_model, interleaved_medians, last_level_cache_bytes, print_table, run_sections
 from fxpress import workloads
 from fxpress.kv.attention import PLAIN, reference_attend
 from fxpress.kv.kernels import kivi_cpu
@@ -46,27 +51,56 @@ def _store(hkv: int, d: int, tokens: int, dtype: torch.dtype):
     return store, k, v
 
 
+def _layers(hkv: int, d: int, tokens: int) -> list[tuple]:
+    """One (KIVI-2 store, fp32 keys, fp32 values) per layer, enough layers that their fp32 caches
+    are three times this CPU's last-level cache: a model's decode step reads every layer's cache
+    once, so by the time a layer comes round again its cache is no longer in the CPU's caches."""
+    count = max(2, math.ceil(3 * last_level_cache_bytes() / (2 * hkv * (tokens + 1) * d * 4)))
+    layers = []
+    for _ in range(count):
+        store, k, v = _store(hkv, d, tokens, torch.float16)
+        layers.append((store, k, v))
+    return layers
+
+
+def _cycling(calls: list[Callable[[], Any]]) -> Callable[[], Any]:
+    """A call of the next of ``calls`` each time, round and round."""
+    turn = itertools.count()
+    return lambda: calls[next(turn) % len(calls)]()
+
+
 def attention() -> list[dict]:
     rows = []
-    lines = [f"CPU: {cpu_model()}", "", "| heads | tokens | fp32 SDPA ms | KIVI-2 cpp ms | speedup | SDPA MB read "
-             "| KIVI-2 MB held | max abs diff vs reference |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"CPU: {cpu_model()}; last-level cache {last_level_cache_bytes() >> 20} MiB", "",
+             "| heads | tokens | layers | fp32 SDPA ms | KIVI-2 cpp ms | speedup | same layer again: SDPA ms | KIVI-2 ms "
+             "| speedup | SDPA MB read | KIVI-2 MB held | max abs diff vs reference |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     torch.manual_seed(0)
     for name, (hq, hkv, d) in HEADS.items():
         for tokens in CONTEXTS:
-            store, k, v = _store(hkv, d, tokens, torch.float16)
+            layers = _layers(hkv, d, tokens)
             q, k1, v1 = torch.randn(1, hq, 1, d), torch.randn(1, hkv, 1, d), torch.randn(1, hkv, 1, d)
-            full_k, full_v = torch.cat([k, k1], 2), torch.cat([v, v1], 2)
-            t_sdpa = median_seconds(lambda: F.scaled_dot_product_attention(q, full_k, full_v, enable_gqa=True),
-                                    REPEATS)
-            t_kivi = median_seconds(lambda: kivi_cpu.decode_attention(q, store, k1, v1, d ** -0.5), REPEATS)
-            got = kivi_cpu.decode_attention(q, store, k1, v1, d ** -0.5)
+            sdpa, kivi = [], []
+            for store, k, v in layers:
+                full_k, full_v = torch.cat([k, k1], 2), torch.cat([v, v1], 2)
+                sdpa.append(lambda k=full_k, v=full_v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+                kivi.append(lambda s=store: kivi_cpu.decode_attention(q, s, k1, v1, d ** -0.5))
+            t = interleaved_medians({"sdpa": _cycling(sdpa), "kivi": _cycling(kivi)}, REPEATS * len(layers))
+            warm = interleaved_medians({"sdpa": sdpa[0], "kivi": kivi[0]}, REPEATS * len(layers))
+            store = layers[0][0]
+            got = kivi[0]()
             expected, _ = reference_attend(store, q, k1, v1, d ** -0.5, PLAIN)
-            row = {"heads": name, "tokens": tokens, "sdpa_ms": t_sdpa * 1e3, "kivi_ms": t_kivi * 1e3,
-                   "speedup": t_sdpa / t_kivi, "sdpa_bytes": full_k.nbytes + full_v.nbytes,
+            row = {"heads": name, "tokens": tokens, "layers": len(layers), "sdpa_ms": t["sdpa"] * 1e3,
+                   "kivi_ms": t["kivi"] * 1e3, "speedup": t["sdpa"] / t["kivi"],
+                   "same_layer_sdpa_ms": warm["sdpa"] * 1e3, "same_layer_kivi_ms": warm["kivi"] * 1e3,
+                   "same_layer_speedup": warm["sdpa"] / warm["kivi"], "sdpa_bytes": 2 * hkv * (tokens + 1) * d * 4,
                    "kivi_bytes": store.nbytes(), "max_abs_diff": float((got - expected).abs().max())}
             rows.append(row)
-            lines.append(f"| {name} | {tokens} | {row['sdpa_ms']:.2f} | {row['kivi_ms']:.2f} | {row['speedup']:.2f}x | "
-                         f"{row['sdpa_bytes'] / 1e6:.1f} | {row['kivi_bytes'] / 1e6:.1f} | {row['max_abs_diff']:.1e} |")
+            lines.append(f"| {name} | {tokens} | {len(layers)} | {row['sdpa_ms']:.2f} | {row['kivi_ms']:.2f} | "
+                         f"**{row['speedup']:.2f}x** | {row['same_layer_sdpa_ms']:.2f} | {row['same_layer_kivi_ms']:.2f} | "
+                         f"{row['same_layer_speedup']:.2f}x | {row['sdpa_bytes'] / 1e6:.1f} | "
+                         f"{row['kivi_bytes'] / 1e6:.1f} | {row['max_abs_diff']:.1e} |")
+            del layers, sdpa, kivi
     print_table(lines, None)
     return rows
 

@@ -17,12 +17,18 @@ Sections (markdown tables; ``--json`` writes the rows):
   target's streamed reference) against the unfused chain (four ``F.linear`` and GELU), and fused
   attention with its output factor against the unfused Q, K, V up-projections + SDPA + output
   factor; with GFLOP/s of the cpp kernels.
+- ``dense``: the dense model's own pointwise and row kernels at MiniLM's sizes (GELU, residual add +
+  LayerNorm, scaled and masked softmax) through ``torch.compile``: fxpress (on this machine the cpp
+  target, which generates them in C++), fxpress's cpu target (torch calls) and Inductor, against
+  eager, called in turn round after round; with the bytes a call must move and the share of the
+  measured read bandwidth the generated kernel reaches.
 - ``overhead``: what one call of a compiled graph costs beyond its ops, on a graph of three tiny ops
   (Linear 16 -> ReLU -> Linear 16, 2 rows): eager, fxpress and Inductor through ``torch.compile``,
   and fxpress's generated wrapper module called directly against the same ATen calls made
-  directly; then MiniLM (batch 8 x 128) through each, the end-to-end latency.
+  directly; then MiniLM (batch 8 x 128) through each and through fxpress's cpu target, the
+  end-to-end latency (called in turn, round after round).
 
-Run: ``python bench/cpu_kernels.py [lut] [integer] [lowrank] [overhead] [--json PATH]``
+Run: ``python bench/cpu_kernels.py [lut] [integer] [lowrank] [dense] [overhead] [--json PATH]``
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import torch.nn.functional as F
 
 import fxpress  # noqa: F401  (registers the ops)
 import fxpress.lowbit as lowbit
-from _common import cpu_model, median_seconds, print_table, read_bandwidth, run_sections
+from _common import cpu_model, interleaved_medians, median_seconds, print_table, read_bandwidth, run_sections
 from fxpress.integer import constants
 import fxpress.ops.lowrank as ops_lowrank
 from fxpress.ops.cpp import integer as cpp_integer
@@ -194,6 +200,66 @@ def lowrank() -> list[dict]:
     return rows
 
 
+# The ways a user can run a dense model on this machine, besides eager.
+COMPILERS = {"fxpress": fxpress.backend(), "fxpress target=cpu": fxpress.backend(target="cpu"),
+             "inductor": "inductor"}
+
+
+def _compiled(fn, kwargs: dict | None = None, args: tuple = ()) -> dict:
+    """``fn`` compiled by each of ``COMPILERS`` (Dynamo keeps one compiled graph per backend)."""
+    made = {}
+    for name, backend in COMPILERS.items():
+        compiled = torch.compile(fn, backend=backend)
+        compiled(*args, **(kwargs or {}))
+        made[name] = (lambda c: lambda: c(*args, **(kwargs or {})))(compiled)
+    return made
+
+
+def _mask(batch: int, tokens: int) -> torch.Tensor:
+    ids = torch.ones(batch, tokens, dtype=torch.int64)
+    ids[::2, tokens // 2:] = 0  # half the sequences padded
+    return ids
+
+
+def _dense_cases():
+    """(name, function, inputs, bytes one call must move) at MiniLM's sizes."""
+    torch.manual_seed(0)
+    hidden, mlp, heads, tokens, batch = 384, 1536, 12, 128, 8
+    norm = torch.nn.LayerNorm(hidden).eval()
+    f32 = 4
+    return [
+        ("GELU", F.gelu, (torch.randn(batch, tokens, mlp),), 2 * batch * tokens * mlp * f32),
+        ("residual add + LayerNorm", lambda h, r: norm(h + r),
+         (torch.randn(batch, tokens, hidden), torch.randn(batch, tokens, hidden)), 3 * batch * tokens * hidden * f32),
+        ("scaled, masked softmax", lambda s, m: torch.softmax(s * 0.125 + (1.0 - m[:, None, None, :].float()) * -1e4, -1),
+         (torch.randn(batch, heads, tokens, tokens), _mask(batch, tokens)), 2 * batch * heads * tokens * tokens * f32),
+    ]
+
+
+@torch.no_grad()
+def dense() -> list[dict]:
+    bandwidth = read_bandwidth()
+    lines = [f"CPU: {cpu_model()}; measured read bandwidth {bandwidth / 1e9:.1f} GB/s", "",
+             "| kernel (MiniLM sizes) | eager ms | fxpress (generated C++) ms | fxpress target=cpu ms | Inductor ms "
+             "| fxpress / eager | fxpress / Inductor | MB moved | fxpress % read bw | max abs error |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = []
+    for name, fn, inputs, moved in _dense_cases():
+        torch._dynamo.reset()
+        fns = {"eager": lambda: fn(*inputs), **_compiled(fn, args=inputs)}
+        error = float((fns["fxpress"]() - fn(*inputs)).abs().max())
+        t = interleaved_medians(fns, 40)
+        row = {"kernel": name, **{f"{k}_ms": v * 1e3 for k, v in t.items()}, "bytes": moved,
+               "read_bw_share": moved / t["fxpress"] / bandwidth, "max_abs_error": error}
+        rows.append(row)
+        lines.append(f"| {name} | {t['eager'] * 1e3:.2f} | {t['fxpress'] * 1e3:.2f} | "
+                     f"{t['fxpress target=cpu'] * 1e3:.2f} | {t['inductor'] * 1e3:.2f} | "
+                     f"**{t['fxpress'] / t['eager']:.2f}x** | {t['fxpress'] / t['inductor']:.2f}x | {moved / 1e6:.1f} | "
+                     f"{100 * row['read_bw_share']:.0f}% | {error:.1e} |")
+    print_table(lines, None)
+    return rows
+
+
 def _best_median(fn, repeats: int, rounds: int = 5) -> float:
     """The least of several medians: call overheads of microseconds on a shared machine."""
     return min(median_seconds(fn, repeats) for _ in range(rounds))
@@ -226,12 +292,8 @@ def overhead() -> list[dict]:
     minilm, tokenizer = workloads.load_minilm()
     ids = tokenizer(["fxpress compiles compressed transformers"] * 8, padding="max_length", max_length=128,
                     return_tensors="pt")
-    latency = {"eager": median_seconds(lambda: minilm(**ids), 10)}
-    for name in ("fxpress", "inductor"):
-        torch._dynamo.reset()
-        compiled = torch.compile(minilm, backend=name)
-        compiled(**ids)
-        latency[name] = median_seconds(lambda: compiled(**ids), 10)
+    torch._dynamo.reset()
+    latency = interleaved_medians({"eager": lambda: minilm(**ids), **_compiled(minilm, ids)}, 20)
     lines = [f"CPU: {cpu_model()}", "", "| tiny graph, per call | µs | / eager |", "|---|---|---|"]
     lines += [f"| {name} | {t * 1e6:.1f} | {t / times['eager']:.2f}x |" for name, t in times.items()]
     lines += ["", f"wrapper overhead beyond its ops: {(times['wrapper module'] - times['its ATen calls']) * 1e6:.1f} µs",
@@ -244,4 +306,4 @@ def overhead() -> list[dict]:
 
 
 if __name__ == "__main__":
-    run_sections({"lut": lut, "integer": integer, "lowrank": lowrank, "overhead": overhead})
+    run_sections({"lut": lut, "integer": integer, "lowrank": lowrank, "dense": dense, "overhead": overhead})

@@ -22,7 +22,8 @@ def _run(script: str) -> str:
 
 def test_quickstart():
     out = _run("quickstart.py")
-    assert "MiniLM (8," in out and "max |fxpress - eager| = 0" in out
+    minilm = re.search(r"MiniLM \(8, \d+\): max \|fxpress - eager\| = ([0-9.e+-]+)", out)
+    assert minilm and float(minilm.group(1)) <= 1e-5  # float rounding of the generated C++ kernels
     assert "32 greedy tokens identical to eager: True" in out
     assert "Paris" in out and "fuse_rms_norm" in out
     fused_vs_unfused = re.search(r"low-rank MiniLM: max \|fused - unfused\| = ([0-9.e+-]+)", out)

@@ -13,23 +13,49 @@ namespace fxpress_math {
 // is a library call that stops loops from vectorising).
 inline float round_nearest(float v) { return (v + 12582912.f) - 12582912.f; }
 
-// exp(x) for x <= 0 in float32 to within 2 ulp: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its
-// degree-6 Taylor polynomial, times 2**n through the exponent bits. Below -87 it is 0.
-inline float exp_nonpositive(float x) {
-  x = x < -87.f ? -87.f : x;
+// x = n ln2 + r with |r| <= ln2 / 2 (ln 2 in two parts, so r is exact), for x in [-87, 0].
+struct Reduced {
+  float n, r;
+};
+inline Reduced reduce_ln2(float x) {
   const float n = round_nearest(x * 1.44269504f);
-  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;  // ln 2 in two parts
-  float e = 1.f / 720;
-  e = e * r + 1.f / 120;
-  e = e * r + 1.f / 24;
-  e = e * r + 1.f / 6;
-  e = e * r + 0.5f;
-  e = e * r + 1.f;
-  e = e * r + 1.f;
+  return {n, (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f};
+}
+
+// exp(r) - 1 for |r| <= ln2 / 2 by its degree-8 Taylor polynomial (truncation below 2e-9, so the
+// float rounding of the steps is all the error).
+inline float expm1_reduced(float r) {
+  float p = 1.f / 40320;
+  p = p * r + 1.f / 5040;
+  p = p * r + 1.f / 720;
+  p = p * r + 1.f / 120;
+  p = p * r + 1.f / 24;
+  p = p * r + 1.f / 6;
+  p = p * r + 0.5f;
+  return (p * r) * r + r;
+}
+
+inline float pow2(float n) {  // 2**n for integral n in [-126, 127]
   const int32_t bits = ((int32_t)n + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, 4);
-  return e * scale;
+  return scale;
+}
+
+// exp(x) for x <= 0 in float32 to within about 1 ulp: exp(r) * 2**n through the exponent bits.
+// Below -87 it is 0 (float32's normal range ends there).
+inline float exp_nonpositive(float x) {
+  const bool underflows = x < -87.f;
+  const Reduced v = reduce_ln2(underflows ? -87.f : x);
+  const float e = (expm1_reduced(v.r) + 1.f) * pow2(v.n);
+  return underflows ? 0.f : e;
+}
+
+// exp(x) - 1 for x <= 0, accurate relative to the result near 0 too: 2**n (exp(r) - 1) + (2**n - 1).
+inline float expm1_nonpositive(float x) {
+  const Reduced v = reduce_ln2(x < -87.f ? -87.f : x);
+  const float scale = pow2(v.n);
+  return expm1_reduced(v.r) * scale + (scale - 1.f);
 }
 
 // erf by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7), the formula ATen's vectorised
@@ -48,21 +74,31 @@ inline float erf_approx(float x) {
 
 inline float gelu(float x) { return 0.5f * x * (1.f + erf_approx(x * 0.70710678118654752f)); }
 
-inline float gelu_tanh(float x) {  // tanh(u) = sign(u) (1 - e) / (1 + e), e = exp(-2|u|)
-  const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
-  const float e = exp_nonpositive(-2.f * std::fabs(u));
-  const float t = (1.f - e) / (1.f + e);
-  return 0.5f * x * (1.f + (u < 0.f ? -t : t));
+// tanh(|x|) = -m / (2 + m) with m = expm1(-2|x|): no cancellation near 0.
+inline float tanh_approx(float x) {
+  const float m = expm1_nonpositive(-2.f * std::fabs(x));
+  const float t = -m / (2.f + m);
+  return x < 0.f ? -t : t;
+}
+
+inline float gelu_tanh(float x) {
+  return 0.5f * x * (1.f + tanh_approx(0.7978845608028654f * (x + 0.044715f * x * x * x)));
 }
 
 // Both sides of every choice are computed first: the compiler does not evaluate a division or a
 // product only on one side (it might trap), so a choice between them would keep a loop scalar.
-inline float silu(float x) {  // x sigmoid(x), e = exp(-|x|)
+inline float sigmoid(float x) {  // e = exp(-|x|): 1 / (1 + e) for x >= 0, e / (1 + e) below
   const float e = exp_nonpositive(-std::fabs(x));
-  const float s = 1.f / (1.f + e), t = e * s;
-  return x * (x >= 0.f ? s : t);
+  const float d = 1.f + e;
+  return x >= 0.f ? 1.f / d : e / d;
 }
 
-inline float relu(float x) { return x > 0.f ? x : 0.f; }
+inline float silu(float x) {  // x sigmoid(x) with one rounding fewer: x / (1 + e), x e / (1 + e)
+  const float e = exp_nonpositive(-std::fabs(x));
+  const float d = 1.f + e;
+  return x >= 0.f ? x / d : (x * e) / d;
+}
+
+inline float relu(float x) { return x < 0.f ? 0.f : x; }  // NaN stays NaN, as in torch
 
 }  // namespace fxpress_math

@@ -17,9 +17,14 @@ def library_beside(launcher_file: str, name: str, signatures: dict[str, tuple[ob
                    headers: tuple[str, ...] = ("fast_math.h",)) -> ctypes.CDLL:
     """The library built from ``<name>.cpp`` in the launcher's own folder, after the shared
     ``headers`` of this folder (pasted in front, so they are part of the library's key)."""
+    return library_with_headers(name, (Path(launcher_file).parent / f"{name}.cpp").read_text(), signatures, headers)
+
+
+def library_with_headers(name: str, body: str, signatures: dict[str, tuple[object, list[object]]],
+                         headers: tuple[str, ...] = ("fast_math.h",)) -> ctypes.CDLL:
+    """The library built from ``body`` after the shared ``headers`` of this folder."""
     here = Path(__file__).parent
-    source = "".join((here / h).read_text() for h in headers)
-    source += (Path(launcher_file).parent / f"{name}.cpp").read_text()
+    source = "".join((here / h).read_text() for h in headers) + body
     return build.library(name, source, signatures)
 
 

@@ -1,6 +1,6 @@
 """Random programs of pointwise, reduction, view and matmul ops through the whole pipeline
 (capture, passes, schedule, memory plan, generated wrapper and, on the triton target, generated
-Triton kernels run by Triton's interpreter) against eager."""
+Triton kernels run by Triton's interpreter; on the cpp target, generated C++) against eager."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fxpress
+from fxpress.native.build import compiler_refusal
 
 B, N = 3, 8
 UNARY = {
@@ -55,6 +56,18 @@ def target(request, monkeypatch):
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(program=st.lists(ops, min_size=1, max_size=10))
 def test_random_program_matches_eager(target, program):
+    _check(program, target)
+
+
+# Fewer programs on the cpp target: each new kernel structure is a C++ build (about half a second).
+@pytest.mark.skipif(compiler_refusal() is not None, reason="needs a C++ compiler")
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(program=st.lists(ops, min_size=1, max_size=10))
+def test_random_program_matches_eager_on_generated_cpp(program):
+    _check(program, "cpp")
+
+
+def _check(program, target):
     fn = build(program)
     x = torch.randn(B, N, generator=torch.Generator().manual_seed(0))
     w = torch.randn(B, N, generator=torch.Generator().manual_seed(1))

@@ -13,7 +13,14 @@ from fxpress import workloads
 from tests.conftest import max_diff
 
 pytestmark = pytest.mark.real_model
-TOL = 1e-5
+# Float tolerance, relative to the output's largest value: the generated C++ kernels' exp, sin and
+# cos round differently from ATen's vectorised ones by an ulp or two, and thirty layers carry that
+# to about 2e-6 of the logits' size, as Inductor's kernels do (5.5e-5 on SmolLM2 logits of 33.6).
+REL = 4e-6
+
+
+def _tolerance(expected: torch.Tensor) -> float:
+    return REL * expected.abs().max().item()
 
 
 def _sentences(n: int) -> list[str]:
@@ -26,7 +33,7 @@ def test_minilm_embeddings_match_eager(minilm):
     with torch.no_grad():
         expected = model(**batch).last_hidden_state
         actual = torch.compile(model, backend="fxpress")(**batch).last_hidden_state
-    assert max_diff(actual, expected) <= TOL
+    assert max_diff(actual, expected) <= _tolerance(expected)
 
 
 def test_smollm2_prefill_matches_eager(smollm2):
@@ -35,14 +42,14 @@ def test_smollm2_prefill_matches_eager(smollm2):
     with torch.no_grad():
         expected = model(ids).logits
         actual = torch.compile(model, backend="fxpress")(ids).logits
-    assert max_diff(actual, expected) <= TOL
+    assert max_diff(actual, expected) <= _tolerance(expected)
 
 
 def test_smollm2_decode_step(smollm2):
     """One StaticCache decode step. Traced, transformers builds an explicit attention mask where
     eager passes none, so even torch's own ``eager`` backend differs from eager here (measured
-    2.3e-5 on logits of magnitude ~28). fxpress is held to 1e-5 against that same captured program,
-    and to 5e-5 against plain eager."""
+    2.3e-5 on logits of magnitude ~28). fxpress is held to float tolerance against that same
+    captured program, and to 5e-5 more against plain eager."""
     model, tokenizer = smollm2
     ids = tokenizer(_sentences(1)[0], return_tensors="pt").input_ids[:, :24]
     cache = StaticCache(config=model.config, max_cache_len=32)
@@ -56,8 +63,8 @@ def test_smollm2_decode_step(smollm2):
             return fn(step, past_key_values=copy.deepcopy(cache)).logits
 
     ours, captured, eager = decode("fxpress"), decode("eager"), decode(None)
-    assert max_diff(ours, captured) <= TOL
-    assert max_diff(ours, eager) <= 5e-5
+    assert max_diff(ours, captured) <= _tolerance(captured)
+    assert max_diff(ours, eager) <= 5e-5 + _tolerance(eager)
 
 
 def test_smollm2_greedy_generation_is_token_identical(smollm2):

@@ -10,13 +10,12 @@ takes the variance about the mean in a second pass, as torch does, for accuracy.
 from __future__ import annotations
 
 import math
-import operator
 
 import sympy
 import torch
 import torch.fx as fx
 
-from fxpress.codegen.reductions import reduces_last_dim, reduction_root
+from fxpress.codegen.reductions import RowKernelParts, generation_refusal
 from fxpress.codegen.schedule import Kernel
 from fxpress.codegen.source_writer import SourceWriter
 from fxpress.codegen.targets.base import GeneratedKernel
@@ -26,36 +25,17 @@ from fxpress.ir.match import aten, is_op
 from fxpress.ops.lowering import static
 
 MAX_BLOCK = 1024
-# The reductions this emitter writes; log_softmax and amin stay torch calls.
-EMITTED = (aten._softmax, aten.native_layer_norm, aten.sum, aten.mean, aten.amax)
 
 
 def reduction_refusal(kernel: Kernel, nodes: dict[str, fx.Node]) -> str | None:
-    root = reduction_root([nodes[n] for n in kernel.nodes])
-    if root is None or not is_op(root, *EMITTED):
-        return "no single softmax/layer_norm/sum/mean/amax root"
-    if not reduces_last_dim(root):
-        return f"{root.name}: layer_norm over more than the last dimension"
-    if is_op(root, aten._softmax) and root.args[2]:
-        return "softmax with half-to-float"
-    if is_op(root, aten.sum) and root.kwargs.get("dtype") is not None:
-        return "sum with a dtype"
+    return generation_refusal([nodes[n] for n in kernel.nodes], _values_refusal, pointwise_refusal)
+
+
+def _values_refusal(root: fx.Node) -> str | None:
     values = [root.meta["val"][0] if is_op(root, aten.native_layer_norm) else root.meta["val"]]
     values += [a.meta["val"] for a in root.all_input_nodes]
     if not all(static(v) and v.dtype in TL_DTYPES for v in values):
         return f"{root.name}: symbolic shape or dtype outside {sorted(map(str, TL_DTYPES))}"
-    row_shape = tuple(root.args[0].meta["val"].shape)
-    after_root = False
-    for name in kernel.nodes:
-        node = nodes[name]
-        if node is root or node.target is operator.getitem:
-            after_root = after_root or node is root
-            continue
-        reason = pointwise_refusal(node)
-        if reason is not None:
-            return reason
-        if after_root and tuple(node.meta["val"].shape) != row_shape:
-            return f"{name}: epilogue over a row statistic is not generated yet"
     return None
 
 
@@ -63,24 +43,19 @@ def emit_reduction(kernel: Kernel, nodes: dict[str, fx.Node]) -> GeneratedKernel
     return _RowKernel(kernel, nodes).emit()
 
 
-class _RowKernel:
+class _RowKernel(RowKernelParts):
     """One reduction kernel being written: its parts, then the steps of :meth:`emit`."""
 
     def __init__(self, kernel: Kernel, nodes: dict[str, fx.Node]) -> None:
+        super().__init__([nodes[n] for n in kernel.nodes])
         self.kernel = kernel
-        members = [nodes[n] for n in kernel.nodes]
-        self.root = root = reduction_root(members)
-        self.x = root.args[0]
         row_shape = tuple(int(s) for s in self.x.meta["val"].shape)
         self.lead, self.width = row_shape[:-1], row_shape[-1]
         self.rows = math.prod(self.lead)
         self.block = min(MAX_BLOCK, 1 << max(self.width - 1, 0).bit_length())
-        self.prologue = members[: members.index(root)]
-        self.epilogue = [n for n in members[members.index(root) + 1:] if n.target is not operator.getitem]
-        self.getitems = {n.args[1]: n for n in members if n.target is operator.getitem}
-        member_set = set(members)
+        member_set = set(self.members)
         self.inputs: list[fx.Node] = []
-        for node in members:
+        for node in self.members:
             for a in node.all_input_nodes:
                 if a not in member_set and a not in self.inputs and isinstance(a.meta["val"], torch.Tensor):
                     self.inputs.append(a)

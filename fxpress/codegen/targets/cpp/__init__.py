@@ -1,6 +1,9 @@
-"""The cpp target: fxpress ops run C++ kernels built at run time (their ``"cpp"`` launchers, in
-``fxpress/ops/cpp/``), loaded with ctypes and run on torch's intra-op thread count with OpenMP; every
-other kernel runs as the cpu target runs it (torch calls, row reductions in row blocks).
+"""The cpp target: C++ kernels built at run time, loaded with ctypes and run on torch's intra-op
+thread count with OpenMP. fxpress ops run their hand-written kernels (their ``"cpp"`` launchers, in
+``fxpress/ops/cpp/``); fused pointwise runs and row reductions run kernels generated here
+(``pointwise.py``, ``reduction.py``) when their ops and dtypes have a C++ form
+(``expressions.py``); every other kernel runs as the cpu target runs it (torch calls, row
+reductions in row blocks), and explain() says why.
 
 It needs a C++ compiler (``FXPRESS_CXX``, default ``g++``) with OpenMP. ``target="auto"`` picks it
 for CPU graphs when that compiler builds a probe library, and otherwise runs the cpu target and
@@ -15,6 +18,8 @@ import torch.fx as fx
 
 from fxpress.codegen.schedule import Kernel
 from fxpress.codegen.targets.base import GeneratedKernel, Target
+from fxpress.codegen.targets.cpp.pointwise import emit_pointwise, pointwise_refusal
+from fxpress.codegen.targets.cpp.reduction import emit_reduction, reduction_refusal
 from fxpress.codegen.targets.op_launch import launch_op
 from fxpress.codegen.targets.registry import graph_devices
 from fxpress.core.errors import UnsupportedGraphError
@@ -48,4 +53,8 @@ class CppTarget(Target):
     def lower(self, kernel: Kernel, nodes: dict[str, fx.Node]) -> GeneratedKernel | str | None:
         if kernel.kind == "op":
             return launch_op(kernel, nodes, self.name)
-        return None  # pointwise runs and reductions run as on the cpu target
+        if kernel.kind == "reduction":
+            return reduction_refusal(kernel, nodes) or emit_reduction(kernel, nodes)
+        if kernel.kind == "pointwise":
+            return pointwise_refusal(kernel, nodes) or emit_pointwise(kernel, nodes)
+        return None  # extern calls stay torch calls
