@@ -22,17 +22,18 @@ def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(samples)
 
 
-def interleaved_medians(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
-    """Median wall time of each of ``fns``, called in turn round after round (after one warm-up
-    call each), so that a slow spell of a shared machine falls on all of them alike."""
-    for fn in fns.values():
-        fn()
+def interleaved_medians(fns: dict[str, Callable[[], Any]], rounds: int, burst: int = 3) -> dict[str, float]:
+    """Median wall time of each of ``fns``, taken in turns round after round so that a slow spell
+    of a shared machine falls on all of them alike. A turn is one untimed call (the allocator and
+    the caches settle into this function's pattern) and ``burst`` timed ones."""
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            start = time.perf_counter()
             fn()
-            samples[name].append(time.perf_counter() - start)
+            for _ in range(burst):
+                start = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(times) for name, times in samples.items()}
 
 

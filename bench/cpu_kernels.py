@@ -20,13 +20,13 @@ Sections (markdown tables; ``--json`` writes the rows):
 - ``dense``: the dense model's own pointwise and row kernels at MiniLM's sizes (GELU, residual add +
   LayerNorm, scaled and masked softmax) through ``torch.compile``: fxpress (on this machine the cpp
   target, which generates them in C++), fxpress's cpu target (torch calls) and Inductor, against
-  eager, called in turn round after round; with the bytes a call must move and the share of the
+  eager, taken in turns round after round; with the bytes a call must move and the share of the
   measured read bandwidth the generated kernel reaches.
 - ``overhead``: what one call of a compiled graph costs beyond its ops, on a graph of three tiny ops
   (Linear 16 -> ReLU -> Linear 16, 2 rows): eager, fxpress and Inductor through ``torch.compile``,
   and fxpress's generated wrapper module called directly against the same ATen calls made
   directly; then MiniLM (batch 8 x 128) through each and through fxpress's cpu target, the
-  end-to-end latency (called in turn, round after round).
+  end-to-end latency (taken in turns, round after round).
 
 Run: ``python bench/cpu_kernels.py [lut] [integer] [lowrank] [dense] [overhead] [--json PATH]``
 """
@@ -248,7 +248,7 @@ def dense() -> list[dict]:
         torch._dynamo.reset()
         fns = {"eager": lambda: fn(*inputs), **_compiled(fn, args=inputs)}
         error = float((fns["fxpress"]() - fn(*inputs)).abs().max())
-        t = interleaved_medians(fns, 40)
+        t = interleaved_medians(fns, 15)
         row = {"kernel": name, **{f"{k}_ms": v * 1e3 for k, v in t.items()}, "bytes": moved,
                "read_bw_share": moved / t["fxpress"] / bandwidth, "max_abs_error": error}
         rows.append(row)
@@ -293,7 +293,7 @@ def overhead() -> list[dict]:
     ids = tokenizer(["fxpress compiles compressed transformers"] * 8, padding="max_length", max_length=128,
                     return_tensors="pt")
     torch._dynamo.reset()
-    latency = interleaved_medians({"eager": lambda: minilm(**ids), **_compiled(minilm, ids)}, 20)
+    latency = interleaved_medians({"eager": lambda: minilm(**ids), **_compiled(minilm, ids)}, 25, burst=2)
     lines = [f"CPU: {cpu_model()}", "", "| tiny graph, per call | µs | / eager |", "|---|---|---|"]
     lines += [f"| {name} | {t * 1e6:.1f} | {t / times['eager']:.2f}x |" for name, t in times.items()]
     lines += ["", f"wrapper overhead beyond its ops: {(times['wrapper module'] - times['its ATen calls']) * 1e6:.1f} µs",

@@ -9,6 +9,16 @@
 
 namespace fxpress_math {
 
+// a * b + c, fused (one rounding) where the CPU has FMA: the polynomials below take half the
+// instructions. Build flags keep the compiler from fusing anything on its own (-ffp-contract=off).
+inline float fmadd(float a, float b, float c) {
+#ifdef __FMA__
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
 // Rounds to the nearest integer for |v| < 2**22 by adding and removing 1.5 * 2**23 (std::nearbyint
 // is a library call that stops loops from vectorising).
 inline float round_nearest(float v) { return (v + 12582912.f) - 12582912.f; }
@@ -19,20 +29,19 @@ struct Reduced {
 };
 inline Reduced reduce_ln2(float x) {
   const float n = round_nearest(x * 1.44269504f);
-  return {n, (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f};
+  return {n, fmadd(n, -1.428606765330187e-06f, fmadd(n, -0.693145751953125f, x))};
 }
 
-// exp(r) - 1 for |r| <= ln2 / 2 by its degree-8 Taylor polynomial (truncation below 2e-9, so the
-// float rounding of the steps is all the error).
+// exp(r) - 1 for |r| <= ln2 / 2: r + r**2 p(r), p Cephes' minimax polynomial for expf (relative
+// error about 1e-7).
 inline float expm1_reduced(float r) {
-  float p = 1.f / 40320;
-  p = p * r + 1.f / 5040;
-  p = p * r + 1.f / 720;
-  p = p * r + 1.f / 120;
-  p = p * r + 1.f / 24;
-  p = p * r + 1.f / 6;
-  p = p * r + 0.5f;
-  return (p * r) * r + r;
+  float p = 1.9875691500e-4f;
+  p = fmadd(p, r, 1.3981999507e-3f);
+  p = fmadd(p, r, 8.3334519073e-3f);
+  p = fmadd(p, r, 4.1665795894e-2f);
+  p = fmadd(p, r, 1.6666665459e-1f);
+  p = fmadd(p, r, 5.0000001201e-1f);
+  return fmadd(p * r, r, r);
 }
 
 inline float pow2(float n) {  // 2**n for integral n in [-126, 127]
@@ -42,7 +51,7 @@ inline float pow2(float n) {  // 2**n for integral n in [-126, 127]
   return scale;
 }
 
-// exp(x) for x <= 0 in float32 to within about 1 ulp: exp(r) * 2**n through the exponent bits.
+// exp(x) for x <= 0 in float32 to within 2 ulp: exp(r) * 2**n through the exponent bits.
 // Below -87 it is 0 (float32's normal range ends there).
 inline float exp_nonpositive(float x) {
   const bool underflows = x < -87.f;
@@ -55,19 +64,19 @@ inline float exp_nonpositive(float x) {
 inline float expm1_nonpositive(float x) {
   const Reduced v = reduce_ln2(x < -87.f ? -87.f : x);
   const float scale = pow2(v.n);
-  return expm1_reduced(v.r) * scale + (scale - 1.f);
+  return fmadd(expm1_reduced(v.r), scale, scale - 1.f);
 }
 
 // erf by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7), the formula ATen's vectorised
 // erf uses too.
 inline float erf_approx(float x) {
   const float a = std::fabs(x);
-  const float t = 1.f / (1.f + 0.3275911f * a);
+  const float t = 1.f / fmadd(0.3275911f, a, 1.f);
   float p = 1.061405429f;
-  p = p * t - 1.453152027f;
-  p = p * t + 1.421413741f;
-  p = p * t - 0.284496736f;
-  p = p * t + 0.254829592f;
+  p = fmadd(p, t, -1.453152027f);
+  p = fmadd(p, t, 1.421413741f);
+  p = fmadd(p, t, -0.284496736f);
+  p = fmadd(p, t, 0.254829592f);
   const float y = 1.f - p * t * exp_nonpositive(-a * a);
   return x < 0.f ? -y : y;
 }

@@ -5,7 +5,9 @@ Rows are spread over the threads. Each statistic is one vectorised pass over the
 recomputes the prologue from the inputs (a row is in cache by then; a temporary row would cost
 a store and a load per element): the max, then the sum of exponentials, for softmax; the mean,
 then the variance about it, for layer_norm (as torch takes it, for accuracy). A last pass
-applies the reduction's formula and the epilogue and stores the rows.
+applies the reduction's formula and the epilogue and stores the rows. Softmax's exponentials are
+the exception: they cost more than a store and a load, so each thread keeps its row's in a
+scratch row between the sum and the output.
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ class _RowKernel(RowKernelParts):
             body += self._row_pass(row_outputs)
         lines = [
             "#include <type_traits>",
+            "#include <vector>",
             f'extern "C" void {ENTRY}({params}) {{',
             *[f"  {op.typed_pointer(False)}" for op in self.inputs],
             *[f"  {op.typed_pointer(True)}" for op in self.outputs],
@@ -98,13 +101,20 @@ class _RowKernel(RowKernelParts):
             f"  const bool unit = {unit_condition(self.inputs + row_outputs, self.last)};",
             "  auto run = [&](auto unit_tag) {",
             "    constexpr bool U = decltype(unit_tag)::value;",
-            f"#pragma omp parallel for num_threads(threads) if (rows * width >= {PARALLEL_MIN}) schedule(static)",
+            f"#pragma omp parallel num_threads(threads) if (rows * width >= {PARALLEL_MIN})",
+            "    {",
+            # softmax keeps a row's exponentials here between its sum and its output
+            f"    std::vector<float> scratch({'width' if is_op(self.root, aten._softmax) else 0});",
+            "    float* exps = scratch.data();",
+            "    (void)exps;",
+            "#pragma omp for schedule(static)",
             "    for (int64_t row = 0; row < rows; ++row) {",
             *[f"      {line}" for line in index_lines(self.rank)],
             *[f"      const {op.ctype}* {op.name}_row = {op.name} + ({op.row_offset(self.last)});"
               for op in self.inputs],
             *[f"      {op.ctype}* {op.name}_row = {op.name} + ({op.row_offset(self.last)});" for op in self.outputs],
             *[f"      {line}" for line in body],
+            "    }",
             "    }",
             "  };",
             "  if (unit) run(std::true_type{}); else run(std::false_type{});",
@@ -137,7 +147,8 @@ class _RowKernel(RowKernelParts):
         if is_op(root, aten._softmax, aten.amax):
             lines += self._accumulate("-INFINITY", ["row_max = row_max < x ? x : row_max;"], "row_max", "max")
         if is_op(root, aten._softmax):
-            lines += self._accumulate("0.f", ["row_sum += fxpress_math::exp_nonpositive(x - row_max);"], "row_sum", "+")
+            lines += self._accumulate("0.f", ["const float e = fxpress_math::exp_nonpositive(x - row_max);",
+                                              "exps[j] = e;", "row_sum += e;"], "row_sum", "+")
             lines.append("const float inverse_sum = 1.f / row_sum;")
         if is_op(root, aten.sum, aten.mean, aten.native_layer_norm):
             lines += self._accumulate("0.f", ["row_sum += x;"], "row_sum", "+")
@@ -156,7 +167,7 @@ class _RowKernel(RowKernelParts):
         statements, names = self._column()
         names.update(self._statistic_names())  # an epilogue may read a statistic, one per row
         if is_op(root, aten._softmax):
-            statements.append("const float y = fxpress_math::exp_nonpositive(x - row_max) * inverse_sum;")
+            statements.append("const float y = exps[j] * inverse_sum;")
             names[root] = "y"
         elif is_op(root, aten.native_layer_norm) and 0 in self.getitems:
             value = "(x - row_mean) * rstd"
