@@ -89,6 +89,14 @@ def test_symbolic_sizes_one_library_for_all():
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_size_read_at_run_time_stays_torch_calls():
+    fn = lambda x: torch.relu(x) * x.shape[0] + 1  # noqa: E731
+    for rows in (3, 6):
+        x = torch.randn(rows, 10)
+        actual, expected, _ = _run(fn, x, dynamic=True)
+        torch.testing.assert_close(actual, expected)
+
+
 def _wrapper(fn, *args):
     """The generated wrapper of ``fn`` compiled for ``args``, loaded on its own."""
     report = fxpress.explain(fn, *args, target="cpp").graphs[0]

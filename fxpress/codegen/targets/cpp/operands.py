@@ -101,6 +101,8 @@ def dtype_refusal(node: fx.Node) -> str | None:
         return f"{node.name}: result is not float32 or bool"
     for position, a in enumerate(node.args):
         if isinstance(a, fx.Node):
+            if not isinstance(a.meta.get("val"), torch.Tensor):
+                return f"{node.name}: reads {a.name}, a size computed at run time"
             dtype = a.meta["val"].dtype
             if not reads(target, position, dtype):
                 return f"{node.name}: reads {dtype} ({a.name}), which the C++ kernels do not compute on"
@@ -109,6 +111,8 @@ def dtype_refusal(node: fx.Node) -> str | None:
     try:
         expression(node, {a: "t" for a in node.all_input_nodes})
     except NotImplementedError as e:
+        return f"{node.name}: {e}"
+    except TypeError as e:  # an argument the renderer does not take (a keyword of another overload)
         return f"{node.name}: {e}"
     return None
 
