@@ -19,7 +19,7 @@ import torch.fx as fx
 from fxpress.codegen.schedule import Kernel
 from fxpress.codegen.targets.base import GeneratedKernel, Target
 from fxpress.codegen.targets.cpp.pointwise import emit_pointwise, pointwise_refusal
-from fxpress.codegen.targets.cpp.reduction import emit_reduction, reduction_refusal
+from fxpress.codegen.targets.cpp.reduction import RowKernel, reduction_refusal
 from fxpress.codegen.targets.op_launch import launch_op
 from fxpress.codegen.targets.registry import graph_devices
 from fxpress.core.errors import UnsupportedGraphError
@@ -54,7 +54,7 @@ class CppTarget(Target):
         if kernel.kind == "op":
             return launch_op(kernel, nodes, self.name)
         if kernel.kind == "reduction":
-            return reduction_refusal(kernel, nodes) or emit_reduction(kernel, nodes)
+            return reduction_refusal(kernel, nodes) or RowKernel(kernel, nodes).emit()
         if kernel.kind == "pointwise":
             return pointwise_refusal(kernel, nodes) or emit_pointwise(kernel, nodes)
         return None  # extern calls stay torch calls

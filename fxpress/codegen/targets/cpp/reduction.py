@@ -38,12 +38,8 @@ def _values_refusal(root: fx.Node) -> str | None:
     return None
 
 
-def emit_reduction(kernel: Kernel, nodes: dict[str, fx.Node]) -> GeneratedKernel:
-    return _RowKernel(kernel, nodes).emit()
-
-
-class _RowKernel(RowKernelParts):
-    """One reduction kernel being written: its parts, then its passes over a row."""
+class RowKernel(RowKernelParts):
+    """One reduction kernel being written: its parts, then its passes over a row (``emit``)."""
 
     def __init__(self, kernel: Kernel, nodes: dict[str, fx.Node]) -> None:
         super().__init__([nodes[n] for n in kernel.nodes])
