@@ -125,7 +125,7 @@ def reads(target: Any, position: int, dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bool and position in TAKES_BOOL.get(target, ()))
 
 
-def conversion(a: str, source: torch.dtype, dtype: torch.dtype) -> str:
+def conversion(a: str, dtype: torch.dtype) -> str:
     """``_to_copy`` of a ``source`` value to float32 or bool, rounding as ATen does."""
     if dtype == torch.float32:
         return f"static_cast<float>({a})"

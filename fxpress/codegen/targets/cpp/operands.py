@@ -125,7 +125,7 @@ def expression(node: fx.Node, names: dict[fx.Node, str]) -> str:
         dtype = kwargs.pop("dtype", node.args[0].meta["val"].dtype)
         if kwargs:
             raise NotImplementedError(f"_to_copy with {sorted(kwargs)}")
-        return conversion(args[0], node.args[0].meta["val"].dtype, dtype)
+        return conversion(args[0], dtype)
     for a in args:
         if not isinstance(a, str):
             literal(a)  # refuses a non-finite one
