@@ -126,7 +126,7 @@ def reads(target: Any, position: int, dtype: torch.dtype) -> bool:
 
 
 def conversion(a: str, dtype: torch.dtype) -> str:
-    """``_to_copy`` of a ``source`` value to float32 or bool, rounding as ATen does."""
+    """``_to_copy`` of a value to float32 or bool, rounding as ATen does."""
     if dtype == torch.float32:
         return f"static_cast<float>({a})"
     if dtype == torch.bool:
