@@ -134,12 +134,13 @@ def test_decode_kernel_matches_reference_attention(bits, sink, split, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("bits,group,d,sink,split,filled", [
-    (2, 32, 64, 0, 1024, 107), (4, 32, 64, 3, 32, 300), (2, 64, 64, 4, 128, 517), (2, 48, 96, 1, 96, 250),
-    (4, 32, 32, 0, 64, 20)])
-def test_cpp_decode_kernel_matches_reference_attention(dtype, bits, group, d, sink, split, filled):
-    """The C++ decode kernel (batch 2, 3 query heads per KV head) against the reference attention
-    over the same store: constant and run-time group sizes, every storage dtype, sink and ragged
+@pytest.mark.parametrize("bits,group,d,gq,sink,split,filled", [
+    (2, 32, 64, 3, 0, 1024, 107), (4, 32, 64, 3, 3, 32, 300), (2, 64, 64, 3, 4, 128, 517), (2, 48, 96, 3, 1, 96, 250),
+    (4, 32, 32, 3, 0, 64, 20), (8, 32, 128, 4, 2, 256, 700), (2, 32, 128, 1, 0, 512, 333), (4, 16, 48, 2, 1, 32, 90)])
+def test_cpp_decode_kernel_matches_reference_attention(dtype, bits, group, d, gq, sink, split, filled):
+    """The C++ decode kernel (batch 2, ``gq`` query heads per KV head: pairs and a single head
+    left) against the reference attention over the same store: every code width, constant and
+    run-time group sizes and head dims (multiples of 32 or not), every storage dtype, sink and ragged
     residual windows, with and without quantised tokens."""
     from fxpress.kv.kernels import kivi_cpu
     from fxpress.native import build
@@ -152,7 +153,7 @@ def test_cpp_decode_kernel_matches_reference_attention(dtype, bits, group, d, si
     k, v = torch.randn(2, 2, filled, d, generator=g), torch.randn(2, 2, filled, d, generator=g)
     store.append(k[:, :, :filled // 2].to(dtype), v[:, :, :filled // 2].to(dtype), 0)
     store.append(k[:, :, filled // 2:].to(dtype), v[:, :, filled // 2:].to(dtype), filled // 2)
-    q, kn, vn = (torch.randn(*shape, generator=g).to(dtype) for shape in ((2, 6, 1, d), (2, 2, 1, d), (2, 2, 1, d)))
+    q, kn, vn = (torch.randn(*shape, generator=g).to(dtype) for shape in ((2, 2 * gq, 1, d), (2, 2, 1, d), (2, 2, 1, d)))
     expected, _ = reference_attend(store, q, kn, vn, d ** -0.5, PLAIN)
     got = kivi_cpu.decode_attention(q, store, kn, vn, d ** -0.5, tokens_per_split=split)
     assert (got - expected).abs().max() <= 2e-5
