@@ -22,6 +22,7 @@ from transformers import StaticCache
 
 import fxpress  # noqa: F401  (registers nothing global; the backend is found by name)
 from fxpress import workloads
+from fxpress.hf.cache_argument import cache_argument
 
 BACKENDS = ("eager", "fxpress", "inductor")
 
@@ -66,11 +67,11 @@ def smollm2_decode_step(prefill: int = 128, steps: int = 64) -> Callable[[str], 
     ids = tokenizer(workloads.lee_background(), return_tensors="pt").input_ids[:, :prefill]
     cache = StaticCache(config=model.config, max_cache_len=prefill + steps)
     with torch.no_grad():
-        token = model(ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+        token = model(ids, **cache_argument(cache)).logits[:, -1:].argmax(-1)
 
     def make_call(name: str) -> Callable[[], Any]:
         fn, own_cache = _compile(model, name), copy.deepcopy(cache)
-        return lambda: fn(token, past_key_values=own_cache)
+        return lambda: fn(token, **cache_argument(own_cache))
 
     return make_call
 

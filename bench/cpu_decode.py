@@ -34,6 +34,7 @@ import torch.nn.functional as F
 import fxpress
 from _common import cpu_model, interleaved_medians, last_level_cache_bytes, print_table, run_sections
 from fxpress import workloads
+from fxpress.hf.cache_argument import cache_argument
 from fxpress.kv.attention import PLAIN, reference_attend
 from fxpress.kv.kernels import kivi_cpu
 from fxpress.kv.kivi import KIVI, KIVIStore
@@ -121,7 +122,7 @@ class _Decoder:
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> None:
         for start in range(0, PREFIX, 512):
-            logits = self.model(ids[:, start:start + 512], past_key_values=self.cache, logits_to_keep=1,
+            logits = self.model(ids[:, start:start + 512], **cache_argument(self.cache), logits_to_keep=1,
                                 position_ids=torch.arange(start, start + 512)[None]).logits
         self.token = logits[:, -1].argmax(-1, keepdim=True)
 
@@ -129,7 +130,7 @@ class _Decoder:
     def step(self) -> None:
         t0 = time.perf_counter()
         position = torch.tensor([[PREFIX + len(self.tokens)]])
-        logits = self.model(self.token, past_key_values=self.cache, position_ids=position).logits
+        logits = self.model(self.token, **cache_argument(self.cache), position_ids=position).logits
         self.token = logits[:, -1].argmax(-1, keepdim=True)
         self.times.append(time.perf_counter() - t0)
         self.tokens.append(int(self.token))

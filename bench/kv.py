@@ -36,6 +36,7 @@ import torch
 
 import fxpress
 from fxpress import workloads
+from fxpress.hf.cache_argument import cache_argument
 from fxpress.hf.kv_cache import kv_cache
 from fxpress.kv import KIVI, DuoAttentionKV, FullKV, HeavyHitterKV, StreamingKV
 from fxpress.kv.duo_heads import retrieval_head_scores
@@ -69,8 +70,8 @@ def eviction_policies(reduction: float, duo_scores: list[list[float]]) -> dict[s
 @torch.no_grad()
 def perplexity(model: Any, ids: torch.Tensor, cache: Any) -> float:
     prefix, scored = ids[:, :PREFIX], ids[:, PREFIX:PREFIX + SCORED]
-    first = model(prefix, past_key_values=cache, logits_to_keep=1).logits[:, -1:]
-    rest = model(scored, past_key_values=cache,
+    first = model(prefix, **cache_argument(cache), logits_to_keep=1).logits[:, -1:]
+    rest = model(scored, **cache_argument(cache),
                  position_ids=torch.arange(PREFIX, PREFIX + SCORED)[None]).logits[:, :-1]
     logits = torch.cat([first, rest], 1).float()
     return torch.nn.functional.cross_entropy(logits[0], scored[0]).exp().item()
@@ -98,10 +99,10 @@ def accuracy(model: Any, tokenizer: Any) -> list[dict[str, Any]]:
              "ppl": reference_ppl, "greedy_agreement": 1.0}]
     for target, name, policy in runs:
         measured = kv_cache(model, PREFIX, policy)
-        model(ids[:, :PREFIX], past_key_values=measured, logits_to_keep=1)
+        model(ids[:, :PREFIX], **cache_argument(measured), logits_to_keep=1)
         fraction = measured.nbytes() / (FP16_BYTES_PER_TOKEN_LAYER * LAYERS * PREFIX)
         ppl = perplexity(model, ids, kv_cache(model, PREFIX + SCORED, policy))
-        out = model.generate(ids[:, :PREFIX], past_key_values=kv_cache(model, PREFIX + GENERATED, policy),
+        out = model.generate(ids[:, :PREFIX], **cache_argument(kv_cache(model, PREFIX + GENERATED, policy)),
                              max_new_tokens=GENERATED, min_new_tokens=GENERATED, do_sample=False)[:, PREFIX:]
         agreement = (out == reference).float().mean().item()
         rows.append({"target": target, "policy": name, "detail": policy.describe(), "kv_fraction": fraction,
@@ -123,7 +124,7 @@ def _memory_child(policy_name: str, context: int) -> dict[str, Any]:
         cache = _cache(model, policy, context + 8)
         _prefill(model, ids, cache, context)
         for i in range(8):
-            model(ids[:, context + i:context + i + 1], past_key_values=cache,
+            model(ids[:, context + i:context + i + 1], **cache_argument(cache),
                   position_ids=torch.tensor([[context + i]]))
         return cache
 
@@ -147,7 +148,7 @@ def _cache(model: Any, policy: Any, max_len: int) -> Any:
 def _prefill(model: Any, ids: torch.Tensor, cache: Any, context: int, chunk: int = 512) -> None:
     for start in range(0, context, chunk):
         stop = min(start + chunk, context)
-        model(ids[:, start:stop], past_key_values=cache, logits_to_keep=1,
+        model(ids[:, start:stop], **cache_argument(cache), logits_to_keep=1,
               position_ids=torch.arange(start, stop)[None])
 
 
@@ -186,7 +187,7 @@ def latency(model: Any, tokenizer: Any, contexts: list[int], steps: int = 8) -> 
             times = []
             for i in range(steps):
                 t0 = time.perf_counter()
-                model(ids[:, context + i:context + i + 1], past_key_values=cache,
+                model(ids[:, context + i:context + i + 1], **cache_argument(cache),
                       position_ids=torch.tensor([[context + i]]))
                 times.append(time.perf_counter() - t0)
             rows.append({"policy": name, "context": context, "ms": 1e3 * statistics.median(times[1:])})

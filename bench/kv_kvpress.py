@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from fxpress.hf.cache_argument import cache_argument
+
 PREFIX, SCORED, GENERATED = 1024, 256, 64
 
 
@@ -33,17 +35,17 @@ def run(model, ids, press):
     use = press(model) if press is not None else contextlib.nullcontext()
     cache = DynamicCache()
     with use:
-        first = model(ids[:, :PREFIX], past_key_values=cache).logits[:, -1:]
-    rest = model(ids[:, PREFIX:PREFIX + SCORED], past_key_values=cache,
+        first = model(ids[:, :PREFIX], **cache_argument(cache)).logits[:, -1:]
+    rest = model(ids[:, PREFIX:PREFIX + SCORED], **cache_argument(cache),
                  position_ids=torch.arange(PREFIX, PREFIX + SCORED)[None]).logits[:, :-1]
     logits = torch.cat([first, rest], 1).float()
     ppl = torch.nn.functional.cross_entropy(logits[0], ids[0, PREFIX:PREFIX + SCORED]).exp().item()
     cache = DynamicCache()
     with use if press is None else press(model):
-        logits = model(ids[:, :PREFIX], past_key_values=cache).logits[:, -1]
+        logits = model(ids[:, :PREFIX], **cache_argument(cache)).logits[:, -1]
     tokens = [logits.argmax(-1)]
     for i in range(GENERATED - 1):
-        logits = model(tokens[-1][:, None], past_key_values=cache, position_ids=torch.tensor([[PREFIX + i]])).logits[:, -1]
+        logits = model(tokens[-1][:, None], **cache_argument(cache), position_ids=torch.tensor([[PREFIX + i]])).logits[:, -1]
         tokens.append(logits.argmax(-1))
     return ppl, torch.stack(tokens, 1)
 

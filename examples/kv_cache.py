@@ -16,6 +16,7 @@ from transformers import StaticCache
 
 import fxpress
 from fxpress import workloads
+from fxpress.hf.cache_argument import cache_argument
 
 model, tokenizer = workloads.load_smollm2()
 prompt = tokenizer(workloads.lee_background()[:2400], return_tensors="pt").input_ids
@@ -24,7 +25,7 @@ n, new = prompt.shape[1], 24
 
 def generate(cache=None):
     with torch.no_grad():
-        return model.generate(prompt, past_key_values=cache, max_new_tokens=new, min_new_tokens=new,
+        return model.generate(prompt, **cache_argument(cache), max_new_tokens=new, min_new_tokens=new,
                               do_sample=False)[0, n:]
 
 

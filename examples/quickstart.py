@@ -20,6 +20,7 @@ from transformers import StaticCache
 
 import fxpress
 from fxpress import workloads
+from fxpress.hf.cache_argument import cache_argument
 
 NEW_TOKENS = 32
 
@@ -87,7 +88,7 @@ def smollm2() -> None:
     def generate() -> torch.Tensor:
         cache = StaticCache(config=model.config, max_cache_len=max_len)
         with torch.no_grad():
-            return model.generate(input_ids, past_key_values=cache, max_new_tokens=NEW_TOKENS,
+            return model.generate(input_ids, **cache_argument(cache), max_new_tokens=NEW_TOKENS,
                                   do_sample=False, min_new_tokens=NEW_TOKENS)
 
     eager_tokens = generate()
@@ -99,9 +100,9 @@ def smollm2() -> None:
     # Explain one decode step against a cache already filled by the prompt.
     cache = StaticCache(config=model.config, max_cache_len=max_len)
     with torch.no_grad():
-        model(input_ids, past_key_values=cache)
+        model(input_ids, **cache_argument(cache))
     step = eager_tokens[:, input_ids.shape[1]:input_ids.shape[1] + 1]
-    report = fxpress.explain(model, step, kwargs=dict(past_key_values=copy.deepcopy(cache)))
+    report = fxpress.explain(model, step, kwargs=cache_argument(copy.deepcopy(cache)))
     print(report)
 
     text = tokenizer.decode(fxpress_tokens[0, input_ids.shape[1]:], skip_special_tokens=True)

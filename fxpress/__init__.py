@@ -8,32 +8,74 @@
     cache = fxpress.kv_cache(model, max_len=4096, policy=fxpress.KIVI(bits=2))  # for generate()
 """
 
+from __future__ import annotations
+
+import importlib
+import sys
 from typing import Any
 
-from fxpress import compress, kv
-
-from fxpress.compiler.aot import aot_compile
-from fxpress.compiler.load import LoadedModel, load
-from fxpress.compiler.artifact import ArtifactError
-from fxpress.compiler.backend import Backend, FallbackWarning, backend
-from fxpress.core.counters import counters
-from fxpress.core.errors import FxpressError, OptionError, PassError, UnsupportedGraphError
-from fxpress.compiler.explain import Report, explain
-from fxpress.ir.options import Options, Pass
-from fxpress.compiler.pipeline import PIPELINE
-from fxpress.compiler.plot import plot_memory
 from fxpress.core.version import VERSION
-from fxpress.compiler.calibrate import calibrate_integer
-from fxpress.integer.calibration import IntegerCalibration
-from fxpress.core.errors import IntegerError
-from fxpress.integer.config import IntegerOnly
-from fxpress.kv.policies import KIVI, DuoAttentionKV, FullKV, HeavyHitterKV, StreamingKV
 
 __version__ = VERSION
+
+# Public names and the modules that define them. They are imported on first use (PEP 562), so
+# ``import fxpress`` and the command line's ``--help`` do not pay for torch; the first name used
+# imports them all, so that fxpress's ops are registered with torch whichever name comes first.
+_EXPORTS = {
+    "compress": ("fxpress.compress", None),
+    "kv": ("fxpress.kv", None),
+    "workloads": ("fxpress.workloads", None),
+    "aot_compile": ("fxpress.compiler.aot", "aot_compile"),
+    "LoadedModel": ("fxpress.compiler.load", "LoadedModel"),
+    "load": ("fxpress.compiler.load", "load"),
+    "ArtifactError": ("fxpress.compiler.artifact", "ArtifactError"),
+    "Backend": ("fxpress.compiler.backend", "Backend"),
+    "FallbackWarning": ("fxpress.compiler.backend", "FallbackWarning"),
+    "backend": ("fxpress.compiler.backend", "backend"),
+    "counters": ("fxpress.core.counters", "counters"),
+    "FxpressError": ("fxpress.core.errors", "FxpressError"),
+    "OptionError": ("fxpress.core.errors", "OptionError"),
+    "PassError": ("fxpress.core.errors", "PassError"),
+    "UnsupportedGraphError": ("fxpress.core.errors", "UnsupportedGraphError"),
+    "IntegerError": ("fxpress.core.errors", "IntegerError"),
+    "KVCacheError": ("fxpress.core.errors", "KVCacheError"),
+    "Report": ("fxpress.compiler.explain", "Report"),
+    "explain": ("fxpress.compiler.explain", "explain"),
+    "Options": ("fxpress.ir.options", "Options"),
+    "Pass": ("fxpress.ir.options", "Pass"),
+    "PIPELINE": ("fxpress.compiler.pipeline", "PIPELINE"),
+    "plot_memory": ("fxpress.compiler.plot", "plot_memory"),
+    "calibrate_integer": ("fxpress.compiler.calibrate", "calibrate_integer"),
+    "IntegerCalibration": ("fxpress.integer.calibration", "IntegerCalibration"),
+    "IntegerOnly": ("fxpress.integer.config", "IntegerOnly"),
+    "KIVI": ("fxpress.kv.policies", "KIVI"),
+    "DuoAttentionKV": ("fxpress.kv.policies", "DuoAttentionKV"),
+    "FullKV": ("fxpress.kv.policies", "FullKV"),
+    "HeavyHitterKV": ("fxpress.kv.policies", "HeavyHitterKV"),
+    "StreamingKV": ("fxpress.kv.policies", "StreamingKV"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'fxpress' has no attribute {name!r}")
+    module, attr = _EXPORTS[name]
+    if attr is None and module in sys.modules:  # a subpackage asked for while it is being imported
+        return sys.modules[module]
+    for public, (module, attr) in _EXPORTS.items():
+        value = importlib.import_module(module)
+        globals()[public] = value if attr is None else getattr(value, attr)
+    return globals()[name]
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
     "ArtifactError",
     "KIVI",
+    "KVCacheError",
     "PIPELINE",
     "Backend",
     "DuoAttentionKV",

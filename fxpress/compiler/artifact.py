@@ -30,7 +30,8 @@ import torch
 from fxpress.core.errors import FxpressError
 from fxpress.core.version import VERSION
 
-FORMAT = 3  # 2: graph.json, from which load regenerates the wrapper; 3: kernels[].generated (any target)
+FORMAT = 4  # 2: graph.json, from which load regenerates the wrapper; 3: kernels[].generated (any target);
+# 4: dim_names (the names the user gave dynamic dimensions)
 META = "meta.json"
 
 
@@ -109,6 +110,7 @@ META_FIELDS: dict[str, Any] = {
     "kv_states": [{"handle": _INT, "policy": {"class": _STR, "fields": dict}, "layer": _INT, "max_len": _INT,
                    "where": _STR}],
     "symbols": {"*": _INT},
+    "dim_names": {"*": _STR},
 }
 
 

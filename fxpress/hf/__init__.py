@@ -2,5 +2,7 @@
 
     cache = fxpress.kv_cache(model, max_len=4096, policy=fxpress.KIVI(bits=2))
 
-Importing ``fxpress.hf.kv_cache`` imports transformers; nothing else in fxpress does.
+Importing ``fxpress.hf.kv_cache`` imports transformers, as does the first call of
+``fxpress.hf.cache_argument`` (the keyword the installed transformers takes a cache under);
+nothing else in fxpress does.
 """

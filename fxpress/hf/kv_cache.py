@@ -1,7 +1,9 @@
-"""A transformers ``Cache`` that keeps K/V compressed, for ``model.generate(past_key_values=...)``.
+"""A transformers ``Cache`` that keeps K/V compressed, for ``model.generate(cache=...)``
+(``past_key_values=`` in transformers releases before the rename; ``fxpress.hf.cache_argument``
+spells it for the installed one).
 
     cache = fxpress.kv_cache(model, max_len=4096, policy=fxpress.KIVI(bits=2))
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=64)
+    out = model.generate(ids, **cache_argument(cache), max_new_tokens=64)
 
 How it plugs in without touching the model's code, through two public transformers registries:
 

@@ -29,3 +29,10 @@ def mlp_with_inputs() -> tuple[MLP, tuple[torch.Tensor]]:
 # The decode step and the greedy loop are the example's own (examples/aot_artifact.py).
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 from aot_artifact import decode_step, greedy  # noqa: E402
+
+
+def tiny_llama_step() -> tuple[torch.nn.Module, tuple, dict[str, torch.Tensor]]:
+    """A tiny Llama's one-token decode step with its StaticCache as buffers, and example inputs."""
+    from tests.tiny_models import tiny_llama
+
+    return decode_step(tiny_llama()), (), {"input_ids": torch.tensor([[5]]), "cache_position": torch.tensor([0])}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import fxpress
 from fxpress.cli import CliError, parse_option, parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,13 +34,40 @@ def test_compile_inspect_run(tmp_path):
     assert "export" in done.stderr and "capture and passes" in done.stderr  # the progress lines
     shown = fxpress_cli("inspect", str(out), "--graph")
     assert shown.returncode == 0, shown.stderr
-    for part in ("every file matches meta.json", "torch " + torch.__version__, "inputs:", "args[0]: float32[",
-                 "passes:", "memory plan:", "kernels:", "# ---- graph.txt"):
+    for part in ("every file matches meta.json", "torch " + torch.__version__, "inputs:", "args[0]: float32[batch, 16]",
+                 "example sizes: {'batch': 3}", "passes:", "memory plan:", "kernels:", "# ---- graph.txt"):
         assert part in shown.stdout, part
-    (symbol,) = json.loads((out / "meta.json").read_text())["symbols"]  # the batch dimension
-    ran = fxpress_cli("run", str(out), "--size", f"{symbol}=7")
+    ran = fxpress_cli("run", str(out), "--size", "batch=7", "--repeat", "2")
     assert ran.returncode == 0, ran.stderr
-    assert "output 0: float32[7, 8]" in ran.stdout
+    assert "output 0: float32[7, 8]" in ran.stdout and re.search(r"2 call\(s\): first [\d.]+ ms, median", ran.stdout)
+    (symbol,) = json.loads((out / "meta.json").read_text())["symbols"]  # the symbol is understood too
+    assert fxpress_cli("run", str(out), "--size", f"{symbol}=5").stdout.startswith("output 0: float32[5, 8]")
+    wrong = fxpress_cli("run", str(out), "--size", "seq=5")
+    assert wrong.returncode == 2 and "NAME one of ['batch']" in wrong.stderr
+
+
+def test_version_and_help_answer_without_importing_torch():
+    done = fxpress_cli("--version")
+    assert done.returncode == 0 and done.stdout.strip() == f"fxpress {fxpress.__version__}"
+    probe = ("import sys; from fxpress.cli import main\n"
+             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+             "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.stdout.strip().endswith("False"), done.stdout + done.stderr
+    assert "compile" in done.stdout and "inspect" in done.stdout
+
+
+def test_run_feeds_a_kv_artifact_positions_from_zero(tmp_path):
+    """A decode step with a KIVI-compressed StaticCache: ``run`` feeds cache_position 0 (a new
+    sequence), not a random position past the cache."""
+    out = tmp_path / "step"
+    done = fxpress_cli("compile", "tests.aot.models:tiny_llama_step", "-o", str(out),
+                       "--option", "kv=KIVI(bits=4, group_size=16, residual=16)")
+    assert done.returncode == 0, done.stderr
+    assert "KV state:" in fxpress_cli("inspect", str(out)).stdout
+    ran = fxpress_cli("run", str(out), "--repeat", "3")
+    assert ran.returncode == 0, ran.stderr
+    assert "output 0: float32[1, 1, " in ran.stdout and "non-finite" not in ran.stdout
 
 
 def test_console_script_and_factory_with_inputs(tmp_path):
@@ -59,9 +88,11 @@ def test_errors_are_one_line_and_exit_2(tmp_path):
 
 
 def test_spec_and_option_parsing():
-    assert parse_spec("int64[2, seq=16]") == (torch.int64, [2, 16], {1: ("seq", 16)})
-    with pytest.raises(CliError, match="neither N nor name=N"):
-        parse_spec("float32[2,x]")
+    assert parse_spec("int64[2, seq=16]") == (torch.int64, [2, 16], {1: ("seq", 16, None)})
+    assert parse_spec("int64[2, seq=16:512]") == (torch.int64, [2, 16], {1: ("seq", 16, 512)})
+    for wrong in ("float32[2,x]", "float32[2,16:512]", "float32[2,seq=16:]"):
+        with pytest.raises(CliError, match="neither N, name=N nor name=N:MAX"):
+            parse_spec(wrong)
     assert parse_option("lut_max_rows=4") == ("lut_max_rows", 4)
     assert parse_option("target=triton") == ("target", "triton")
     key, policy = parse_option("kv=KIVI(bits=2, residual=64)")

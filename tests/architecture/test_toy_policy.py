@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fxpress
+from fxpress.hf.cache_argument import cache_argument
 from fxpress.kv.registry import StoreShape, register_policy, registered_policies
 from fxpress.kv.stores import Store
 from tests.passes.test_compress_kv_cache import RULE, _generate as generate_static
@@ -58,7 +59,7 @@ register_policy(ChunkListKV, _build)
 
 def _generate(model, ids, cache=None):
     with torch.no_grad():
-        return model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=NEW,
+        return model.generate(ids, attention_mask=torch.ones_like(ids), **cache_argument(cache), max_new_tokens=NEW,
                               min_new_tokens=NEW, do_sample=False, pad_token_id=0)
 
 

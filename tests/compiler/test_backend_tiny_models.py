@@ -10,6 +10,7 @@ import torch
 from transformers import StaticCache
 
 import fxpress
+from fxpress.hf.cache_argument import cache_argument
 from tests.conftest import max_diff
 from tests.tiny_models import tiny_bert, tiny_gpt2, tiny_llama, token_ids
 
@@ -33,12 +34,12 @@ def test_static_cache_decode_updates_cache_in_place():
     ours = StaticCache(config=model.config, max_cache_len=16)
     theirs = StaticCache(config=model.config, max_cache_len=16)
     with torch.no_grad():
-        a, b = compiled(ids, past_key_values=ours).logits, model(ids, past_key_values=theirs).logits
+        a, b = compiled(ids, **cache_argument(ours)).logits, model(ids, **cache_argument(theirs)).logits
         assert max_diff(a, b) <= TOL
         for _ in range(4):
             step = b[:, -1:].argmax(-1)
-            a = compiled(step, past_key_values=ours).logits
-            b = model(step, past_key_values=theirs).logits
+            a = compiled(step, **cache_argument(ours)).logits
+            b = model(step, **cache_argument(theirs)).logits
             assert max_diff(a, b) <= TOL
     for mine, ref in zip(ours.layers, theirs.layers):
         assert max_diff(mine.keys, ref.keys) <= TOL and max_diff(mine.values, ref.values) <= TOL
@@ -50,8 +51,8 @@ def test_decode_graph_writes_cache_rows_in_place():
     compiled = torch.compile(model, backend=fxpress.Backend(fxpress.Options(), on_report=reports.append))
     cache = StaticCache(config=model.config, max_cache_len=16)
     with torch.no_grad():
-        compiled(ids, past_key_values=cache)
-        compiled(ids[:, :1], past_key_values=cache)
+        compiled(ids, **cache_argument(cache))
+        compiled(ids[:, :1], **cache_argument(cache))
     decode = reports[-1]
     assert decode.ops_after.get("aten.index_copy_.default") == 2
     assert "aten.index_copy.default" not in decode.ops_after

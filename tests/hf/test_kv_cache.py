@@ -8,6 +8,7 @@ import torch
 
 import fxpress
 from fxpress.core.errors import KVCacheError, OptionError
+from fxpress.hf.cache_argument import cache_argument
 from tests.tiny_models import tiny_gpt2, tiny_llama, token_ids
 
 NEW = 10
@@ -15,7 +16,7 @@ NEW = 10
 
 def _generate(model, ids, cache=None):
     with torch.no_grad():
-        return model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=NEW,
+        return model.generate(ids, attention_mask=torch.ones_like(ids), **cache_argument(cache), max_new_tokens=NEW,
                               min_new_tokens=NEW, do_sample=False, pad_token_id=0)
 
 
@@ -67,7 +68,7 @@ def test_padded_batches_are_refused():
     mask[1, :3] = 0
     cache = fxpress.kv_cache(model, 20, fxpress.StreamingKV(sink=2, recent=4))
     with pytest.raises(KVCacheError, match="padded"), torch.no_grad():
-        model(ids, attention_mask=mask, past_key_values=cache)
+        model(ids, attention_mask=mask, **cache_argument(cache))
 
 
 @pytest.mark.parametrize("make, message", [

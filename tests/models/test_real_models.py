@@ -10,6 +10,7 @@ from transformers import StaticCache
 
 import fxpress
 from fxpress import workloads
+from fxpress.hf.cache_argument import cache_argument
 from tests.conftest import max_diff
 
 pytestmark = pytest.mark.real_model
@@ -54,13 +55,13 @@ def test_smollm2_decode_step(smollm2):
     ids = tokenizer(_sentences(1)[0], return_tensors="pt").input_ids[:, :24]
     cache = StaticCache(config=model.config, max_cache_len=32)
     with torch.no_grad():
-        step = model(ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+        step = model(ids, **cache_argument(cache)).logits[:, -1:].argmax(-1)
 
     def decode(backend):
         torch._dynamo.reset()
         fn = model if backend is None else torch.compile(model, backend=backend)
         with torch.no_grad():
-            return fn(step, past_key_values=copy.deepcopy(cache)).logits
+            return fn(step, **cache_argument(copy.deepcopy(cache))).logits
 
     ours, captured, eager = decode("fxpress"), decode("eager"), decode(None)
     assert max_diff(ours, captured) <= _tolerance(captured)
@@ -78,7 +79,7 @@ def test_smollm2_greedy_generation_is_token_identical(smollm2):
     def generate():
         cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + new_tokens)
         with torch.no_grad():
-            return model.generate(prompt, past_key_values=cache, max_new_tokens=new_tokens,
+            return model.generate(prompt, **cache_argument(cache), max_new_tokens=new_tokens,
                                   min_new_tokens=new_tokens, do_sample=False)
 
     expected = generate()

@@ -10,6 +10,7 @@ from transformers import StaticCache
 
 import fxpress
 from fxpress.core.errors import KVCacheError
+from fxpress.hf.cache_argument import cache_argument
 from tests.tiny_models import tiny_gpt2, tiny_llama, token_ids
 
 RULE = "cache update -> sdpa => kv_attend"
@@ -23,7 +24,7 @@ def _generate(model, ids, backend=None, new=8, max_len=32):
         model.forward = torch.compile(forward, backend=backend)
     try:
         with torch.no_grad():
-            return model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+            return model.generate(ids, attention_mask=torch.ones_like(ids), **cache_argument(cache),
                                   max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
     finally:
         model.forward = forward

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fxpress
+from fxpress.hf.cache_argument import cache_argument
 from tests.tiny_models import tiny_llama, token_ids
 
 NEW = 256
@@ -14,7 +15,7 @@ NEW = 256
 
 def _generate(model, ids, cache=None):
     with torch.no_grad():
-        return model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+        return model.generate(ids, attention_mask=torch.ones_like(ids), **cache_argument(cache),
                               max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
 
 

@@ -10,13 +10,14 @@ import transformers as T
 
 import fxpress
 from fxpress.core.errors import KVCacheError
+from fxpress.hf.cache_argument import cache_argument
 
 NEW = 32
 
 
 def _generate(model, ids, cache=None):
     with torch.no_grad():
-        return model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+        return model.generate(ids, attention_mask=torch.ones_like(ids), **cache_argument(cache),
                               max_new_tokens=NEW, min_new_tokens=NEW,
                               do_sample=False, pad_token_id=0)
 

@@ -7,6 +7,7 @@ import torch
 from transformers import StaticCache
 
 import fxpress
+from fxpress.hf.cache_argument import cache_argument
 from tests.tiny_models import tiny_llama, token_ids
 
 MAX_LEN, NEW = 24, 6
@@ -25,7 +26,7 @@ class Request:
     def step(self) -> None:
         t = self.next.shape[1]
         positions = torch.arange(self.position, self.position + t)
-        logits = self.forward(input_ids=self.next, past_key_values=self.cache, cache_position=positions,
+        logits = self.forward(input_ids=self.next, **cache_argument(self.cache), cache_position=positions,
                               position_ids=positions[None], use_cache=True).logits
         self.next = logits[:, -1:].argmax(-1)
         self.ids = torch.cat([self.ids, self.next], 1)

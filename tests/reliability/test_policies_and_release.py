@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import fxpress
 from fxpress.core.errors import KVCacheError, OptionError
+from fxpress.hf.cache_argument import cache_argument
 from fxpress.kv.registry import make_store
 from fxpress.kv.stores import FullStore
 
@@ -59,7 +60,7 @@ def test_compress_kv_cache_refuses_such_a_head_dim_at_compile_time():
     compiled = torch.compile(model, backend=fxpress.backend(kv=fxpress.KIVI(bits=4)))
     with pytest.raises(Exception, match="head_dim 24 is not a multiple"):
         with torch.no_grad():
-            compiled(torch.ones(1, 4, dtype=torch.long), past_key_values=cache, cache_position=torch.arange(4))
+            compiled(torch.ones(1, 4, dtype=torch.long), **cache_argument(cache), cache_position=torch.arange(4))
 
 
 def test_compiled_programs_release_a_deleted_models_weights():

@@ -11,6 +11,8 @@ import threading
 import pytest
 import torch
 
+from fxpress.hf.cache_argument import cache_argument
+
 from tests.tiny_models import tiny_bert, tiny_gpt2, token_ids
 
 THREADS, CALLS = 4, 12
@@ -72,7 +74,7 @@ def test_threads_generating_with_kv_caches_of_their_own_equal_eager():
 
     def generate(ids, cache=None):
         with torch.no_grad():
-            return model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+            return model.generate(ids, attention_mask=torch.ones_like(ids), **cache_argument(cache),
                                   max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
 
     expected = [generate(p) for p in prompts]
