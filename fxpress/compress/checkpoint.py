@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from fxpress.compress.layer_records import record as record_layers
 from fxpress.compress.low_rank_linear import LowRankLinear
 from fxpress.compress.linear_layers import set_submodule
 
@@ -43,4 +44,5 @@ def load(model: nn.Module, path: str | Path) -> nn.Module:
             layer.in_features, layer.out_features, rank, bias=layer.bias is not None,
             device=layer.weight.device, dtype=layer.weight.dtype))
     load_model(model, str(path), strict=True)
+    record_layers(model)
     return model

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import fxpress.lowbit as lowbit
+from fxpress.compress.layer_records import record as record_layers
 from fxpress.compress.linear_layers import matching_linears, set_submodule
 from fxpress.compress.quantized_linear import QuantizedLinear
 
@@ -53,6 +54,7 @@ def quantize(model: nn.Module, bits: int = 4, group_size: int = 128, method: str
         _replace(result, name, module, weight)
     if not result.layers:
         raise lowbit.QuantizeError(f"no nn.Linear layer matches targets={patterns} outside skip={skipped}")
+    record_layers(out)
     return result
 
 
@@ -105,4 +107,5 @@ def load_gguf_q4_1(model: nn.Module, gguf_path: str | Path) -> QuantizeResult:
         _replace(result, name, linear, from_q4_1(d, m, codes))
     if not result.layers:
         raise lowbit.QuantizeError(f"{gguf_path}: no Q4_1 tensor matches a Linear layer of the model")
+    record_layers(out)
     return result

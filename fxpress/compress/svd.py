@@ -19,6 +19,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
+from fxpress.compress.layer_records import record as record_layers
 from fxpress.compress.linear_layers import matching_linears, set_submodule
 from fxpress.compress.low_rank_linear import LowRankLinear
 
@@ -118,6 +119,7 @@ def svd(
         result.layers.append(LayerReport(name, linear.in_features, linear.out_features, r,
                                          weight_error, output_error))
     result.params_after = sum(p.numel() for p in compressed.parameters())
+    record_layers(compressed)
     return result
 
 

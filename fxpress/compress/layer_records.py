@@ -1,0 +1,92 @@
+"""A compressed model's layers as plain data, and the empty layers rebuilt from it.
+
+Every compression (``svd``, ``quantize``, ``load_gguf_q4_1``, ``load``) ends by recording, on a
+transformers model, ``config.quantization_config = {"quant_method": "fxpress", "layers": {...}}``:
+per compressed layer its kind and shapes. ``save_pretrained`` writes it into ``config.json`` with
+the weights in safetensors; ``from_pretrained`` hands it to fxpress's registered quantizer
+(``fxpress.hf.quantizer``), which calls ``rebuild`` on the empty model before the weights are read,
+so every stored tensor (bit-planes, scales, factors) lands in a layer of its own shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxpress import lowbit
+from fxpress.compress.linear_layers import is_conv1d, set_submodule
+from fxpress.compress.low_rank_linear import LowRankLinear
+from fxpress.compress.quantized_linear import QuantizedLinear
+
+METHOD = "fxpress"  # transformers' quant_method
+
+
+def describe(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """``{layer name: record}`` for every ``QuantizedLinear`` and ``LowRankLinear`` of ``model``."""
+    layers: dict[str, dict[str, Any]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLinear):
+            layers[name] = {"kind": "lowbit", "in_features": module.in_features, "out_features": module.out_features,
+                            "bits": module.bits, "group_size": module.group_size, "bias": module.bias is not None}
+        elif isinstance(module, LowRankLinear):
+            layers[name] = {"kind": "lowrank", "in_features": module.in_features,
+                            "out_features": module.out_features, "rank": module.rank,
+                            "bias": module.up.bias is not None}
+    return layers
+
+
+def record(model: nn.Module) -> None:
+    """Keep ``describe(model)`` in a transformers model's config (nothing for other modules)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_json_string"):
+        return
+    layers = describe(model)
+    if not layers:
+        return
+    config.quantization_config = {"quant_method": METHOD, "layers": layers}
+    # A compressed output layer no longer shares the input embedding's weight: said in the config,
+    # or loading would tie the two again (and look for the output layer's dense weight).
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(output, (QuantizedLinear, LowRankLinear)) and getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False
+
+
+def _empty(name: str, record: dict[str, Any], dtype: torch.dtype) -> nn.Module:
+    """The compressed layer ``record`` describes, its tensors allocated but not filled."""
+    try:
+        kind, n_in, n_out, bias = record["kind"], int(record["in_features"]), int(record["out_features"]), \
+            bool(record["bias"])
+        if kind == "lowbit":
+            bits, group = int(record["bits"]), int(record["group_size"])
+            lowbit.check_format(bits, group, n_in)
+            groups = lowbit.padded(n_in, group) // group
+            weight = lowbit.BitPlaneWeight(torch.empty(bits, n_out, groups * group // 32, dtype=torch.int32),
+                                           torch.empty(n_out, groups, bits), torch.empty(n_out, groups), n_in, group)
+            return QuantizedLinear(weight, torch.empty(n_out, dtype=dtype) if bias else None, n_out)
+        if kind == "lowrank":
+            return LowRankLinear(n_in, n_out, int(record["rank"]), bias=bias, dtype=dtype)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"quantization_config layer {name!r}: bad record {record!r} ({e})") from None
+    raise ValueError(f"quantization_config layer {name!r}: unknown kind {kind!r} (expected 'lowbit' or 'lowrank')")
+
+
+def rebuild(model: nn.Module, layers: dict[str, dict[str, Any]], dtype: torch.dtype = torch.float32) -> None:
+    """Replace each Linear (or transformers Conv1D) of ``model`` named in ``layers`` by the empty
+    compressed layer its record describes, after checking that the shapes agree."""
+    for name, record in layers.items():
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"quantization_config layer {name!r} is not in the {type(model).__name__}") from None
+        if type(layer) is nn.Linear:
+            shape = (layer.in_features, layer.out_features)
+        elif is_conv1d(layer):
+            shape = tuple(layer.weight.shape)
+        else:
+            raise ValueError(f"quantization_config layer {name!r} is a {type(layer).__name__}, expected nn.Linear")
+        if shape != (record.get("in_features"), record.get("out_features")):
+            raise ValueError(f"quantization_config layer {name!r}: the model's layer is {shape[0]} -> {shape[1]}, "
+                             f"the record {record.get('in_features')} -> {record.get('out_features')}")
+        set_submodule(model, name, _empty(name, record, dtype))
