@@ -38,6 +38,7 @@ import fxpress
 from fxpress import workloads
 from fxpress.hf.cache_argument import cache_argument
 from fxpress.hf.kv_cache import kv_cache
+from fxpress.hf.perplexity import perplexity
 from fxpress.kv import KIVI, DuoAttentionKV, FullKV, HeavyHitterKV, StreamingKV
 from fxpress.kv.duo_heads import retrieval_head_scores
 
@@ -68,23 +69,13 @@ def eviction_policies(reduction: float, duo_scores: list[list[float]]) -> dict[s
 
 
 @torch.no_grad()
-def perplexity(model: Any, ids: torch.Tensor, cache: Any) -> float:
-    prefix, scored = ids[:, :PREFIX], ids[:, PREFIX:PREFIX + SCORED]
-    first = model(prefix, **cache_argument(cache), logits_to_keep=1).logits[:, -1:]
-    rest = model(scored, **cache_argument(cache),
-                 position_ids=torch.arange(PREFIX, PREFIX + SCORED)[None]).logits[:, :-1]
-    logits = torch.cat([first, rest], 1).float()
-    return torch.nn.functional.cross_entropy(logits[0], scored[0]).exp().item()
-
-
-@torch.no_grad()
 def accuracy(model: Any, tokenizer: Any) -> list[dict[str, Any]]:
     ids = corpus_ids(tokenizer, 0, PREFIX + SCORED)
     duo_scores = retrieval_head_scores(model, corpus_ids(tokenizer, 20000, PREFIX), sink=64, recent=128)
     model.set_attn_implementation("sdpa")
     from transformers import DynamicCache
 
-    reference_ppl = perplexity(model, ids, DynamicCache(config=model.config))
+    reference_ppl = perplexity(model, ids, PREFIX, DynamicCache(config=model.config))
     reference = model.generate(ids[:, :PREFIX], max_new_tokens=GENERATED, min_new_tokens=GENERATED,
                                do_sample=False)[:, PREFIX:]
     runs: list[tuple[str, str, Any]] = [("none", "FullKV fp16", FullKV()),
@@ -101,7 +92,7 @@ def accuracy(model: Any, tokenizer: Any) -> list[dict[str, Any]]:
         measured = kv_cache(model, PREFIX, policy)
         model(ids[:, :PREFIX], **cache_argument(measured), logits_to_keep=1)
         fraction = measured.nbytes() / (FP16_BYTES_PER_TOKEN_LAYER * LAYERS * PREFIX)
-        ppl = perplexity(model, ids, kv_cache(model, PREFIX + SCORED, policy))
+        ppl = perplexity(model, ids, PREFIX, kv_cache(model, PREFIX + SCORED, policy))
         out = model.generate(ids[:, :PREFIX], **cache_argument(kv_cache(model, PREFIX + GENERATED, policy)),
                              max_new_tokens=GENERATED, min_new_tokens=GENERATED, do_sample=False)[:, PREFIX:]
         agreement = (out == reference).float().mean().item()

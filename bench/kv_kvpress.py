@@ -26,22 +26,17 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from fxpress.hf.cache_argument import cache_argument
+from fxpress.hf.perplexity import perplexity
 
 PREFIX, SCORED, GENERATED = 1024, 256, 64
 
 
 @torch.no_grad()
 def run(model, ids, press):
-    use = press(model) if press is not None else contextlib.nullcontext()
+    ppl = perplexity(model, ids[:, :PREFIX + SCORED], PREFIX, DynamicCache(),
+                     prefill=press(model) if press is not None else None)
     cache = DynamicCache()
-    with use:
-        first = model(ids[:, :PREFIX], **cache_argument(cache)).logits[:, -1:]
-    rest = model(ids[:, PREFIX:PREFIX + SCORED], **cache_argument(cache),
-                 position_ids=torch.arange(PREFIX, PREFIX + SCORED)[None]).logits[:, :-1]
-    logits = torch.cat([first, rest], 1).float()
-    ppl = torch.nn.functional.cross_entropy(logits[0], ids[0, PREFIX:PREFIX + SCORED]).exp().item()
-    cache = DynamicCache()
-    with use if press is None else press(model):
+    with press(model) if press is not None else contextlib.nullcontext():
         logits = model(ids[:, :PREFIX], **cache_argument(cache)).logits[:, -1]
     tokens = [logits.argmax(-1)]
     for i in range(GENERATED - 1):

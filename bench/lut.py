@@ -25,6 +25,7 @@ from _common import median_seconds, run_sections  # bench/ is on the path when r
 from fxpress import workloads
 from fxpress import lowbit
 from fxpress.compress import load_gguf_q4_1, quantize
+from fxpress.hf.perplexity import perplexity, scored_logits
 
 CONTEXT = 1024
 
@@ -33,13 +34,6 @@ REPEATS = 20  # timed calls per median
 
 def _ids(tokenizer) -> torch.Tensor:
     return tokenizer(workloads.lee_background(), return_tensors="pt").input_ids[:, :CONTEXT]
-
-
-def _perplexity(model, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
-    with torch.no_grad():
-        logits = model(ids).logits
-    loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
-    return float(loss.exp()), logits
 
 
 def accuracy() -> list[dict]:
@@ -59,7 +53,7 @@ def accuracy() -> list[dict]:
           "perplexity (eager) | compiled: max |logit diff| | lut_linear sites | greedy 16 tokens compiled == eager |")
     print("|---|---|---|---|---|---|---|---|")
     for name, (m, result) in variants.items():
-        ppl, logits = _perplexity(m, ids)
+        ppl, logits = perplexity(m, ids), scored_logits(m, ids)
         quantised = [mod for mod in m.modules() if isinstance(mod, fxpress.compress.QuantizedLinear)]
         nbytes = sum(q.weight_nbytes() for q in quantised)
         fp32 = sum(q.in_features * q.out_features * 4 for q in quantised)
@@ -73,7 +67,7 @@ def accuracy() -> list[dict]:
                 eager_tokens = m.generate(prompt, max_new_tokens=16, do_sample=False)
             eager_forward = m.forward
             m.forward = torch.compile(m.forward, backend=fxpress.backend())
-            _, compiled_logits = _perplexity(m, ids)
+            compiled_logits = scored_logits(m, ids)
             row["compiled_max_logit_diff"] = float((compiled_logits - logits).abs().max())
             row["lut_sites"] = fxpress.counters["lut_matmul"]["mm(x, t(dequantized weight)) => lut_linear"]
             with torch.no_grad():

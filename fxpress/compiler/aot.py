@@ -27,6 +27,7 @@ import torch.utils._pytree as pytree
 from fxpress.compiler import artifact, graph_json
 from fxpress.compiler.capture import CapturedGraph, capture_module
 from fxpress.core.errors import UnsupportedGraphError
+from fxpress.core.progress import stage_bar
 from fxpress.compiler.export import ExportedModel, export_model
 from fxpress.compiler.lower import Lowered, lower_captured
 from fxpress.codegen.targets import get_target
@@ -50,9 +51,20 @@ def aot_compile(model: torch.nn.Module, example_args: tuple[Any, ...], path: str
     opts = Options.create(**options)
     get_target(opts.target)  # refuses an unknown target before any work
     passes = build_pipeline(opts)
-    step = progress or (lambda stage: None)
     if not isinstance(example_args, tuple):
         raise TypeError(f"fxpress.aot_compile: example_args must be a tuple of inputs, got {type(example_args).__name__}")
+    bar = None if progress is not None else stage_bar("aot_compile", 3)
+    try:
+        return _compile(model, example_args, Path(path), dynamic_shapes, example_kwargs, progress or bar or
+                        (lambda stage: None), opts, passes)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _compile(model: torch.nn.Module, example_args: tuple[Any, ...], folder: Path, dynamic_shapes: Any,
+             example_kwargs: dict[str, Any] | None, step: Progress, opts: Options,
+             passes: tuple[tuple[str, Callable[..., Any]], ...]) -> Path:
     step("export")
     exported = export_model(model, example_args, example_kwargs, dynamic_shapes)
     for name, value in zip(exported.input_names, exported.user_inputs):
@@ -71,7 +83,6 @@ def aot_compile(model: torch.nn.Module, example_args: tuple[Any, ...], path: str
     step("write")
     state_names = list({**dict(exported.gm.named_parameters(remove_duplicate=False)),
                         **dict(exported.gm.named_buffers(remove_duplicate=False))})
-    folder = Path(path)
     _write(folder, exported, lowered["captured"], lowered["lowered"], report, opts, passes, state_names,
            list(example_kwargs or {}), dynamic_shapes)
     return folder

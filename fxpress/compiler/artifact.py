@@ -179,8 +179,14 @@ def _inside(folder: Path, name: str) -> Path:
     return path
 
 
-def read_file(folder: Path, meta: dict[str, Any], name: str) -> bytes:
-    """A file's bytes, checked against its size (before reading) and sha256 in meta.json."""
+# Files read through a memory map by their loader (safetensors) rather than into bytes: verify
+# hashes them in chunks and hands back their path, so the weights are never in memory twice.
+MAPPED = ("weights.safetensors",)
+_CHUNK = 1 << 20
+
+
+def _checked_path(folder: Path, meta: dict[str, Any], name: str) -> tuple[Path, dict[str, Any]]:
+    """The path of a file meta.json lists, refused when missing or of another size."""
     record = meta["files"].get(name)
     if record is None:
         raise ArtifactError(f"{folder}: meta.json lists no file {name}")
@@ -191,16 +197,41 @@ def read_file(folder: Path, meta: dict[str, Any], name: str) -> bytes:
     if size != record["bytes"]:
         raise ArtifactError(f"{path} is {size} bytes; meta.json records {record['bytes']} "
                             f"({'truncated' if size < record['bytes'] else 'appended to'}?)")
+    return path, record
+
+
+def _refuse_changed(path: Path, record: dict[str, Any], size: int, digest: str) -> None:
+    if size != record["bytes"]:
+        raise ArtifactError(f"{path} is {size} bytes; meta.json records {record['bytes']} "
+                            f"({'truncated' if size < record['bytes'] else 'appended to'}?)")
+    if digest != record["sha256"]:
+        raise ArtifactError(f"{path} has changed since it was written: its sha256 does not match meta.json")
+
+
+def read_file(folder: Path, meta: dict[str, Any], name: str) -> bytes:
+    """A file's bytes, checked against its size (before reading) and sha256 in meta.json."""
+    path, record = _checked_path(folder, meta, name)
     with path.open("rb") as f:
         data = f.read(record["bytes"] + 1)  # never more than recorded, should it grow meanwhile
-    if len(data) != record["bytes"]:
-        raise ArtifactError(f"{path} is {len(data)} bytes; meta.json records {record['bytes']} "
-                            f"({'truncated' if len(data) < record['bytes'] else 'appended to'}?)")
-    if sha256(data) != record["sha256"]:
-        raise ArtifactError(f"{path} has changed since it was written: its sha256 does not match meta.json")
+    _refuse_changed(path, record, len(data), sha256(data))
     return data
 
 
-def verify(folder: Path, meta: dict[str, Any]) -> dict[str, bytes]:
-    """Every file listed in meta.json, checked."""
-    return {name: read_file(folder, meta, name) for name in meta["files"]}
+def checked_file(folder: Path, meta: dict[str, Any], name: str) -> Path:
+    """A file's path once its size and sha256 match meta.json, hashed in chunks (never held
+    whole). Its loader maps it afterwards: the hash catches corruption and edits made before the
+    load, as every check here does, not a writer racing the load (the folder is its owner's)."""
+    path, record = _checked_path(folder, meta, name)
+    digest, size = hashlib.sha256(), 0
+    with path.open("rb") as f:
+        while size <= record["bytes"] and (chunk := f.read(_CHUNK)):
+            digest.update(chunk)
+            size += len(chunk)
+    _refuse_changed(path, record, size, digest.hexdigest())
+    return path
+
+
+def verify(folder: Path, meta: dict[str, Any]) -> dict[str, bytes | Path]:
+    """Every file listed in meta.json, checked: its bytes, or for ``MAPPED`` files its path."""
+    return {name: checked_file(folder, meta, name) if name in MAPPED else read_file(folder, meta, name)
+            for name in meta["files"]}

@@ -17,6 +17,7 @@ import torch.fx as fx
 
 from fxpress.compiler.capture import capture_and_compile
 from fxpress.core.errors import IntegerError
+from fxpress.core.progress import progress
 from fxpress.integer.calibration import IntegerCalibration
 from fxpress.integer.quantize import masked_positions
 from fxpress.ir.integer_sites import find_sites
@@ -77,7 +78,7 @@ def calibrate_integer(model: Any, samples: Iterable[Any], *, sdpa: bool = False)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=backend)
     with torch.no_grad():
-        for sample in samples:
+        for sample in progress(samples, "calibrate_integer"):
             if isinstance(sample, Mapping):
                 compiled(**sample)
             elif isinstance(sample, (tuple, list)):

@@ -151,7 +151,7 @@ def _regenerated_wrapper(folder: Path, meta: dict[str, Any], files: dict[str, by
 def load(path: str | Path) -> LoadedModel:
     """The artifact at ``path`` as a callable module; refuses a changed, truncated or incomplete
     folder, or one written by other fxpress / torch / triton versions, naming the problem."""
-    from safetensors.torch import load as load_tensors
+    from safetensors.torch import load_file
 
     folder = Path(path)
     meta = artifact.read_meta(folder)
@@ -164,7 +164,7 @@ def load(path: str | Path) -> LoadedModel:
     if refusal is not None:
         raise ArtifactError(f"{folder} {refusal}")
     try:
-        stored = load_tensors(files["weights.safetensors"])
+        stored = load_file(files["weights.safetensors"])  # memory-mapped, not read into bytes first
     except Exception as e:
         raise ArtifactError(f"{folder}/weights.safetensors cannot be read: {e}") from None
     constants = {name: _constant(folder, name, record, stored, device) for name, record in meta["constants"].items()}

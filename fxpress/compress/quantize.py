@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import fxpress.lowbit as lowbit
+from fxpress.core.progress import progress
 from fxpress.compress.layer_records import record as record_layers
 from fxpress.compress.linear_layers import matching_linears, set_submodule
 from fxpress.compress.quantized_linear import QuantizedLinear
@@ -49,7 +50,8 @@ def quantize(model: nn.Module, bits: int = 4, group_size: int = 128, method: str
     skipped = list(skip)
     out = copy.deepcopy(model)
     result = QuantizeResult(out)
-    for name, module in matching_linears(out, patterns, skipped).items():
+    layers = matching_linears(out, patterns, skipped)
+    for name, module in progress(layers.items(), f"quantize ({method}, {bits}-bit)", total=len(layers)):
         weight = METHODS[method](module.weight, bits, group_size)
         _replace(result, name, module, weight)
     if not result.layers:

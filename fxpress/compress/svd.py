@@ -22,6 +22,7 @@ from torch import nn
 from fxpress.compress.layer_records import record as record_layers
 from fxpress.compress.linear_layers import matching_linears, set_submodule
 from fxpress.compress.low_rank_linear import LowRankLinear
+from fxpress.core.progress import progress
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ def svd(
     grams = _calibration_grams(compressed, linears, calibration) if calibration is not None else {}
 
     result = SVDResult(compressed, params_before=sum(p.numel() for p in model.parameters()))
-    for name, linear in linears.items():
+    for name, linear in progress(linears.items(), "svd", total=len(linears)):
         r = _rank_for(name, linear, rank, rank_ratio)
         if isinstance(r, str):
             result.layers.append(LayerReport(name, linear.in_features, linear.out_features, None, None, None, r))
@@ -197,7 +198,7 @@ def _calibration_grams(model: nn.Module, linears: dict[str, nn.Linear], batches:
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in linears.items()]
     try:
         count = 0
-        for batch in batches:
+        for batch in progress(batches, "svd calibration"):
             if isinstance(batch, Mapping):
                 model(**batch)
             elif isinstance(batch, (tuple, list)):

@@ -79,4 +79,11 @@ TRITON_INTERPRET = Flag(
     "interpreter on CPU tensors (slow; for tests). Set it before triton is first imported.",
 )
 
-ALL_FLAGS: tuple[Flag, ...] = (DEBUG, DUMP_DIR, CHECK, CACHE_DIR, CXX, TRITON_INTERPRET)
+PROGRESS = Flag(
+    "FXPRESS_PROGRESS", True, _bool,
+    "Progress bars (tqdm, on standard error) for steps that can take more than a few seconds: "
+    "quantising and factoring layers, calibration batches, ahead-of-time compiles. Shown only "
+    "when standard error is a terminal; 0 turns them off there too.",
+)
+
+ALL_FLAGS: tuple[Flag, ...] = (DEBUG, DUMP_DIR, CHECK, CACHE_DIR, CXX, TRITON_INTERPRET, PROGRESS)

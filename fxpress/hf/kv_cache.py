@@ -105,6 +105,8 @@ class CompressedLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return self.sequence.max_len
 
+    get_max_cache_shape = get_max_length  # its name before transformers 5.2x
+
     def get_mask_sizes(self, query: int | torch.Tensor, *args: Any) -> tuple[int, int]:
         # The compressed attention takes the 2-D padding mask as it is (``fxpress_kv_mask``); these
         # sizes only have to exist, and must not read the token count (a compiled forward would
