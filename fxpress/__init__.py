@@ -18,9 +18,11 @@ from fxpress.core.version import VERSION
 
 __version__ = VERSION
 
-# Public names and the modules that define them. They are imported on first use (PEP 562), so
-# ``import fxpress`` and the command line's ``--help`` do not pay for torch; the first name used
-# imports them all, so that fxpress's ops are registered with torch whichever name comes first.
+# Public names and the modules that define them. Imported on first use (PEP 562) when torch is not
+# loaded yet, so that the command line's ``--help`` and ``--version`` do not pay for it; the first
+# name used imports them all, so that fxpress's ops are registered with torch whichever comes first.
+# A program that has imported torch gets everything at ``import fxpress`` (see the end of this
+# file), so ``torch.ops.fxpress.*`` exist right after it, as they always did.
 _EXPORTS = {
     "compress": ("fxpress.compress", None),
     "kv": ("fxpress.kv", None),
@@ -113,3 +115,7 @@ def kv_cache(model: Any, max_len: int, policy: Any, **kwargs: Any) -> Any:
     from fxpress.hf.kv_cache import kv_cache as make
 
     return make(model, max_len, policy, **kwargs)
+
+
+if "torch" in sys.modules:  # a library user, not the command line starting up
+    __getattr__("backend")

@@ -16,6 +16,7 @@ import torch
 from fxpress.compiler.backend import Backend
 from fxpress.ir.options import Options
 from fxpress.compiler.report import GraphReport
+from fxpress.core.progress import stage_bar
 
 
 @dataclass
@@ -82,10 +83,18 @@ def explain(
     backend = Backend(Options.create(**options), on_report=report.graphs.append)
     torch._dynamo.reset()
     breaks_before = dict(torch._dynamo.utils.counters["graph_break"])
-    with torch.no_grad():
-        eager_args, eager_kwargs = copy.deepcopy((args, kwargs))
-        expected = model(*eager_args, **eager_kwargs)
-        actual = torch.compile(model, backend=backend)(*args, **kwargs)
+    bar = stage_bar("explain", 2)
+    step = bar or (lambda stage: None)
+    try:
+        with torch.no_grad():
+            step("eager run")
+            eager_args, eager_kwargs = copy.deepcopy((args, kwargs))
+            expected = model(*eager_args, **eager_kwargs)
+            step("compile and run")
+            actual = torch.compile(model, backend=backend)(*args, **kwargs)
+    finally:
+        if bar is not None:
+            bar.close()
     report.graph_breaks = {
         reason: n - breaks_before.get(reason, 0)
         for reason, n in torch._dynamo.utils.counters["graph_break"].items()

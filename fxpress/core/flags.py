@@ -82,7 +82,7 @@ TRITON_INTERPRET = Flag(
 PROGRESS = Flag(
     "FXPRESS_PROGRESS", True, _bool,
     "Progress bars (tqdm, on standard error) for steps that can take more than a few seconds: "
-    "quantising and factoring layers, calibration batches, ahead-of-time compiles. Shown only "
+    "quantising and factoring layers, calibration batches, ahead-of-time compiles, explain(). Shown only "
     "when standard error is a terminal; 0 turns them off there too.",
 )
 

@@ -31,13 +31,15 @@ def test_a_bar_on_a_terminal_unless_turned_off(monkeypatch):
     assert progress(items, "counting") is items and stage_bar("counting", 2) is None
 
 
-def test_quantize_svd_and_aot_compile_show_their_bars(monkeypatch, tmp_path):
+def test_quantize_svd_aot_compile_and_explain_show_their_bars(monkeypatch, tmp_path):
     screen = Terminal()
     monkeypatch.setattr("sys.stderr", screen)
     model = tiny_llama(layers=1).eval()
     fxpress.compress.quantize(model, bits=4, group_size=32)
     fxpress.compress.svd(model, rank_ratio=0.5, calibration=[torch.tensor([[1, 2, 3]])])
     fxpress.aot_compile(torch.nn.Linear(8, 4).eval(), (torch.randn(2, 8),), tmp_path / "linear", target="cpu")
+    fxpress.explain(torch.nn.Linear(8, 4).eval(), torch.randn(2, 8))
     shown = screen.getvalue()
-    for bar in ("fxpress quantize (rtn, 4-bit)", "fxpress svd calibration", "fxpress svd", "fxpress aot_compile"):
+    for bar in ("fxpress quantize (rtn, 4-bit)", "fxpress svd calibration", "fxpress svd", "fxpress aot_compile",
+                "fxpress explain"):
         assert bar in shown, bar
