@@ -34,9 +34,12 @@ def scored_logits(model: Any, ids: torch.Tensor, prefix: int = 0, cache: Any = N
     return torch.cat([first, rest], 1).float()
 
 
+def perplexity_of(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """``exp`` of the mean cross-entropy of ``targets [batch, n]`` under ``logits [batch, n, vocab]``."""
+    return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()).exp())
+
+
 def perplexity(model: Any, ids: torch.Tensor, prefix: int = 0, cache: Any = None,
                prefill: ContextManager | None = None) -> float:
     """``exp`` of the mean cross-entropy of ``ids[:, max(prefix, 1):]`` (see ``scored_logits``)."""
-    logits = scored_logits(model, ids, prefix, cache, prefill)
-    targets = ids[:, max(prefix, 1):]
-    return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()).exp())
+    return perplexity_of(scored_logits(model, ids, prefix, cache, prefill), ids[:, max(prefix, 1):])
