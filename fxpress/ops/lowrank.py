@@ -7,9 +7,12 @@ Factors are in ``nn.Linear`` layout, as ``fxpress.compress.LowRankLinear`` store
 - ``lowrank_ffn(x, down1, up1, bias1, down2, up2, bias2, activation, gate_down, gate_up, gate_bias)``:
   ``act(L1(x)) -> L2``, or gated (SwiGLU) ``act(L_gate(x)) * L1(x) -> L2``; the D-wide activation
   never exists at full sequence length.
-- ``lowrank_attention(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, ..., o_down)``: attention
-  over Q, K, V rebuilt from their rank-r factors ``p = x @ down.T`` (FlashSVD's interface): the
-  full-width Q, K and V never exist at once. The ``p`` factors stay ordinary graph values because
+- ``lowrank_attention(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, ..., o_down, cos, sin,
+  rotary_interleaved)``: attention over Q, K, V rebuilt from their rank-r factors ``p = x @ down.T``
+  (FlashSVD's interface): the full-width Q, K and V never exist at once. With ``cos`` and ``sin``
+  (the rotary embedding the model computed, [B|1, S, d]) the rebuilt Q and K heads are rotated
+  before the scores, as Llama-family models do between their projections and SDPA; with
+  ``q_norm`` and ``k_norm`` they are first RMS-normalised per head (Gemma 3, Qwen 3). The ``p`` factors stay ordinary graph values because
   every query needs every key: rebuilding them per query tile from ``x`` would cost ``in/64`` times
   the attention. With ``o_down`` (the output projection's first factor) the op returns
   ``merge_heads(attention) @ o_down.T``, ``[B, S, rank_o]``, accumulated head by head, so the
@@ -200,7 +203,7 @@ lowrank_ffn = define_op("lowrank_ffn", _ffn_reference, _ffn_fake, overwritable=0
 # lowrank_attention ------------------------------------------------------------------------------
 
 def _attention_checks(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, num_heads, num_kv_heads,
-                      attn_mask, o_down) -> int:
+                      attn_mask, o_down, cos=None, sin=None, q_norm=None, k_norm=None) -> int:
     """Validate; return the head dimension."""
     where = "fxpress::lowrank_attention"
     for name, p, up, bias in (("q", pq, q_up, q_bias), ("k", pk, k_up, k_bias), ("v", pv, v_up, v_bias)):
@@ -228,14 +231,63 @@ def _attention_checks(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, num_
                          f"{tuple(o_down.shape)} with strides {o_down.stride()}")
     if attn_mask is not None and attn_mask.dim() != 4:
         raise ValueError(f"{where}: attn_mask must be 4-D [batch|1, heads|1, q, k], got {tuple(attn_mask.shape)}")
+    _rotary_checks(where, pq, pk, head_dim, cos, sin)
+    if (q_norm is None) != (k_norm is None):
+        raise ValueError(f"{where}: give both q_norm and k_norm (per-head RMSNorm weights), or neither")
+    for name, w in (("q_norm", q_norm), ("k_norm", k_norm)):
+        if w is not None and (tuple(w.shape) != (head_dim,) or w.dtype != pq.dtype):
+            raise ValueError(f"{where}: {name} must be a {pq.dtype} [head_dim] = [{head_dim}] weight, got "
+                             f"{w.dtype} {tuple(w.shape)}")
     return head_dim
 
 
+def _rotary_checks(where: str, pq: torch.Tensor, pk: torch.Tensor, head_dim: int,
+                   cos: torch.Tensor | None, sin: torch.Tensor | None) -> None:
+    if (cos is None) != (sin is None):
+        raise ValueError(f"{where}: give both cos and sin for the rotary embedding, or neither")
+    if cos is None:
+        return
+    expected = [(1, pq.shape[0]), (pq.shape[1],), (head_dim,)]
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dim() != 3 or any(size not in allowed for size, allowed in zip(t.shape, expected)):
+            raise ValueError(f"{where}: {name} must be [batch|1, seq, head_dim] = [{pq.shape[0]}|1, {pq.shape[1]}, "
+                             f"{head_dim}], got {tuple(t.shape)}")
+        if t.dtype != pq.dtype:
+            raise ValueError(f"{where}: {name} is {t.dtype}, the factors are {pq.dtype}")
+    if pk.shape[1] != pq.shape[1] or head_dim % 2:
+        raise ValueError(f"{where}: a rotary embedding needs as many keys as queries (one position each) and an "
+                         f"even head_dim, got {pq.shape[1]} queries, {pk.shape[1]} keys, head_dim {head_dim}")
+
+
+def head_normed(t: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm over each head's ``d`` channels (Gemma 3's and Qwen 3's q_norm and k_norm), with the
+    model's weight (Gemma's ``1 + w`` already added in)."""
+    if weight is None:
+        return t
+    return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def rotated(t: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, interleaved: bool) -> torch.Tensor:
+    """``t * cos + rotate(t) * sin`` over the last dim, as the model computes it (``t``: [B, H, S, d];
+    ``cos``, ``sin``: [B|1, S, d]). ``rotate`` is Llama's ``rotate_half`` (-x2, x1), or with
+    ``interleaved`` the pairwise form of GPT-J and Cohere ((x0, x1) -> (-x1, x0))."""
+    if cos is None:
+        return t
+    if interleaved:
+        pairs = t.unflatten(-1, (-1, 2))
+        turned = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    else:
+        half = t.shape[-1] // 2
+        turned = torch.cat((-t[..., half:], t[..., :half]), dim=-1)
+    return t * cos.unsqueeze(1) + turned * sin.unsqueeze(1)
+
+
 def _attention_into(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, num_heads, num_kv_heads,
-                    attn_mask, is_causal, scale, o_down, *, out: torch.Tensor) -> None:
+                    attn_mask, is_causal, scale, o_down, cos=None, sin=None, rotary_interleaved=False,
+                    q_norm=None, k_norm=None, norm_eps=1e-6, *, out: torch.Tensor) -> None:
     """``out`` is [B, H, S, d] (any strides), or [B, S, rank_o] with ``o_down``."""
     d = _attention_checks(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, num_heads, num_kv_heads,
-                          attn_mask, o_down)
+                          attn_mask, o_down, cos, sin, q_norm, k_norm)
     group = num_heads // num_kv_heads
     if o_down is not None:
         out.zero_()
@@ -246,9 +298,10 @@ def _attention_into(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, num_he
 
     batch, seq, seq_k = pq.shape[0], pq.shape[1], pk.shape[1]
     for kv in range(num_kv_heads):
-        k, v = head(pk, k_up, k_bias, kv), head(pv, v_up, v_bias, kv)
+        k = rotated(head_normed(head(pk, k_up, k_bias, kv), k_norm, norm_eps), cos, sin, rotary_interleaved)
+        v = head(pv, v_up, v_bias, kv)
         for h in range(kv * group, (kv + 1) * group):
-            q = head(pq, q_up, q_bias, h)
+            q = rotated(head_normed(head(pq, q_up, q_bias, h), q_norm, norm_eps), cos, sin, rotary_interleaved)
             # Query blocks keep the mask SDPA needs (a boolean becomes a float one) to a block's worth.
             for rows in _row_blocks(seq, batch * seq_k):
                 mask = _block_mask(attn_mask, h, rows, seq_k, is_causal, q.dtype)
@@ -280,11 +333,15 @@ def _attention_reference(pq: torch.Tensor, q_up: torch.Tensor, q_bias: torch.Ten
                          pk: torch.Tensor, k_up: torch.Tensor, k_bias: torch.Tensor | None,
                          pv: torch.Tensor, v_up: torch.Tensor, v_bias: torch.Tensor | None,
                          num_heads: int, num_kv_heads: int, attn_mask: torch.Tensor | None,
-                         is_causal: bool, scale: float | None, o_down: torch.Tensor | None) -> torch.Tensor:
+                         is_causal: bool, scale: float | None, o_down: torch.Tensor | None,
+                         cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+                         rotary_interleaved: bool = False, q_norm: torch.Tensor | None = None,
+                         k_norm: torch.Tensor | None = None, norm_eps: float = 1e-6) -> torch.Tensor:
     out = _attention_fake(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, num_heads, num_kv_heads,
-                          attn_mask, is_causal, scale, o_down)
+                          attn_mask, is_causal, scale, o_down, cos, sin, rotary_interleaved, q_norm, k_norm, norm_eps)
     _attention_into(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, num_heads, num_kv_heads,
-                    attn_mask, is_causal, scale, o_down, out=out)
+                    attn_mask, is_causal, scale, o_down, cos, sin, rotary_interleaved, q_norm, k_norm, norm_eps,
+                    out=out)
     return out
 
 
@@ -294,9 +351,10 @@ def _factored_up(p: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None) -
 
 
 def _attention_fake(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, num_heads, num_kv_heads,
-                    attn_mask, is_causal, scale, o_down):
+                    attn_mask, is_causal, scale, o_down, cos=None, sin=None, rotary_interleaved=False,
+                    q_norm=None, k_norm=None, norm_eps=1e-6):
     d = _attention_checks(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, num_heads, num_kv_heads,
-                          attn_mask, o_down)
+                          attn_mask, o_down, cos, sin, q_norm, k_norm)
     if o_down is not None:
         return pq.new_empty(pq.shape[0], pq.shape[1], o_down.shape[0])
     return pq.new_empty(pq.shape[0], pq.shape[1], num_heads, d).permute(0, 2, 1, 3)

@@ -50,7 +50,9 @@ def _is_cast(node: fx.Node, dtype: torch.dtype) -> bool:
     return is_op(node, aten._to_copy) and set(node.kwargs) == {"dtype"} and node.kwargs["dtype"] == dtype
 
 
-def _match(rsqrt: fx.Node) -> Match | Miss | None:
+def rms_norm_at(rsqrt: fx.Node) -> Match | Miss | None:
+    """The RMSNorm chain around ``rsqrt``: operands ``x``, ``weight`` (or None) and ``eps``; its
+    root is the normalised (and weighted) value. fuse_low_rank reads per-head norms with it."""
     if not is_op(rsqrt, aten.rsqrt):
         return None
     add = rsqrt.args[0]
@@ -99,7 +101,7 @@ def _replace(gm: fx.GraphModule, m: Match) -> fx.Node:
 
 
 RULES = (
-    Rule("x * rsqrt(mean(x**2, -1) + eps) [* w] => rms_norm(x, w, eps)", _match, _replace),
+    Rule("x * rsqrt(mean(x**2, -1) + eps) [* w] => rms_norm(x, w, eps)", rms_norm_at, _replace),
 )
 
 

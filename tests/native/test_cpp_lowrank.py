@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from fxpress.native import build
 from fxpress.ops.cpp import lowrank as cpp_lowrank
 from tests.conftest import max_diff
+from tests.ops import rotary
+
+lowrank = torch.ops.fxpress
 
 pytestmark = pytest.mark.skipif(build.compiler_refusal() is not None, reason="no working C++ compiler")
 
@@ -158,5 +161,28 @@ def test_lowrank_attention_matches_sdpa(mask_kind, batch, seq, seq_k, heads, kv_
     expected = _sdpa(args)
     out = torch.empty_strided(expected.shape, expected.stride()) if o_down else \
         torch.empty(batch, seq, heads, d).transpose(1, 2)  # [B, H, S, d] as a view of [B, S, H, d]
-    assert cpp_lowrank.lowrank_attention(*args, out) is out
+    assert cpp_lowrank.lowrank_attention(*args, None, None, False, None, None, 1e-6, out) is out
+    assert _relative(out, expected) < 1e-5
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("head_norm", [False, True])
+@pytest.mark.parametrize("batch,seq,heads,kv_heads,d,cos_batch", [
+    (2, 19, 4, 2, 16, 2), (1, 70, 6, 2, 20, 1), (3, 9, 2, 1, 64, 1)])
+def test_lowrank_attention_rotates_as_the_model_does(interleaved, head_norm, batch, seq, heads, kv_heads, d,
+                                                     cos_batch):
+    g = torch.Generator().manual_seed(seq + d)
+    args = _attention_inputs(g, batch, seq, seq, heads, kv_heads, d) + [heads, kv_heads, None, True, None, None]
+    cos, sin = rotary.tables(cos_batch, seq, d, interleaved, g)
+    norms = (1 + torch.randn(d, generator=g) / 4, 1 + torch.randn(d, generator=g) / 4) if head_norm else (None, None)
+    expected = lowrank.lowrank_attention(*args, cos, sin, interleaved, *norms, 1e-5)  # the reference
+    q, k = [(p @ up.T + b).unflatten(-1, (n, -1)).transpose(1, 2)
+            for p, up, b, n in ((args[0], args[1], args[2], heads), (args[3], args[4], args[5], kv_heads))]
+    if head_norm:
+        q, k = (F.rms_norm(t, (d,), w, 1e-5) for t, w in zip((q, k), norms))
+    q, k = rotary.rotate(q, k, cos, sin, interleaved)
+    v = (args[6] @ args[7].T + args[8]).unflatten(-1, (kv_heads, -1)).transpose(1, 2)
+    assert _relative(expected, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)) < 1e-5
+    out = torch.empty(batch, seq, heads, d).transpose(1, 2)
+    cpp_lowrank.lowrank_attention(*args, cos, sin, interleaved, *norms, 1e-5, out)
     assert _relative(out, expected) < 1e-5

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import fxpress.ops  # noqa: F401
 from fxpress.ops import lowrank as ops_lowrank
 from tests.conftest import max_diff
+from tests.ops import rotary
 
 lowrank = torch.ops.fxpress
 TOL = 2e-5
@@ -85,6 +86,24 @@ def test_lowrank_attention_matches_sdpa_with_gqa(mask_kind):
     assert actual.shape == expected.shape and max_diff(actual, expected) <= TOL
 
 
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("mask_kind", ["causal", "bool"])
+def test_lowrank_attention_rotates_queries_and_keys_as_the_model_does(interleaved, mask_kind):
+    ps, ups, biases = _attention_inputs()
+    g = torch.Generator().manual_seed(5)
+    cos, sin = rotary.tables(2, 19, 16, interleaved, g)
+    keep = torch.rand(2, 1, 19, 19, generator=g) > 0.3
+    mask = keep if mask_kind == "bool" else None
+    q, k, v = [(p @ u.T + b).view(2, 19, n, -1).transpose(1, 2) for p, u, b, n in zip(ps, ups, biases, (4, 2, 2))]
+    q, k = rotary.rotate(q, k, cos, sin, interleaved)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+    args = [t for triple in zip(ps, ups, biases) for t in triple]
+    actual = lowrank.lowrank_attention(*args, 4, 2, mask, mask is None, None, None, cos, sin, interleaved)
+    assert max_diff(actual, expected) <= TOL
+    unrotated = lowrank.lowrank_attention(*args, 4, 2, mask, mask is None, None, None)
+    assert max_diff(unrotated, expected) > 100 * TOL  # the rotation is not a no-op at these positions
+
+
 def test_lowrank_attention_with_output_factor_returns_the_rank_r_projection():
     ps, ups, biases = _attention_inputs(heads=4, kv_heads=4)
     o_down = torch.randn(10, 64) / 8
@@ -120,6 +139,11 @@ def test_bad_ffn_and_attention_arguments_are_refused():
     args = [t for triple in zip(ps, ups, biases) for t in triple]
     with pytest.raises(ValueError, match="positive multiple of num_kv_heads"):
         lowrank.lowrank_attention(*args, 4, 3, None, False, None, None)
+    cos, sin = rotary.tables(2, 19, 16, False, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="give both cos and sin"):
+        lowrank.lowrank_attention(*args, 4, 2, None, False, None, None, cos, None)
+    with pytest.raises(ValueError, match=r"cos must be \[batch\|1, seq, head_dim\] = \[2\|1, 19, 16\], got \(2, 19, 8\)"):
+        lowrank.lowrank_attention(*args, 4, 2, None, False, None, None, cos[..., :8], sin[..., :8])
 
 
 # Triton kernels ---------------------------------------------------------------------------------
@@ -152,8 +176,10 @@ def test_triton_lowrank_ffn(device, activation, gated):
     assert max_diff(out.cpu(), lowrank.lowrank_ffn(*args)) <= TOL
 
 
-@pytest.mark.parametrize("mask_kind, o_down", [("bool", False), ("causal", False), ("additive", True)])
-def test_triton_lowrank_attention(device, mask_kind, o_down):
+@pytest.mark.parametrize("mask_kind, o_down, rotation, head_norm", [
+    ("bool", False, None, False), ("causal", False, None, False), ("additive", True, None, False),
+    ("causal", False, "half", False), ("bool", True, "pairs", False), ("causal", False, "half", True)])
+def test_triton_lowrank_attention(device, mask_kind, o_down, rotation, head_norm):
     from fxpress.ops.kernels.lowrank import lowrank_attention
 
     ps, ups, biases = _attention_inputs(seq=37)
@@ -161,8 +187,13 @@ def test_triton_lowrank_attention(device, mask_kind, o_down):
     keep[0, 0, 5] = False  # a query that sees no key: 0, as SDPA gives
     mask = {"bool": keep, "additive": torch.where(keep, 0.0, float("-inf")), "causal": None}[mask_kind]
     factor = torch.randn(10, 64) / 8 if o_down else None
+    cos, sin = (None, None) if rotation is None else rotary.tables(
+        2, 37, 16, rotation == "pairs", torch.Generator().manual_seed(4))
     args = ([t for triple in zip(ps, ups, biases) for t in triple]
-            + [4, 2, mask, mask_kind == "causal", None, factor])
+            + [4, 2, mask, mask_kind == "causal", None, factor, cos, sin, rotation == "pairs"])
+    g = torch.Generator().manual_seed(6)  # Gemma 3's q_norm and k_norm before the rotation
+    args += [1 + torch.randn(16, generator=g) / 4, 1 + torch.randn(16, generator=g) / 4] if head_norm else [None, None]
+    args.append(1e-6)
     expected = lowrank.lowrank_attention(*args)
     out = torch.empty_strided(expected.shape, expected.stride(), device=device)
     lowrank_attention(*_on(device, *args), out)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+import transformers
 from torch import nn
 
 import fxpress
@@ -15,8 +17,7 @@ from tests.conftest import max_diff
 from tests.passes.graphs import capture, run
 from tests.tiny_models import tiny_bert, tiny_llama, token_ids
 
-LINEAR, ATTENTION = RULES[2].name, RULES[1].name
-FFN = RULES[0].name
+FFN, ROTARY_ATTENTION, ATTENTION, LINEAR = (rule.name for rule in RULES)
 TOL = 1e-5
 
 
@@ -115,13 +116,66 @@ def test_compressed_bert_fuses_attention_with_its_output_factor_and_ffn():
     assert not any("scaled_dot_product" in t for t in targets)
 
 
-def test_llama_attention_with_rotary_is_refused_but_its_mlp_fuses():
+_DECODERS = {  # family: (config, model, what sets it apart)
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),  # biased Q, K, V
+    "cohere": (transformers.CohereConfig, transformers.CohereForCausalLM,  # interleaved rotation
+               {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
+    "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM,  # q_norm, k_norm after the
+               {"head_dim": 16, "sliding_window": 8}),  # transpose, sliding-window layers
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 16}),  # norms before it
+}
+
+
+def _tiny_decoder(family):
+    """Tiny rotary decoders with grouped-query attention (4 query heads, 2 KV heads)."""
+    if family == "llama":
+        return tiny_llama()
+    torch.manual_seed(0)
+    config, model, extra = _DECODERS[family]
+    shape = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return model._from_config(config(**shape, **extra), attn_implementation="sdpa").eval()
+
+
+@pytest.mark.parametrize("family", ["llama", *_DECODERS])
+@pytest.mark.parametrize("padded", [False, True])
+def test_rotary_decoders_fuse_their_attention(family, padded):
+    model = _compressed(_tiny_decoder(family))
+    ids = token_ids()
+    mask = torch.ones_like(ids)
+    if padded:  # a 4-D mask reaches SDPA, and transformers copies the KV heads (repeat_kv)
+        mask[1, 9:] = 0
+    gm, counts = _fuse(lambda i, m: model(input_ids=i, attention_mask=m, use_cache=False).logits, ids, mask)
+    assert counts == {ROTARY_ATTENTION: 2, FFN: 2}
+    assert not any("scaled_dot_product" in t for t in _targets(gm))
+    ops = [n for n in gm.graph.nodes if n.target is torch.ops.fxpress.lowrank_attention.default]
+    assert [op.args[17] for op in ops] == [family == "cohere"] * 2  # Cohere's pairs, rotate_half otherwise
+    assert all((op.args[18] is not None) == (family in ("gemma3", "qwen3")) for op in ops)  # q_norm
+
+
+def test_a_first_forward_into_an_empty_cache_still_fuses():
     model = _compressed(tiny_llama())
-    _, counts = _fuse(lambda i: model(i).logits, token_ids())
-    assert counts[FFN] == 2
-    refused = [k for k in counts if k.startswith(ATTENTION)]
-    assert refused == [f"{ATTENTION} [not applied: query is not a low-rank projection split into heads "
-                       "(other ops in between?)]"]
+    _, counts = _fuse(lambda i: model(i).logits, token_ids())  # a DynamicCache: cat([empty, k], -2)
+    assert counts == {ROTARY_ATTENTION: 2, FFN: 2}
+
+
+class _QueryOnlyRotation(nn.Module):
+    """A rotary embedding on the queries alone: not one the op can take."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (_low_rank(32, 32, 6, bias=False) for _ in range(3))
+
+    def forward(self, x, cos, sin):
+        q, k, v = (proj(x).view(2, 9, 2, 16).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        q = q * cos.unsqueeze(1) + torch.cat((-q[..., 8:], q[..., :8]), dim=-1) * sin.unsqueeze(1)
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def test_a_rotation_of_the_queries_alone_is_refused_with_the_reason():
+    _, counts = _fuse(_QueryOnlyRotation(), torch.randn(2, 9, 32), torch.randn(1, 9, 16), torch.randn(1, 9, 16))
+    assert counts == {f"{ATTENTION} [not applied: a rotary embedding on some of query, key and value but not "
+                      "on exactly the first two]": 1, LINEAR: 3}
 
 
 def _plan(model, *args, disable=()):
@@ -162,6 +216,31 @@ def test_compressed_bert_through_the_backend_matches_eager(target, monkeypatch):
     generated = {name for name, kind, _ in reports[-1].kernels if kind == "op"} - set(reports[-1].not_generated)
     if target != "cpu":
         assert len(generated) == 4  # 2 attention + 2 FFN kernels
+
+
+@pytest.mark.parametrize("target", ["cpu", "triton", "cpp"])
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_rotary_decoder_through_the_backend_matches_eager(family, target, monkeypatch):
+    if target == "cpp" and build.compiler_refusal() is not None:
+        pytest.skip("no working C++ compiler")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model = _compressed(_tiny_decoder(family))
+    ids = token_ids(length=20)
+    mask = torch.ones_like(ids)
+    mask[0, 13:] = 0
+    reports = []
+    backend = fxpress.Backend(fxpress.Options(target=target, strict=True), on_report=reports.append)
+    run_model = lambda m: m(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    with torch.no_grad():
+        expected = run_model(model)
+        actual = run_model(torch.compile(model, backend=backend))
+    assert max_diff(actual, expected) <= 1e-4
+    (fused,) = [p.counters["fuse_low_rank"] for p in reports[-1].passes if p.name == "fuse_low_rank"]
+    assert fused[ROTARY_ATTENTION] == 2
+    low_rank = {name for name, kind, _ in reports[-1].kernels if kind == "op" and "lowrank" in name}
+    assert len(low_rank) == 4  # 2 attention + 2 FFN kernels
+    if target != "cpu":
+        assert not low_rank & set(reports[-1].not_generated)  # none left to the reference
 
 
 def test_dense_models_are_not_candidates():

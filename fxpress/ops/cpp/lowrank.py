@@ -38,7 +38,8 @@ def _lib():
 def _attention_lib():
     factor = [POINTER, LONG, POINTER, POINTER]
     return library_beside(__file__, "lowrank_attention", {"fxpress_lowrank_attention": (
-        None, factor * 3 + [LONG] * 6 + [POINTER, POINTER, INT, FLOAT, POINTER, LONG, POINTER, POINTER, INT])},
+        None, factor * 3 + [LONG] * 6 + [POINTER, POINTER, INT, FLOAT, POINTER, POINTER, LONG, INT,
+                                         POINTER, POINTER, FLOAT, POINTER, LONG, POINTER, POINTER, INT])},
         headers=HEADERS)
 
 
@@ -120,12 +121,20 @@ def _additive_mask(attn_mask: torch.Tensor | None, shape: tuple[int, int, int, i
     return attn_mask.to(torch.float32).expand(shape)
 
 
+def _rotary_form(cos: torch.Tensor | None, interleaved: bool) -> int:
+    """lowrank_attention.cpp's Rotary: none, rotate_half, or the interleaved pairs."""
+    return 0 if cos is None else 2 if interleaved else 1
+
+
 def lowrank_attention(pq: torch.Tensor, q_up: torch.Tensor, q_bias: torch.Tensor | None,
                       pk: torch.Tensor, k_up: torch.Tensor, k_bias: torch.Tensor | None,
                       pv: torch.Tensor, v_up: torch.Tensor, v_bias: torch.Tensor | None,
                       num_heads: int, num_kv_heads: int, attn_mask: torch.Tensor | None, is_causal: bool,
-                      scale: float | None, o_down: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+                      scale: float | None, o_down: torch.Tensor | None, cos: torch.Tensor | None,
+                      sin: torch.Tensor | None, rotary_interleaved: bool, q_norm: torch.Tensor | None,
+                      k_norm: torch.Tensor | None, norm_eps: float, out: torch.Tensor) -> torch.Tensor:
     pq, pk, pv = pq.contiguous(), pk.contiguous(), pv.contiguous()
+    cos, sin = (None, None) if cos is None else (cos.contiguous(), sin.contiguous())
     (batch, seq, _), seq_k, d = pq.shape, pk.shape[1], q_up.shape[0] // num_heads
     mask = _additive_mask(attn_mask, (batch, num_heads, seq, seq_k))
     result = out if o_down is None or out.is_contiguous() else torch.empty(out.shape)
@@ -138,6 +147,9 @@ def lowrank_attention(pq: torch.Tensor, q_up: torch.Tensor, q_bias: torch.Tensor
     _attention_lib().fxpress_lowrank_attention(
         *factors, batch, seq, seq_k, num_heads, num_kv_heads, d, pointer(mask),
         _strides(mask.stride() if mask is not None else (0, 0, 0, 0)), int(is_causal),
-        d ** -0.5 if scale is None else scale, pointer(o_panels), 0 if o_down is None else o_down.shape[0],
+        d ** -0.5 if scale is None else scale, pointer(cos), pointer(sin),
+        0 if cos is None or cos.shape[0] == 1 else cos.stride(0), _rotary_form(cos, rotary_interleaved),
+        pointer(q_norm), pointer(k_norm), norm_eps,
+        pointer(o_panels), 0 if o_down is None else o_down.shape[0],
         result.data_ptr(), _strides(result.stride() if o_down is None else (0, 0, 0, 0)), threads())
     return _finish(out, result)

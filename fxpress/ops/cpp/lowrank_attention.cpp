@@ -8,6 +8,8 @@
 // causal as SDPA's is_causal: query i sees keys j <= i), a softmax, and the context, and either
 // writes it to out[b, h, rows] or adds context . o_down[:, h]^T to out[b, rows] (the output
 // projection's first factor). Full-width Q, K, V and the attention output never exist beyond one KV head.
+// Each rebuilt K and Q row is RMS-normalised (q_norm, k_norm) and rotated (a rotary embedding) by its position's cos and sin as
+// soon as it is made.
 
 #include <cmath>
 #include <omp.h>
@@ -32,6 +34,39 @@ void rebuild(const Factor& f, int64_t seq, int64_t b, int64_t r0, int64_t rows, 
   const Step step{f.panels + h * panels * f.rank * NR, f.bias ? f.bias + h * d : nullptr, f.rank, d, NONE, WRITE,
                   0, 0};
   run_step(step, f.p + (b * seq + r0) * f.rank, f.rank, rows, c, d, 0, panels);
+}
+
+// RMSNorm over each of rows [rows, d] (stride d), times weight[d] (Gemma 3's and Qwen 3's q_norm
+// and k_norm). The sum of squares is a vector reduction (omp simd): float rounding only.
+void head_norm(float* c, int64_t rows, int64_t d, const float* weight, float eps) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* x = c + i * d;
+    float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t j = 0; j < d; ++j) squares += x[j] * x[j];
+    const float r = 1.f / std::sqrt(squares / static_cast<float>(d) + eps);
+    for (int64_t j = 0; j < d; ++j) x[j] = x[j] * r * weight[j];
+  }
+}
+
+enum Rotary { NO_ROTARY = 0, ROTATE_HALF = 1, ROTATE_PAIRS = 2 };
+
+// The rotary embedding, in place on rows [rows, d] (stride d) whose positions' cos and sin rows are
+// cos[i * d], sin[i * d]: x * cos + rotate(x) * sin, rotate being Llama's rotate_half ((x1, x2) ->
+// (-x2, x1), halves of the head) or the interleaved form ((x0, x1) -> (-x1, x0), pairs).
+void rotate(float* c, int64_t rows, int64_t d, const float* cos, const float* sin, int form) {
+  const int64_t partner = form == ROTATE_HALF ? d / 2 : 1, stride = form == ROTATE_HALF ? 1 : 2;
+  for (int64_t i = 0; i < rows; ++i) {
+    float* x = c + i * d;
+    const float* co = cos + i * d;
+    const float* si = sin + i * d;
+    for (int64_t n = 0; n < d / 2; ++n) {
+      const int64_t j = n * stride, m = j + partner;
+      const float a = x[j], b = x[m];
+      x[j] = a * co[j] - b * si[j];
+      x[m] = b * co[m] + a * si[m];
+    }
+  }
 }
 
 // Panels [ceil(n / NR)][k][NR] of the [n, k] rows of src (stride k): K's keys as output columns.
@@ -89,6 +124,8 @@ void fxpress_lowrank_attention(const float* pq, int64_t rq, const float* q_panel
                                const float* pv, int64_t rv, const float* v_panels, const float* v_bias,
                                int64_t batch, int64_t seq, int64_t seq_k, int64_t heads, int64_t kv_heads, int64_t d,
                                const float* mask, const int64_t* mask_strides, int causal, float scale,
+                               const float* cos, const float* sin, int64_t rotary_batch_stride, int rotary,
+                               const float* q_norm, const float* k_norm, float norm_eps,
                                const float* o_panels, int64_t rank_o, float* out, const int64_t* out_strides,
                                int threads) {
   const Factor q{pq, rq, q_panels, q_bias}, k{pk, rk, k_panels, k_bias}, v{pv, rv, v_panels, v_bias};
@@ -111,6 +148,10 @@ void fxpress_lowrank_attention(const float* pq, int64_t rq, const float* q_panel
         for (int64_t r0 = 0; r0 < seq_k; r0 += KB) {
           const int64_t rows = std::min(KB, seq_k - r0);
           rebuild(k, seq_k, b, r0, rows, g, d, keys.data() + r0 * d);
+          if (k_norm) head_norm(keys.data() + r0 * d, rows, d, k_norm, norm_eps);
+          if (rotary)
+            rotate(keys.data() + r0 * d, rows, d, cos + b * rotary_batch_stride + r0 * d,
+                   sin + b * rotary_batch_stride + r0 * d, rotary);
           rebuild(v, seq_k, b, r0, rows, g, d, values.data() + r0 * d);
         }
 #pragma omp for schedule(static)
@@ -125,6 +166,10 @@ void fxpress_lowrank_attention(const float* pq, int64_t rq, const float* q_panel
           const int64_t rows = std::min(qb, seq - r0);
           for (int64_t h = g * group; h < (g + 1) * group; ++h) {
             rebuild(q, seq, b, r0, rows, h, d, q_rows.data());
+            if (q_norm) head_norm(q_rows.data(), rows, d, q_norm, norm_eps);
+            if (rotary)
+              rotate(q_rows.data(), rows, d, cos + b * rotary_batch_stride + r0 * d,
+                     sin + b * rotary_batch_stride + r0 * d, rotary);
             run_step(score_step, q_rows.data(), d, rows, scores.data(), seq_k, 0, k_panels_n);
             const float* m = mask ? mask + b * mask_strides[0] + h * mask_strides[1] + r0 * mask_strides[2] : nullptr;
             softmax_rows(scores.data(), rows, seq_k, scale, m, mask_strides[2], mask_strides[3], causal, r0);

@@ -10,7 +10,8 @@ Each program owns a block of rows and keeps the rank-r intermediates of that blo
   FlashSVD's FFN kernel, whose grid also splits the output columns, nothing is recomputed: the
   D-wide activation is made once per row block and only rank-r accumulators live across blocks;
 - ``lowrank_attention``: FlashAttention's online softmax over key blocks, the query, key and value
-  tiles rebuilt from the rank-r factors ``p`` and the head's slice of ``up``; with ``o_down``, one
+  tiles rebuilt from the rank-r factors ``p`` and the head's slice of ``up`` (query and key tiles
+  rotated by the rotary embedding when there is one); with ``o_down``, one
   program per query block loops over all heads and accumulates ``ctx_h @ o_down[:, head].T``.
 
 A program reads all of its rows before writing any of them, and touches no other rows, so the
@@ -129,13 +130,8 @@ def lowrank_ffn_kernel(x, down1, up1, bias1, gate_down, gate_up, gate_bias, down
 
 
 @triton.jit
-def _head_tile(p, up, bias, b, seq_rows, seq_mask, S, R, h, d, HAS_BIAS: tl.constexpr,
-               R_PAD: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr):
-    """Rows ``seq_rows`` of one head rebuilt from its factors: p[b, rows] @ up[h*d:(h+1)*d].T + bias."""
-    rank = tl.arange(0, R_PAD)
-    pt = tl.load(p + (b * S + seq_rows[:, None]) * R + rank[None, :],
-                 mask=seq_mask[:, None] & (rank[None, :] < R), other=0.0)
-    cols = tl.arange(0, D_PAD)
+def _head_columns(pt, up, bias, rank, cols, R, h, d, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+    """Columns ``cols`` of one head rebuilt from the factor rows ``pt``: pt @ up[h*d + cols].T + bias."""
     wt = tl.load(up + (h * d + cols[None, :]) * R + rank[:, None],
                  mask=(rank[:, None] < R) & (cols[None, :] < d), other=0.0)
     tile = tl.dot(pt, wt, input_precision=PRECISION)
@@ -145,12 +141,60 @@ def _head_tile(p, up, bias, b, seq_rows, seq_mask, S, R, h, d, HAS_BIAS: tl.cons
 
 
 @triton.jit
-def lowrank_attention_kernel(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, mask, o_down, out,
-                             S, SK, RQ, RK, RV, RO, H, GROUP, d, scale,
-                             mask_sb, mask_sh, mask_sq, mask_sk,
+def _head_tile(p, up, bias, b, seq_rows, seq_mask, S, R, h, d, HAS_BIAS: tl.constexpr,
+               R_PAD: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr):
+    """Rows ``seq_rows`` of one head rebuilt from its factors: p[b, rows] @ up[h*d:(h+1)*d].T + bias."""
+    rank = tl.arange(0, R_PAD)
+    pt = tl.load(p + (b * S + seq_rows[:, None]) * R + rank[None, :],
+                 mask=seq_mask[:, None] & (rank[None, :] < R), other=0.0)
+    return _head_columns(pt, up, bias, rank, tl.arange(0, D_PAD), R, h, d, HAS_BIAS, PRECISION)
+
+
+@triton.jit
+def _rotated_head_tile(p, up, bias, b, seq_rows, seq_mask, S, R, h, d, cos, sin, rotary_sb, norm, eps,
+                       HAS_BIAS: tl.constexpr, ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr,
+                       NORM: tl.constexpr, R_PAD: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr):
+    """``_head_tile`` RMS-normalised per row (``NORM``: q_norm / k_norm) and rotated (``ROTARY``:
+    tile * cos + rotate(tile) * sin). The rotated tile is rebuilt from the partner rows of ``up``
+    (column j of rotate_half(x) is -x[j + d/2] or x[j - d/2]; of the interleaved form -x[j + 1] or
+    x[j - 1]), so no column shuffle is needed; the norm's row factor is the same for both."""
+    rank = tl.arange(0, R_PAD)
+    pt = tl.load(p + (b * S + seq_rows[:, None]) * R + rank[None, :],
+                 mask=seq_mask[:, None] & (rank[None, :] < R), other=0.0)
+    cols = tl.arange(0, D_PAD)
+    tile = _head_columns(pt, up, bias, rank, cols, R, h, d, HAS_BIAS, PRECISION)
+    if NORM:  # padded columns are 0, so the row sums cover the d channels only
+        row_scale = 1.0 / tl.sqrt(tl.sum(tile * tile, 1) / d + eps)
+        tile = tile * row_scale[:, None] * tl.load(norm + cols, mask=cols < d, other=0.0).to(tl.float32)[None, :]
+    if ROTARY:
+        if INTERLEAVED:
+            first = cols % 2 == 0
+            partner = tl.where(first, cols + 1, cols - 1)
+        else:
+            first = cols < d // 2
+            partner = tl.where(first, cols + d // 2, cols - d // 2)
+        turned = _head_columns(pt, up, bias, rank, partner, R, h, d, HAS_BIAS, PRECISION)
+        turned = tl.where(first[None, :], -turned, turned)
+        if NORM:
+            turned = turned * row_scale[:, None] * tl.load(norm + partner, mask=partner < d,
+                                                           other=0.0).to(tl.float32)[None, :]
+        at = b * rotary_sb + seq_rows[:, None] * d + cols[None, :]
+        inside = seq_mask[:, None] & (cols[None, :] < d)
+        c = tl.load(cos + at, mask=inside, other=0.0).to(tl.float32)
+        s = tl.load(sin + at, mask=inside, other=0.0).to(tl.float32)
+        tile = tile * c + turned * s
+    return tile
+
+
+@triton.jit
+def lowrank_attention_kernel(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, mask, o_down, cos, sin,
+                             q_norm, k_norm, out, S, SK, RQ, RK, RV, RO, H, GROUP, d, scale, norm_eps,
+                             mask_sb, mask_sh, mask_sq, mask_sk, rotary_sb,
                              HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_VB: tl.constexpr,
                              MASK: tl.constexpr, BOOL_MASK: tl.constexpr, CAUSAL: tl.constexpr,
-                             O_DOWN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                             O_DOWN: tl.constexpr, ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr,
+                             NORM: tl.constexpr,
+                             BM: tl.constexpr, BN: tl.constexpr,
                              D_PAD: tl.constexpr, RQ_PAD: tl.constexpr, RK_PAD: tl.constexpr,
                              RV_PAD: tl.constexpr, RO_PAD: tl.constexpr, PRECISION: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -168,7 +212,8 @@ def lowrank_attention_kernel(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bia
     projected = tl.zeros([BM, RO_PAD], tl.float32)
     for h in range(first_head, first_head + heads):
         kv = h // GROUP
-        q = _head_tile(pq, q_up, q_bias, b, rows, row_mask, S, RQ, h, d, HAS_QB, RQ_PAD, D_PAD, PRECISION)
+        q = _rotated_head_tile(pq, q_up, q_bias, b, rows, row_mask, S, RQ, h, d, cos, sin, rotary_sb, q_norm,
+                               norm_eps, HAS_QB, ROTARY, INTERLEAVED, NORM, RQ_PAD, D_PAD, PRECISION)
         q = q * scale
         m_i = tl.full([BM], float("-inf"), tl.float32)
         l_i = tl.zeros([BM], tl.float32)
@@ -176,7 +221,8 @@ def lowrank_attention_kernel(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bia
         for n0 in range(0, SK, BN):
             keys = n0 + tl.arange(0, BN)
             key_mask = keys < SK
-            k = _head_tile(pk, k_up, k_bias, b, keys, key_mask, SK, RK, kv, d, HAS_KB, RK_PAD, D_PAD, PRECISION)
+            k = _rotated_head_tile(pk, k_up, k_bias, b, keys, key_mask, SK, RK, kv, d, cos, sin, rotary_sb,
+                                   k_norm, norm_eps, HAS_KB, ROTARY, INTERLEAVED, NORM, RK_PAD, D_PAD, PRECISION)
             v = _head_tile(pv, v_up, v_bias, b, keys, key_mask, SK, RV, kv, d, HAS_VB, RV_PAD, D_PAD, PRECISION)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             allowed = row_mask[:, None] & key_mask[None, :]
@@ -257,7 +303,9 @@ def lowrank_ffn(x, down1, up1, bias1, down2, up2, bias2, activation, gate_down, 
 
 
 def lowrank_attention(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, num_heads, num_kv_heads,
-                      attn_mask, is_causal, scale, o_down, out, BM: int = 32, BN: int = 32) -> None:
+                      attn_mask, is_causal, scale, o_down, cos, sin, rotary_interleaved, q_norm, k_norm,
+                      norm_eps, out,
+                      BM: int = 32, BN: int = 32) -> None:
     batch, S, RQ = pq.shape
     SK, RK, RV = pk.shape[1], pk.shape[2], pv.shape[2]
     d = q_up.shape[0] // num_heads
@@ -270,15 +318,20 @@ def lowrank_attention(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, num_
         strides = (0, 0, 0, 0)
     RO = o_down.shape[0] if o_down is not None else 1
     grid = (triton.cdiv(S, BM), batch if o_down is not None else batch * num_heads)
+    if cos is not None:
+        cos, sin = cos.contiguous(), sin.contiguous()
+    rotary_sb = 0 if cos is None or cos.shape[0] == 1 else S * d
     for t in (pq, pk, pv):
         if not t.is_contiguous():
             raise ValueError(f"lowrank_attention kernel needs contiguous p factors, got strides {t.stride()}")
     lowrank_attention_kernel[grid](
         pq, q_up, _ptr(q_bias, q_up), pk, k_up, _ptr(k_bias, k_up), pv, v_up, _ptr(v_bias, v_up),
-        _ptr(attn_mask, q_up), _ptr(o_down, q_up), out, S, SK, RQ, RK, RV, RO, num_heads,
-        num_heads // num_kv_heads, d, float(scale), *strides,
+        _ptr(attn_mask, q_up), _ptr(o_down, q_up), _ptr(cos, q_up), _ptr(sin, q_up), _ptr(q_norm, q_up),
+        _ptr(k_norm, q_up), out, S, SK, RQ, RK, RV, RO, num_heads, num_heads // num_kv_heads, d, float(scale),
+        float(norm_eps), *strides, rotary_sb,
         HAS_QB=q_bias is not None, HAS_KB=k_bias is not None, HAS_VB=v_bias is not None,
         MASK=attn_mask is not None, BOOL_MASK=attn_mask is not None and attn_mask.dtype == torch.bool,
-        CAUSAL=bool(is_causal), O_DOWN=o_down is not None, BM=BM, BN=BN, D_PAD=_pad(d),
+        CAUSAL=bool(is_causal), O_DOWN=o_down is not None, ROTARY=cos is not None,
+        INTERLEAVED=bool(rotary_interleaved), NORM=q_norm is not None, BM=BM, BN=BN, D_PAD=_pad(d),
         RQ_PAD=_pad(RQ), RK_PAD=_pad(RK), RV_PAD=_pad(RV), RO_PAD=_pad(RO), PRECISION=_precision(pq.dtype),
         num_stages=NUM_STAGES)
