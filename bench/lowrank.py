@@ -1,13 +1,18 @@
 """Low-rank models with and without fuse_low_rank: activation memory, latency, and accuracy.
 
-Workloads, batch 16:
+Workloads (batch 16 for the encoders):
 
 - ``bert-base``: a BERT-base-shaped encoder (12 layers, hidden 768, 12 heads, FFN 3072) with random
   weights, every encoder Linear factored by ``fxpress.compress.svd(rank_ratio=0.5)``, sequence
   128 / 512 / 2048 (every token attended);
 - ``minilm``: all-MiniLM-L6-v2 factored the same way, activation-aware (calibrated on 64 other
   lee_background sentences), on lee_background sentences padded to 128 / 512 (its position table
-  ends at 512).
+  ends at 512);
+- ``smollm2``: SmolLM2-135M (a rotary decoder with grouped-query attention) with activation-aware
+  SVD on every attention and MLP projection, a quarter of all its parameters gone
+  (``params_kept=0.75``), one prefill of lee_background text without a KV cache, batch 1; the
+  measured output is the decoder's last hidden state (the LM head is left out: at 49152 words its
+  logits would be most of every peak).
 
 Variants: ``dense`` (the original model), ``unfused`` (the low-rank model as written: two matmuls
 per Linear) and ``fused`` (fxpress with fuse_low_rank). Each runs in its own process. The arena is
@@ -24,6 +29,7 @@ Run: ``python bench/lowrank.py [--seqs 128 512 2048] [--json PATH] [--markdown P
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -61,7 +67,24 @@ def _sentences(start: int, count: int) -> list[str]:
 def _dense(workload: str) -> Any:
     from fxpress import workloads
 
+    if workload == "smollm2":
+        return workloads.load_smollm2()[0]
     return _bert_base() if workload == "bert-base" else workloads.load_minilm()[0]
+
+
+@functools.cache
+def _smollm2_text_ids() -> Any:
+    from fxpress import workloads
+
+    return workloads.load_smollm2()[1](workloads.lee_background(), return_tensors="pt")["input_ids"]
+
+
+def _smollm2_ids(start: int, seq: int) -> Any:
+    """``seq`` tokens of lee_background text from token ``start`` on, as a [1, seq] batch."""
+    ids = _smollm2_text_ids()
+    if ids.shape[1] < start + seq:
+        raise ValueError(f"lee_background has {ids.shape[1]} SmolLM2 tokens, {start + seq} asked for")
+    return ids[:, start:start + seq]
 
 
 def _inputs(workload: str, seq: int) -> dict[str, Any]:
@@ -70,6 +93,8 @@ def _inputs(workload: str, seq: int) -> dict[str, Any]:
     if workload == "bert-base":
         ids = torch.randint(0, 30000, (BATCH, seq), generator=torch.Generator().manual_seed(seq))
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if workload == "smollm2":
+        return {"input_ids": _smollm2_ids(0, seq), "use_cache": False}
     from fxpress import workloads
 
     tokenizer = workloads.load_minilm()[1]
@@ -77,13 +102,24 @@ def _inputs(workload: str, seq: int) -> dict[str, Any]:
                           return_tensors="pt"))
 
 
-def compress_models(folder: Path) -> dict[str, str]:
+def compress_models(folder: Path, names: list[str]) -> dict[str, str]:
     """Factor each workload once; the children load the checkpoints."""
     import torch
 
     from fxpress import compress, workloads
 
     paths = {}
+    if "smollm2" in names:
+        calibration = [{"input_ids": _smollm2_ids(4096 + 256 * i, 256), "use_cache": False} for i in range(4)]
+        with torch.no_grad():
+            smollm2 = compress.svd(workloads.load_smollm2()[0], params_kept=0.75, targets="*layers*",
+                                   calibration=calibration)
+        paths["smollm2"] = str(folder / "smollm2.safetensors")
+        compress.save(smollm2.model, paths["smollm2"])
+        print(f"smollm2: {smollm2.kept:.1%} of all parameters kept, mean calibrated output error "
+              f"{statistics.mean(l.output_error for l in smollm2.layers if l.rank):.3f}", flush=True)
+        if names == ["smollm2"]:
+            return paths
     bert = compress.svd(_bert_base(), rank_ratio=RANK_RATIO, targets="encoder.*")
     paths["bert-base"] = str(folder / "bert-base.safetensors")
     compress.save(bert.model, paths["bert-base"])
@@ -118,6 +154,8 @@ def measure(workload: str, seq: int, variant: str, backend: str, checkpoint: str
     model = _dense(workload)
     if variant != "dense":
         compress.load(model, checkpoint)
+    if workload == "smollm2":
+        model = model.model  # the decoder without its LM head
     kwargs = _inputs(workload, seq)
     reports: list[Any] = []
     fn = model
@@ -203,7 +241,8 @@ def table(results: list[dict[str, Any]], cosine: float | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqs", type=int, nargs="+", default=[128, 512, 2048])
-    parser.add_argument("--workloads", nargs="+", default=["bert-base", "minilm"])
+    parser.add_argument("--workloads", nargs="+", default=["bert-base", "minilm"],
+                        choices=["bert-base", "minilm", "smollm2"])
     parser.add_argument("--json", default=None)
     parser.add_argument("--markdown", default=None)
     parser.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
@@ -220,7 +259,7 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        checkpoints = compress_models(folder)
+        checkpoints = compress_models(folder, args.workloads)
         cosine = minilm_cosine(checkpoints["minilm"]) if "minilm" in args.workloads else None
         for workload in args.workloads:
             for seq in args.seqs:

@@ -1,16 +1,25 @@
-"""bench/lowrank.py's BERT-base comparison on a CUDA GPU: fxpress's triton target, peak memory by
+"""bench/lowrank.py's comparisons on a CUDA GPU: fxpress's triton target, peak memory by
 ``torch.cuda.max_memory_allocated`` and latency by ``triton.testing.do_bench`` (median).
 
-Variants, batch 16: dense and unfused low-rank in eager, unfused and fused through fxpress
+Workloads (random weights, every decoder/encoder Linear factored at rank_ratio 0.5):
+
+- BERT-base shape, batch 16 x seq (default 128, 512, 2048);
+- SmolLM2-135M shape (a rotary decoder: 9 query / 3 KV heads of 64, SwiGLU FFN 1536, RoPE
+  theta 1e5; 4 layers), batch 1, one prefill of 2048 tokens without a KV cache.
+
+Variants: dense and unfused low-rank in eager, unfused and fused through fxpress
 (``target="triton"``, strict). Peak = max allocated during one call minus what was allocated before
 it, plus the arena fxpress holds between calls; the output counts.
 
-Run: ``python bench/lowrank_gpu.py [--seqs 128 512 2048] [--markdown PATH]``
+Run: ``python bench/lowrank_gpu.py [--seqs 128 512 2048] [--markdown PATH] [--json PATH]``; the JSON
+holds each goal ratio of fused fxpress over unfused eager as one number.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -48,34 +57,80 @@ def _run(model: Any, kwargs: dict, fused: bool | None) -> dict[str, Any]:
             "not_generated": len(reports[-1].not_generated) if reports else None}
 
 
+def _smollm2_shaped(layers: int = 4) -> Any:
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
+                         num_attention_heads=9, num_key_value_heads=3, rope_theta=1e5, rms_norm_eps=1e-5,
+                         max_position_embeddings=8192)
+    return LlamaModel._from_config(config, attn_implementation="sdpa").eval()
+
+
+def rotary_row(seq: int = 2048) -> tuple[str, dict[str, float]]:
+    """The SmolLM2-shaped decoder's row, and its two goal ratios."""
+    dense = _smollm2_shaped().cuda()
+    low_rank = fxpress.compress.svd(_smollm2_shaped(), rank_ratio=RANK_RATIO, targets="layers.*").model.cuda()
+    ids = torch.randint(0, 49152, (1, seq), generator=torch.Generator().manual_seed(seq)).cuda()
+    kwargs = {"input_ids": ids, "use_cache": False}
+    r = {"dense": _run(dense, kwargs, None), "unfused": _run(low_rank, kwargs, None),
+         "unfused_fx": _run(low_rank, kwargs, False), "fused_fx": _run(low_rank, kwargs, True)}
+    rotary = fxpress.counters["fuse_low_rank"].get(
+        "low-rank Q, K (rotary), V -> sdpa [-> low-rank O] => lowrank_attention", 0)
+    if rotary == 0:
+        raise RuntimeError(f"no rotary attention fused: {dict(fxpress.counters['fuse_low_rank'])}")
+    return _line(f"SmolLM2 x4 layers, 1 x {seq}", r), {
+        "lowrank_rotary_time_vs_unfused_smollm2_2k": r["fused_fx"]["ms"] / r["unfused"]["ms"],
+        "lowrank_rotary_peak_vs_unfused_smollm2_2k": r["fused_fx"]["peak"] / r["unfused"]["peak"]}
+
+
+def _line(workload: str, r: dict[str, dict[str, Any]]) -> str:
+    diff = (r["fused_fx"]["out"] - r["unfused"]["out"]).abs().max().item()
+    print(workload, {k: {kk: vv for kk, vv in v.items() if kk != "out"} for k, v in r.items()}, flush=True)
+    mib = lambda k, f="peak": f"{r[k][f] / MiB:.1f}"  # noqa: E731
+    return (f"| {workload} | {mib('dense')} | {mib('unfused')} | {mib('unfused_fx')} | {mib('fused_fx')} "
+            f"| **{r['fused_fx']['peak'] / r['unfused']['peak']:.3f}** | {mib('unfused_fx', 'arena')} "
+            f"| {mib('fused_fx', 'arena')} | {r['dense']['ms']:.2f} | {r['unfused']['ms']:.2f} "
+            f"| {r['unfused_fx']['ms']:.2f} | {r['fused_fx']['ms']:.2f} "
+            f"| **{r['fused_fx']['ms'] / r['unfused']['ms']:.3f}** | {diff:.2e} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqs", type=int, nargs="+", default=[128, 512, 2048])
     parser.add_argument("--markdown", default=None)
+    parser.add_argument("--json", default=None)
     args = parser.parse_args()
     dense = _bert_base().cuda()
     low_rank = fxpress.compress.svd(_bert_base(), rank_ratio=RANK_RATIO, targets="encoder.*").model.cuda()
-    lines = ["| seq | peak dense eager | peak unfused eager | peak unfused fxpress | peak fused fxpress "
-             "| **fused/unfused eager** | arena unfused | arena fused | ms dense eager | ms unfused eager "
-             "| ms unfused fxpress | ms fused fxpress | max abs fused-unfused |", "|" + "---|" * 13]
+    lines = ["| workload | peak dense eager | peak unfused eager | peak unfused fxpress | peak fused fxpress "
+             "| **fused/unfused eager peak** | arena unfused | arena fused | ms dense eager | ms unfused eager "
+             "| ms unfused fxpress | ms fused fxpress | **fused/unfused eager time** | max abs fused-unfused |",
+             "|" + "---|" * 14]
+    ratios: dict[str, float] = {}
     for seq in args.seqs:
         ids = torch.randint(0, 30000, (BATCH, seq), generator=torch.Generator().manual_seed(seq)).cuda()
         kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         r = {"dense": _run(dense, kwargs, None), "unfused": _run(low_rank, kwargs, None),
              "unfused_fx": _run(low_rank, kwargs, False), "fused_fx": _run(low_rank, kwargs, True)}
-        diff = (r["fused_fx"]["out"] - r["unfused"]["out"]).abs().max().item()
-        print(seq, {k: {kk: vv for kk, vv in v.items() if kk != "out"} for k, v in r.items()}, flush=True)
-        mib = lambda k, f="peak": f"{r[k][f] / MiB:.1f}"  # noqa: E731
-        lines.append(f"| {seq} | {mib('dense')} | {mib('unfused')} | {mib('unfused_fx')} | {mib('fused_fx')} "
-                     f"| **{r['fused_fx']['peak'] / r['unfused']['peak']:.3f}** | {mib('unfused_fx', 'arena')} "
-                     f"| {mib('fused_fx', 'arena')} | {r['dense']['ms']:.2f} | {r['unfused']['ms']:.2f} "
-                     f"| {r['unfused_fx']['ms']:.2f} | {r['fused_fx']['ms']:.2f} | {diff:.2e} |")
+        lines.append(_line(f"BERT-base, {BATCH} x {seq}", r))
+        if seq == 512:
+            ratios["lowrank_time_vs_unfused_bert_b16_512"] = r["fused_fx"]["ms"] / r["unfused"]["ms"]
+            ratios["lowrank_peak_vs_unfused_bert_b16_512"] = r["fused_fx"]["peak"] / r["unfused"]["peak"]
+    del dense, low_rank
+    line, rotary = rotary_row()
+    lines.append(line)
+    ratios.update(rotary)
     text = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, fp32, "
-            f"BERT-base shape (random weights, {RANK_RATIO:.0%} of encoder Linear weights), batch {BATCH}. "
-            "Memory in MiB, latency in ms.\n\n" + "\n".join(lines))
+            f"{datetime.date.today()}. Random weights, {RANK_RATIO:.0%} of each factored Linear's weights. "
+            "Memory in MiB, latency in ms; the ratios are fused fxpress over unfused eager (cuBLAS + SDPA).\n\n"
+            + "\n".join(lines))
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(),
+                                               "date": str(datetime.date.today()), **ratios}, indent=2))
 
 
 if __name__ == "__main__":

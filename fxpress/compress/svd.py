@@ -88,18 +88,21 @@ def svd(
     rank_ratio: float | None = None,
     targets: str | Iterable[str] = "*",
     calibration: Iterable[Any] | None = None,
+    params_kept: float | None = None,
 ) -> SVDResult:
     """Factor the ``nn.Linear`` layers (and transformers ``Conv1D``, GPT-2's) of ``model`` whose names
     match ``targets`` (glob patterns).
 
     Give exactly one of ``rank`` (an int for every layer, or ``{glob: rank}``; unmatched layers stay
-    dense) and ``rank_ratio`` (the fraction of each layer's parameters to keep: ``r = ratio *
-    in*out / (in+out)``). A layer whose rank would not save parameters stays dense and is reported.
+    dense), ``rank_ratio`` (the fraction of each layer's parameters to keep: ``r = ratio *
+    in*out / (in+out)``) and ``params_kept`` (the fraction of *all* the model's parameters to keep,
+    embeddings and untargeted layers included: the targeted layers share the cut at one
+    rank_ratio; ranks round down, so the model keeps at most that much). A layer whose rank would not save parameters stays dense and is reported.
     ``calibration`` is an iterable of model inputs (a tensor, a tuple of positional arguments or a
     dict of keyword arguments); with it the factorisation is activation-aware.
     """
-    if (rank is None) == (rank_ratio is None):
-        raise ValueError("fxpress.compress.svd: give exactly one of rank= and rank_ratio=")
+    if sum(x is not None for x in (rank, rank_ratio, params_kept)) != 1:
+        raise ValueError("fxpress.compress.svd: give exactly one of rank=, rank_ratio= and params_kept=")
     if rank_ratio is not None and not 0.0 < rank_ratio < 1.0:
         raise ValueError(f"fxpress.compress.svd: rank_ratio must be in (0, 1), got {rank_ratio}")
     patterns = [targets] if isinstance(targets, str) else list(targets)
@@ -107,6 +110,8 @@ def svd(
     linears = matching_linears(compressed, patterns)
     if not linears:
         raise ValueError(f"fxpress.compress.svd: no nn.Linear layer matches targets={patterns}")
+    if params_kept is not None:
+        rank_ratio = _ratio_keeping(model, linears, params_kept)
     grams = _calibration_grams(compressed, linears, calibration) if calibration is not None else {}
 
     result = SVDResult(compressed, params_before=sum(p.numel() for p in model.parameters()))
@@ -122,6 +127,17 @@ def svd(
     result.params_after = sum(p.numel() for p in compressed.parameters())
     record_layers(compressed)
     return result
+
+
+def _ratio_keeping(model: nn.Module, linears: dict[str, nn.Linear], kept: float) -> float:
+    """The rank_ratio at which the targeted layers' cut leaves ``kept`` of all the model's parameters."""
+    total = sum(p.numel() for p in model.parameters())
+    targeted = sum(linear.in_features * linear.out_features for linear in linears.values())
+    ratio = 1 - (1 - kept) * total / targeted
+    if not 0.0 < kept < 1.0 or not 0.0 < ratio < 1.0:
+        raise ValueError(f"fxpress.compress.svd: params_kept={kept} cannot be reached by factoring the targeted "
+                         f"layers: they hold {targeted / total:.1%} of the model's parameters")
+    return ratio
 
 
 def _rank_for(name: str, linear: nn.Linear, rank: Any, rank_ratio: float | None) -> int | str:

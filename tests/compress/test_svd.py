@@ -56,6 +56,15 @@ def test_activation_aware_factors_cut_the_output_error_on_calibration_data():
     assert aware.layers[0].output_error is not None and plain.layers[0].output_error is None
 
 
+def test_params_kept_is_a_ceiling_on_the_whole_models_parameters():
+    model = tiny_bert()
+    result = svd(model, params_kept=0.8, targets="encoder.*")
+    assert 0.78 < result.kept <= 0.8  # embeddings included; ranks round down
+    assert len(set(result.ranks.values())) > 1  # one ratio, so each layer's rank follows its shape
+    with pytest.raises(ValueError, match=r"params_kept=0.1 cannot be reached .* they hold \d+\.\d% of"):
+        svd(model, params_kept=0.1, targets="encoder.*")
+
+
 def test_rank_per_pattern_and_targets():
     result = svd(tiny_bert(), rank={"*intermediate*": 8, "*output.dense": 8}, targets="encoder.*")
     factored = set(result.ranks)
@@ -64,7 +73,7 @@ def test_rank_per_pattern_and_targets():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({}, "exactly one of rank= and rank_ratio="),
+    ({}, "exactly one of rank=, rank_ratio= and params_kept="),
     ({"rank": 4, "rank_ratio": 0.5}, "exactly one of"),
     ({"rank_ratio": 1.5}, r"rank_ratio must be in \(0, 1\)"),
     ({"rank": -1}, "must be a positive int"),

@@ -18,22 +18,13 @@ pytestmark = pytest.mark.real_model
 KEPT = 0.75  # of all the model's parameters, embeddings included
 
 
-def _rank_ratio(model: torch.nn.Module) -> float:
-    """The share of each layer's weights to keep so the whole model keeps KEPT of its parameters."""
-    total = sum(p.numel() for p in model.parameters())
-    layers = sum(m.weight.numel() for name, m in model.named_modules()
-                 if isinstance(m, torch.nn.Linear) and ".layers." in name)
-    return 1 - (1 - KEPT) * total / layers
-
-
 def test_svd_smollm2_fuses_every_attention_and_matches_the_unfused_model(smollm2):
     model, tokenizer = smollm2
     sentences = [line[:160] for line in workloads.lee_background().splitlines()[:4]]
     calibration = [dict(tokenizer(s, return_tensors="pt"), use_cache=False) for s in sentences[:2]]
-    result = svd(model, rank_ratio=_rank_ratio(model), targets="*layers*", calibration=calibration)
-    assert result.kept <= KEPT and all(layer.output_error is not None for layer in result.layers)
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    batch = tokenizer(sentences[2:], padding=True, return_tensors="pt")
+    result = svd(model, params_kept=KEPT, targets="*layers*", calibration=calibration)
+    assert KEPT - 0.01 < result.kept <= KEPT and all(layer.output_error is not None for layer in result.layers)
+    batch = tokenizer(sentences[2:], padding=True, return_tensors="pt")  # two lengths: a padding mask
     reports = []
     backend = fxpress.Backend(fxpress.Options(), on_report=reports.append)
     with torch.no_grad():

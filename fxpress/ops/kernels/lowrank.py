@@ -9,10 +9,13 @@ Each program owns a block of rows and keeps the rank-r intermediates of that blo
   ``t = sum h @ down2[:, blk].T`` (``[BM, R2]``); the output is ``t @ up2.T + b2``. Unlike
   FlashSVD's FFN kernel, whose grid also splits the output columns, nothing is recomputed: the
   D-wide activation is made once per row block and only rank-r accumulators live across blocks;
-- ``lowrank_attention``: FlashAttention's online softmax over key blocks, the query, key and value
-  tiles rebuilt from the rank-r factors ``p`` and the head's slice of ``up`` (query and key tiles
-  rotated by the rotary embedding when there is one); with ``o_down``, one
-  program per query block loops over all heads and accumulates ``ctx_h @ o_down[:, head].T``.
+- ``lowrank_attention``: in passes over chunks of KV heads, ``lowrank_kv_kernel`` rebuilds each
+  head's K and V from the rank-r factors once (normalised and rotated as the model does) into a
+  scratch of at most ``KV_SCRATCH_BYTES``, then FlashAttention's online softmax runs over it, each
+  query tile rebuilt from ``p`` and the head's slice of ``up``. Rebuilding K and V inside the
+  attention loop instead would redo that projection for every block of queries (``S / BM`` times).
+  With ``o_down``, one program per query block takes every head of the chunk and accumulates
+  ``ctx_h @ o_down[:, head].T`` into the rank-r output.
 
 A program reads all of its rows before writing any of them, and touches no other rows, so the
 linear and FFN outputs may overwrite their input (the planner's in-place reuse). Matrix products
@@ -31,6 +34,9 @@ from fxpress.core.triton_types import dot_pad as _pad
 SQRT1_2 = 0.7071067811865476
 GELU, GELU_TANH, SILU, RELU = 0, 1, 2, 3
 ACTIVATION_CODES = {"gelu": GELU, "gelu_tanh": GELU_TANH, "silu": SILU, "relu": RELU}
+# The rebuilt K and V of one pass over KV heads (lowrank_attention): 16 MiB holds BERT-base's K and V
+# for 4 of 12 heads at batch 16 x 512 in fp32, a third of what the unfused layer writes for them.
+KV_SCRATCH_BYTES = 16 << 20
 # Factor tiles are [rank, block] wide; software pipelining (several stages in flight) of those
 # loads needs more shared memory than an H100 has at BERT-base ranks (seen: 312 KB > 227 KB).
 NUM_STAGES = 1
@@ -187,31 +193,55 @@ def _rotated_head_tile(p, up, bias, b, seq_rows, seq_mask, S, R, h, d, cos, sin,
 
 
 @triton.jit
-def lowrank_attention_kernel(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, mask, o_down, cos, sin,
-                             q_norm, k_norm, out, S, SK, RQ, RK, RV, RO, H, GROUP, d, scale, norm_eps,
+def lowrank_kv_kernel(pk, k_up, k_bias, pv, v_up, v_bias, cos, sin, k_norm, keys, values, SK, RK, RV,
+                      first_kv, CHUNK, d, norm_eps, rotary_sb,
+                      HAS_KB: tl.constexpr, HAS_VB: tl.constexpr, ROTARY: tl.constexpr,
+                      INTERLEAVED: tl.constexpr, NORM: tl.constexpr, BN: tl.constexpr, D_PAD: tl.constexpr,
+                      RK_PAD: tl.constexpr, RV_PAD: tl.constexpr, PRECISION: tl.constexpr):
+    """One block of keys of one (sequence, KV head) of the chunk: K (normalised and rotated as the
+    model does) and V rebuilt from their factors, once, into ``keys`` / ``values`` [B, CHUNK, SK, D_PAD]."""
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    row_mask = rows < SK
+    b = tl.program_id(1) // CHUNK
+    j = tl.program_id(1) % CHUNK
+    kv = first_kv + j
+    k = _rotated_head_tile(pk, k_up, k_bias, b, rows, row_mask, SK, RK, kv, d, cos, sin, rotary_sb, k_norm,
+                           norm_eps, HAS_KB, ROTARY, INTERLEAVED, NORM, RK_PAD, D_PAD, PRECISION)
+    v = _head_tile(pv, v_up, v_bias, b, rows, row_mask, SK, RV, kv, d, HAS_VB, RV_PAD, D_PAD, PRECISION)
+    at = ((b * CHUNK + j) * SK + rows[:, None]) * D_PAD + tl.arange(0, D_PAD)[None, :]
+    tl.store(keys + at, k.to(keys.dtype.element_ty), mask=row_mask[:, None])
+    tl.store(values + at, v.to(values.dtype.element_ty), mask=row_mask[:, None])
+
+
+@triton.jit
+def lowrank_attention_kernel(pq, q_up, q_bias, keys, values, mask, o_down, cos, sin, q_norm, out,
+                             S, SK, RQ, RO, H, GROUP, first_kv, CHUNK, d, scale, norm_eps,
                              mask_sb, mask_sh, mask_sq, mask_sk, rotary_sb,
-                             HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_VB: tl.constexpr,
-                             MASK: tl.constexpr, BOOL_MASK: tl.constexpr, CAUSAL: tl.constexpr,
-                             O_DOWN: tl.constexpr, ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr,
-                             NORM: tl.constexpr,
-                             BM: tl.constexpr, BN: tl.constexpr,
-                             D_PAD: tl.constexpr, RQ_PAD: tl.constexpr, RK_PAD: tl.constexpr,
-                             RV_PAD: tl.constexpr, RO_PAD: tl.constexpr, PRECISION: tl.constexpr):
+                             HAS_QB: tl.constexpr, MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
+                             CAUSAL: tl.constexpr, O_DOWN: tl.constexpr, ACCUMULATE: tl.constexpr,
+                             ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr, NORM: tl.constexpr,
+                             BM: tl.constexpr, BN: tl.constexpr, D_PAD: tl.constexpr, RQ_PAD: tl.constexpr,
+                             RO_PAD: tl.constexpr, PRECISION: tl.constexpr):
+    """Flash attention of the query heads of a chunk of KV heads over their K and V (made once by
+    ``lowrank_kv_kernel``), each query tile rebuilt from its factors. With ``O_DOWN`` a program
+    takes every head of the chunk and adds their projections to ``out`` (``ACCUMULATE``: chunks
+    after the first add to what earlier ones wrote)."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     row_mask = rows < S
+    heads_in_chunk = CHUNK * GROUP
     if O_DOWN:
         b = tl.program_id(1)
-        first_head = 0
-        heads = H
+        first_head = first_kv * GROUP
+        heads = heads_in_chunk
     else:
-        b = tl.program_id(1) // H
-        first_head = tl.program_id(1) % H
+        b = tl.program_id(1) // heads_in_chunk
+        first_head = first_kv * GROUP + tl.program_id(1) % heads_in_chunk
         heads = 1
     cols = tl.arange(0, D_PAD)
     rank_o = tl.arange(0, RO_PAD)
     projected = tl.zeros([BM, RO_PAD], tl.float32)
     for h in range(first_head, first_head + heads):
-        kv = h // GROUP
+        kv_rows = (b * CHUNK + h // GROUP - first_kv) * SK
         q = _rotated_head_tile(pq, q_up, q_bias, b, rows, row_mask, S, RQ, h, d, cos, sin, rotary_sb, q_norm,
                                norm_eps, HAS_QB, ROTARY, INTERLEAVED, NORM, RQ_PAD, D_PAD, PRECISION)
         q = q * scale
@@ -219,17 +249,17 @@ def lowrank_attention_kernel(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bia
         l_i = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, D_PAD], tl.float32)
         for n0 in range(0, SK, BN):
-            keys = n0 + tl.arange(0, BN)
-            key_mask = keys < SK
-            k = _rotated_head_tile(pk, k_up, k_bias, b, keys, key_mask, SK, RK, kv, d, cos, sin, rotary_sb,
-                                   k_norm, norm_eps, HAS_KB, ROTARY, INTERLEAVED, NORM, RK_PAD, D_PAD, PRECISION)
-            v = _head_tile(pv, v_up, v_bias, b, keys, key_mask, SK, RV, kv, d, HAS_VB, RV_PAD, D_PAD, PRECISION)
+            key_rows = n0 + tl.arange(0, BN)
+            key_mask = key_rows < SK
+            at = (kv_rows + key_rows[:, None]) * D_PAD + cols[None, :]
+            k = tl.load(keys + at, mask=key_mask[:, None], other=0.0).to(tl.float32)
+            v = tl.load(values + at, mask=key_mask[:, None], other=0.0).to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             allowed = row_mask[:, None] & key_mask[None, :]
             if CAUSAL:
-                allowed = allowed & (keys[None, :] <= rows[:, None])
+                allowed = allowed & (key_rows[None, :] <= rows[:, None])
             if MASK:
-                m_ptr = mask + b * mask_sb + h * mask_sh + rows[:, None] * mask_sq + keys[None, :] * mask_sk
+                m_ptr = mask + b * mask_sb + h * mask_sh + rows[:, None] * mask_sq + key_rows[None, :] * mask_sk
                 if BOOL_MASK:
                     allowed = allowed & (tl.load(m_ptr, mask=allowed, other=0) != 0)
                 else:
@@ -240,7 +270,7 @@ def lowrank_attention_kernel(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bia
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
             m_i = m_new
         # Rows with every key masked give 0, as torch's SDPA does.
         context = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
@@ -253,8 +283,11 @@ def lowrank_attention_kernel(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bia
             tl.store(out + ((b * S + rows[:, None]) * H + h) * d + cols[None, :],
                      context.to(out.dtype.element_ty), mask=row_mask[:, None] & (cols[None, :] < d))
     if O_DOWN:
-        tl.store(out + (b * S + rows[:, None]) * RO + rank_o[None, :], projected.to(out.dtype.element_ty),
-                 mask=row_mask[:, None] & (rank_o[None, :] < RO))
+        at = out + (b * S + rows[:, None]) * RO + rank_o[None, :]
+        inside = row_mask[:, None] & (rank_o[None, :] < RO)
+        if ACCUMULATE:
+            projected += tl.load(at, mask=inside, other=0.0).to(tl.float32)
+        tl.store(at, projected.to(out.dtype.element_ty), mask=inside)
 
 
 # Launchers: what generated wrappers call, with the op's arguments plus ``out``. -----------------
@@ -304,8 +337,7 @@ def lowrank_ffn(x, down1, up1, bias1, down2, up2, bias2, activation, gate_down, 
 
 def lowrank_attention(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, num_heads, num_kv_heads,
                       attn_mask, is_causal, scale, o_down, cos, sin, rotary_interleaved, q_norm, k_norm,
-                      norm_eps, out,
-                      BM: int = 32, BN: int = 32) -> None:
+                      norm_eps, out, BM: int = 32, BN: int = 32) -> None:
     batch, S, RQ = pq.shape
     SK, RK, RV = pk.shape[1], pk.shape[2], pv.shape[2]
     d = q_up.shape[0] // num_heads
@@ -316,22 +348,39 @@ def lowrank_attention(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, num_
         strides = attn_mask.stride()
     else:
         strides = (0, 0, 0, 0)
-    RO = o_down.shape[0] if o_down is not None else 1
-    grid = (triton.cdiv(S, BM), batch if o_down is not None else batch * num_heads)
     if cos is not None:
         cos, sin = cos.contiguous(), sin.contiguous()
     rotary_sb = 0 if cos is None or cos.shape[0] == 1 else S * d
     for t in (pq, pk, pv):
         if not t.is_contiguous():
             raise ValueError(f"lowrank_attention kernel needs contiguous p factors, got strides {t.stride()}")
-    lowrank_attention_kernel[grid](
-        pq, q_up, _ptr(q_bias, q_up), pk, k_up, _ptr(k_bias, k_up), pv, v_up, _ptr(v_bias, v_up),
-        _ptr(attn_mask, q_up), _ptr(o_down, q_up), _ptr(cos, q_up), _ptr(sin, q_up), _ptr(q_norm, q_up),
-        _ptr(k_norm, q_up), out, S, SK, RQ, RK, RV, RO, num_heads, num_heads // num_kv_heads, d, float(scale),
-        float(norm_eps), *strides, rotary_sb,
-        HAS_QB=q_bias is not None, HAS_KB=k_bias is not None, HAS_VB=v_bias is not None,
-        MASK=attn_mask is not None, BOOL_MASK=attn_mask is not None and attn_mask.dtype == torch.bool,
-        CAUSAL=bool(is_causal), O_DOWN=o_down is not None, ROTARY=cos is not None,
-        INTERLEAVED=bool(rotary_interleaved), NORM=q_norm is not None, BM=BM, BN=BN, D_PAD=_pad(d),
-        RQ_PAD=_pad(RQ), RK_PAD=_pad(RK), RV_PAD=_pad(RV), RO_PAD=_pad(RO), PRECISION=_precision(pq.dtype),
-        num_stages=NUM_STAGES)
+    group, d_pad = num_heads // num_kv_heads, _pad(d)
+    chunk = kv_chunk(batch, SK, d_pad, pq.element_size(), num_kv_heads)
+    keys = torch.empty(2, batch, chunk, SK, d_pad, dtype=pq.dtype, device=pq.device)
+    RO = o_down.shape[0] if o_down is not None else 1
+    flags = dict(ROTARY=cos is not None, INTERLEAVED=bool(rotary_interleaved), NORM=q_norm is not None,
+                 D_PAD=d_pad, PRECISION=_precision(pq.dtype), num_stages=NUM_STAGES)
+    for first_kv in range(0, num_kv_heads, chunk):
+        heads = min(chunk, num_kv_heads - first_kv)
+        lowrank_kv_kernel[(triton.cdiv(SK, BN), batch * heads)](
+            pk, k_up, _ptr(k_bias, k_up), pv, v_up, _ptr(v_bias, v_up), _ptr(cos, k_up), _ptr(sin, k_up),
+            _ptr(k_norm, k_up), keys[0], keys[1], SK, RK, RV, first_kv, heads, d, float(norm_eps), rotary_sb,
+            HAS_KB=k_bias is not None, HAS_VB=v_bias is not None, BN=BN, RK_PAD=_pad(RK), RV_PAD=_pad(RV),
+            **flags)
+        grid = (triton.cdiv(S, BM), batch if o_down is not None else batch * heads * group)
+        lowrank_attention_kernel[grid](
+            pq, q_up, _ptr(q_bias, q_up), keys[0], keys[1], _ptr(attn_mask, q_up), _ptr(o_down, q_up),
+            _ptr(cos, q_up), _ptr(sin, q_up), _ptr(q_norm, q_up), out, S, SK, RQ, RO, num_heads, group, first_kv,
+            heads, d, float(scale), float(norm_eps), *strides, rotary_sb,
+            HAS_QB=q_bias is not None, MASK=attn_mask is not None,
+            BOOL_MASK=attn_mask is not None and attn_mask.dtype == torch.bool, CAUSAL=bool(is_causal),
+            O_DOWN=o_down is not None, ACCUMULATE=first_kv > 0, BM=BM, BN=BN, RQ_PAD=_pad(RQ), RO_PAD=_pad(RO),
+            **flags)
+
+
+def kv_chunk(batch: int, seq_k: int, d_pad: int, element_size: int, kv_heads: int) -> int:
+    """How many KV heads' rebuilt K and V one pass holds: as many as fit in KV_SCRATCH_BYTES (at
+    least one), so the scratch stays a bounded share of the full K and V while the attention
+    launch still has enough programs to fill the GPU."""
+    per_head = 2 * batch * seq_k * d_pad * element_size
+    return max(1, min(kv_heads, KV_SCRATCH_BYTES // max(per_head, 1)))
