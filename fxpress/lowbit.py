@@ -11,9 +11,16 @@ per (row, group). Both quantisers land in it:
   ``alpha_i = mean |residual|``, then rounds of least-squares ``alpha`` and nearest-candidate ``b``;
   ``beta = 0``.
 
+Imported weights keep their own codes and scales (``from_scaled_codes``: GGUF's ``w = scale * code +
+offset`` per block of 16 or 32) and also keep ``offset``, the weight at code 0: ``beta`` is rounded
+(``offset + scale * (2**bits - 1) / 2``), so only ``offset + scale * code`` (``scale * code`` is
+exact at these widths) gives back the file's weights bit for bit. ``dequantize`` uses it when present;
+the LUT kernels read ``alpha`` and ``beta`` and agree with it to float rounding.
+
 Storage: ``planes`` int32 ``[bits, out, K_pad / 32]``, bit ``k % 32`` of word ``k // 32`` is column
-``k``; ``K_pad`` rounds ``K`` up to whole groups (padded columns hold bit 0 and meet zero
-activations). ``alpha`` ``[out, groups, bits]``, ``beta`` ``[out, groups]``, both float32.
+``k``; ``K_pad`` rounds ``K`` up to whole groups and whole words (padded columns hold bit 0 and meet
+zero activations). ``alpha`` ``[out, groups, bits]``, ``beta`` and ``offset`` ``[out, groups]``, all
+float32. Groups are 16 columns (GGUF's Q6_K) or a multiple of 32.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import torch
 
 from fxpress.core.errors import FxpressError
 
-BITS = (2, 3, 4)
+BITS = (2, 3, 4, 5, 6, 8)  # 5, 6 and 8: GGUF's Q5_K, Q6_K and Q8_0 as the files hold them
 BCQ_ROUNDS = 15  # LUT-GEMM's alternating refinements
 
 
@@ -40,27 +47,34 @@ class BitPlaneWeight:
     beta: torch.Tensor
     in_features: int
     group_size: int
+    offset: torch.Tensor | None = None  # [out, groups]: the weight at code 0, for imported uniform codes
 
     @property
     def bits(self) -> int:
         return self.planes.shape[0]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.planes, self.alpha, self.beta))
+        kept = (self.planes, self.alpha, self.beta) + (() if self.offset is None else (self.offset,))
+        return sum(t.numel() * t.element_size() for t in kept)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.planes, self.alpha, self.beta, self.in_features, self.group_size, self.offset)
 
 
 def check_format(bits: int, group_size: int, in_features: int | None = None) -> None:
     if bits not in BITS:
         raise QuantizeError(f"bits={bits!r} is not supported: expected one of {BITS}")
-    if not isinstance(group_size, int) or group_size <= 0 or group_size % 32:
-        raise QuantizeError(f"group_size={group_size!r} is invalid: expected a positive multiple of 32 "
+    if not isinstance(group_size, int) or group_size <= 0 or (group_size % 32 and group_size != 16):
+        raise QuantizeError(f"group_size={group_size!r} is invalid: expected 16 or a positive multiple of 32 "
                             "(bit-planes are packed 32 columns to a word)")
     if in_features is not None and in_features <= 0:
         raise QuantizeError(f"in_features={in_features} must be positive")
 
 
 def padded(in_features: int, group_size: int) -> int:
-    return math.ceil(in_features / group_size) * group_size
+    """Columns stored: whole groups and whole 32-column words."""
+    unit = max(group_size, 32)
+    return math.ceil(in_features / unit) * unit
 
 
 def pack(bits_tensor: torch.Tensor) -> torch.Tensor:
@@ -78,8 +92,16 @@ def unpack(planes: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize(planes: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, in_features: int,
-               group_size: int) -> torch.Tensor:
-    """The float32 weight ``[out, in_features]`` the planes stand for."""
+               group_size: int, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """The float32 weight ``[out, in_features]`` the planes stand for (``offset + scale * code`` when
+    the weight kept its offset: one rounding, as the format it came from computes it)."""
+    if offset is not None:
+        bits = unpack(planes).to(torch.int64)
+        codes = sum(bits[i] << i for i in range(bits.shape[0])).to(torch.float32)  # [out, K_pad]
+        n, k_pad = codes.shape
+        scale = alpha[..., 0] * 2  # alpha_0 = scale / 2: exact
+        w = offset.unsqueeze(-1) + scale.unsqueeze(-1) * codes.view(n, k_pad // group_size, group_size)
+        return w.reshape(n, k_pad)[:, :in_features]
     signs = unpack(planes).to(torch.float32) * 2 - 1  # [q, out, K_pad]
     q, n, k_pad = signs.shape
     grouped = signs.view(q, n, k_pad // group_size, group_size)
@@ -157,6 +179,29 @@ def from_codes(codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, bit
     scale, zero = scale.to(torch.float32), zero.to(torch.float32)
     alpha = torch.stack([scale * 2.0 ** (i - 1) for i in range(bits)], dim=-1)
     return BitPlaneWeight(pack(planes), alpha, scale * ((2 ** bits - 1) / 2 - zero), in_features, group_size)
+
+
+def from_scaled_codes(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int,
+                      in_features: int | None = None) -> BitPlaneWeight:
+    """Uniform codes ``[out, groups, group_size]`` of ``w = scale * code + offset`` (``scale`` and
+    ``offset`` ``[out, groups]``, float32), the form GGUF's blocks take, as bit-planes that keep
+    ``offset`` so ``dequantize`` reproduces ``w`` bit for bit."""
+    n, groups, group_size = codes.shape
+    in_features = groups * group_size if in_features is None else in_features
+    check_format(bits, group_size, in_features)
+    if int(codes.min()) < 0 or int(codes.max()) >= 2 ** bits:
+        raise QuantizeError(f"codes span {int(codes.min())}..{int(codes.max())}, outside 0..{2 ** bits - 1} "
+                            f"for {bits} bits")
+    k_pad = padded(in_features, group_size)
+    flat = torch.nn.functional.pad(codes.reshape(n, groups * group_size).to(torch.int64),
+                                   (0, k_pad - groups * group_size))
+    planes = torch.stack([(flat >> i) & 1 for i in range(bits)])
+    # Groups of padding columns (a word holds two groups of 16) get zero scales.
+    scale, offset = (torch.nn.functional.pad(t.to(torch.float32), (0, k_pad // group_size - groups))
+                     for t in (scale, offset))
+    alpha = torch.stack([scale * 2.0 ** (i - 1) for i in range(bits)], dim=-1)
+    beta = offset + scale * ((2 ** bits - 1) / 2)
+    return BitPlaneWeight(pack(planes), alpha, beta, in_features, group_size, offset.contiguous())
 
 
 def _sign_table(bits: int) -> torch.Tensor:

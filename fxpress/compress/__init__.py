@@ -9,10 +9,10 @@
 
 from fxpress.compress.checkpoint import load, save
 from fxpress.lowbit import BitPlaneWeight, QuantizeError
-from fxpress.compress.quantize import QuantizeResult, load_gguf_q4_1, quantize
+from fxpress.compress.quantize import QuantizeResult, load_gguf, quantize
 from fxpress.compress.quantized_linear import QuantizedLinear
 from fxpress.compress.low_rank_linear import LowRankLinear
 from fxpress.compress.svd import LayerReport, SVDResult, svd
 
 __all__ = ["BitPlaneWeight", "LayerReport", "LowRankLinear", "QuantizeError", "QuantizeResult", "QuantizedLinear",
-           "SVDResult", "load", "load_gguf_q4_1", "quantize", "save", "svd"]
+           "SVDResult", "load", "load_gguf", "quantize", "save", "svd"]

@@ -1,6 +1,6 @@
 """A compressed model's layers as plain data, and the empty layers rebuilt from it.
 
-Every compression (``svd``, ``quantize``, ``load_gguf_q4_1``, ``load``) ends by recording, on a
+Every compression (``svd``, ``quantize``, ``load_gguf``, ``load``) ends by recording, on a
 transformers model, ``config.quantization_config = {"quant_method": "fxpress", "layers": {...}}``:
 per compressed layer its kind and shapes. ``save_pretrained`` writes it into ``config.json`` with
 the weights in safetensors; ``from_pretrained`` hands it to fxpress's registered quantizer
@@ -29,7 +29,8 @@ def describe(model: nn.Module) -> dict[str, dict[str, Any]]:
     for name, module in model.named_modules():
         if isinstance(module, QuantizedLinear):
             layers[name] = {"kind": "lowbit", "in_features": module.in_features, "out_features": module.out_features,
-                            "bits": module.bits, "group_size": module.group_size, "bias": module.bias is not None}
+                            "bits": module.bits, "group_size": module.group_size, "bias": module.bias is not None,
+                            "offset": module.offset is not None}
         elif isinstance(module, LowRankLinear):
             layers[name] = {"kind": "lowrank", "in_features": module.in_features,
                             "out_features": module.out_features, "rank": module.rank,
@@ -62,8 +63,10 @@ def _empty(name: str, record: dict[str, Any], dtype: torch.dtype) -> nn.Module:
             bits, group = int(record["bits"]), int(record["group_size"])
             lowbit.check_format(bits, group, n_in)
             groups = lowbit.padded(n_in, group) // group
+            offset = torch.empty(n_out, groups) if record.get("offset") else None
             weight = lowbit.BitPlaneWeight(torch.empty(bits, n_out, groups * group // 32, dtype=torch.int32),
-                                           torch.empty(n_out, groups, bits), torch.empty(n_out, groups), n_in, group)
+                                           torch.empty(n_out, groups, bits), torch.empty(n_out, groups), n_in, group,
+                                           offset)
             return QuantizedLinear(weight, torch.empty(n_out, dtype=dtype) if bias else None, n_out)
         if kind == "lowrank":
             return LowRankLinear(n_in, n_out, int(record["rank"]), bias=bias, dtype=dtype)

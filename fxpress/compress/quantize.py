@@ -1,5 +1,5 @@
 """``fxpress.compress.quantize``: Linear layers to low-bit ``QuantizedLinear`` (RTN or BCQ), and the
-real 4-bit weights of a GGUF file into the same format.
+real low-bit weights of a GGUF file (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K) into the same format.
 
     result = fxpress.compress.quantize(model, bits=3, group_size=128, method="bcq")
     compiled = torch.compile(result.model, backend="fxpress")   # lut_matmul: no dequantised weights
@@ -30,6 +30,7 @@ class QuantizeResult:
     layers: dict[str, float] = field(default_factory=dict)  # name -> relative weight error
     weight_bytes: int = 0  # of the quantised layers, planes and scales
     fp32_bytes: int = 0  # of the same layers in fp32
+    skipped: dict[str, str] = field(default_factory=dict)  # name -> why it was left as it was
 
     def __str__(self) -> str:
         errors = list(self.layers.values())
@@ -62,52 +63,44 @@ def quantize(model: nn.Module, bits: int = 4, group_size: int = 128, method: str
 
 def _replace(result: QuantizeResult, name: str, linear: nn.Linear, weight: lowbit.BitPlaneWeight) -> None:
     w = linear.weight.detach().float()
-    approx = lowbit.dequantize(weight.planes, weight.alpha, weight.beta, weight.in_features, weight.group_size)
+    approx = weight.dequantize()
     result.layers[name] = float((approx - w).norm() / w.norm().clamp(min=1e-30))
     result.weight_bytes += weight.nbytes()
     result.fp32_bytes += w.numel() * 4
     set_submodule(result.model, name, QuantizedLinear(weight, linear.bias, linear.out_features))
 
 
-def from_q4_1(blocks_d: torch.Tensor, blocks_m: torch.Tensor, codes: torch.Tensor) -> lowbit.BitPlaneWeight:
-    """GGUF Q4_1 (blocks of 32: ``w = d * code + m``) as bit-planes with group size 32, exactly:
-    ``zero = -m / d`` is never formed; ``alpha_i = d * 2**(i-1)``, ``beta = d * 7.5 + m``. ``codes`` is
-    ``[out, in]`` of 0..15, ``d`` and ``m`` are ``[out, in / 32]``."""
-    n, k = codes.shape
-    weight = lowbit.from_codes(codes.view(n, k // 32, 32), torch.zeros_like(blocks_d, dtype=torch.float32),
-                               blocks_d, 4)
-    d, m = blocks_d.to(torch.float32), blocks_m.to(torch.float32)
-    return lowbit.BitPlaneWeight(weight.planes, weight.alpha, d * 7.5 + m, k, 32)
-
-
-def load_gguf_q4_1(model: nn.Module, gguf_path: str | Path) -> QuantizeResult:
-    """A copy of ``model`` (the fp32 model the GGUF was converted to) whose Linear layers stored as
-    Q4_1 in ``gguf_path`` become ``QuantizedLinear`` holding exactly those 4-bit weights."""
-    from gguf import GGMLQuantizationType, GGUFReader
+def load_gguf(model: nn.Module, gguf_path: str | Path) -> QuantizeResult:
+    """A copy of ``model`` (the fp32 model the GGUF was converted to) whose Linear layers stored in
+    ``gguf_path`` as Q4_0, Q4_1, Q8_0, Q4_K, Q5_K or Q6_K become ``QuantizedLinear`` holding exactly
+    those weights (``fxpress.compress.gguf_weights``: the file's codes and every block's scale, so
+    dequantising gives the package's own weights bit for bit). Layers stored in other types stay
+    as they are and are listed in ``result.skipped``."""
+    from gguf import GGUFReader
 
     from fxpress.compress.gguf_names import hf_linear_names, unpermute_rows
+    from fxpress.compress.gguf_weights import DECODERS, scaled_codes
 
     reader = GGUFReader(str(gguf_path))
     names = hf_linear_names(model)
     out = copy.deepcopy(model)
     result = QuantizeResult(out)
     for tensor in reader.tensors:
-        if tensor.tensor_type != GGMLQuantizationType.Q4_1 or tensor.name not in names:
+        if tensor.name not in names:
             continue
-        name = names[tensor.name]
+        name, type_name = names[tensor.name], tensor.tensor_type.name
+        if type_name not in DECODERS:
+            result.skipped[name] = f"GGUF type {type_name}"
+            continue
         linear = out.get_submodule(name)
-        n, k = linear.out_features, linear.in_features
-        raw = torch.from_numpy(tensor.data.copy()).view(torch.uint8).reshape(n, k // 32, 20)
-        d = raw[..., 0:2].contiguous().view(torch.float16).squeeze(-1)
-        m = raw[..., 2:4].contiguous().view(torch.float16).squeeze(-1)
-        packed = raw[..., 4:].to(torch.int64)  # 16 bytes: low nibbles are codes 0..15, high 16..31
-        codes = torch.cat([packed & 15, packed >> 4], dim=-1).reshape(n, k)
+        codes, scale, offset, bits = scaled_codes(tensor.data, type_name, linear.out_features, linear.in_features)
         if name.endswith(("q_proj", "k_proj")):  # llama.cpp stores Q and K rows rotary-interleaved
             config = model.config
             heads = config.num_attention_heads if name.endswith("q_proj") else config.num_key_value_heads
-            d, m, codes = (unpermute_rows(t, heads) for t in (d, m, codes))
-        _replace(result, name, linear, from_q4_1(d, m, codes))
+            codes, scale, offset = (unpermute_rows(t, heads) for t in (codes, scale, offset))
+        _replace(result, name, linear, lowbit.from_scaled_codes(codes, scale, offset, bits, linear.in_features))
     if not result.layers:
-        raise lowbit.QuantizeError(f"{gguf_path}: no Q4_1 tensor matches a Linear layer of the model")
+        raise lowbit.QuantizeError(f"{gguf_path}: no tensor of a type in {sorted(DECODERS)} matches a Linear "
+                                   "layer of the model")
     record_layers(out)
     return result

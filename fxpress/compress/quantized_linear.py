@@ -23,15 +23,17 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("planes", weight.planes)
         self.register_buffer("alpha", weight.alpha)
         self.register_buffer("beta", weight.beta)
+        self.register_buffer("offset", weight.offset)  # None unless imported: then exact dequantisation
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = torch.ops.fxpress.dequantize_planes(self.planes, self.alpha, self.beta, self.in_features,
-                                                     self.group_size)
+                                                     self.group_size, self.offset)
         return F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def weight_nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.planes, self.alpha, self.beta))
+        kept = (self.planes, self.alpha, self.beta) + (() if self.offset is None else (self.offset,))
+        return sum(t.numel() * t.element_size() for t in kept)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

@@ -1,6 +1,6 @@
 """Compressed models through transformers' own ``save_pretrained`` / ``from_pretrained``.
 
-    result = fxpress.compress.quantize(model, bits=4)          # or svd, load_gguf_q4_1, or both
+    result = fxpress.compress.quantize(model, bits=4)          # or svd, load_gguf, or both
     result.model.save_pretrained("smollm2-4bit")               # config.json + model.safetensors
     import fxpress.hf.quantizer                                # registers quant_method "fxpress"
     model = AutoModelForCausalLM.from_pretrained("smollm2-4bit")   # the same QuantizedLinear layers

@@ -1,7 +1,8 @@
 """Low-bit Linear ops over bit-plane weights (``fxpress.lowbit``).
 
-- ``dequantize_planes(planes, alpha, beta, in_features, group_size)``: the float32 weight; what a
-  ``QuantizedLinear`` runs in eager, and the pattern ``lut_matmul`` matches.
+- ``dequantize_planes(planes, alpha, beta, in_features, group_size, offset)``: the float32 weight;
+  what a ``QuantizedLinear`` runs in eager, and the pattern ``lut_matmul`` matches. ``offset`` (an
+  imported weight's value at code 0) makes it the source format's own weights, bit for bit.
 - ``lut_linear(x, planes, alpha, beta, bias, in_features, group_size, max_lut_rows)``:
   ``x @ W.T + bias`` without the dequantised ``W``. Up to ``max_lut_rows`` rows of ``x`` (decode) it
   is LUT-GEMM's algorithm: for every group of ``MU`` activations a table of all ``2**MU`` signed
@@ -23,7 +24,7 @@ TILE_ROWS = 1024  # output rows per step, LUT and tiled paths alike
 
 
 def _check(where: str, planes: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, in_features: int,
-           group_size: int) -> None:
+           group_size: int, offset: torch.Tensor | None = None) -> None:
     lowbit.check_format(planes.shape[0], group_size, in_features)
     q, n, words = planes.shape
     groups = lowbit.padded(in_features, group_size) // group_size
@@ -33,18 +34,20 @@ def _check(where: str, planes: torch.Tensor, alpha: torch.Tensor, beta: torch.Te
     if tuple(alpha.shape) != (n, groups, q) or tuple(beta.shape) != (n, groups):
         raise lowbit.QuantizeError(f"fxpress::{where}: alpha {tuple(alpha.shape)} / beta {tuple(beta.shape)} "
                                    f"should be ({n}, {groups}, {q}) / ({n}, {groups})")
+    if offset is not None and tuple(offset.shape) != (n, groups):
+        raise lowbit.QuantizeError(f"fxpress::{where}: offset {tuple(offset.shape)} should be ({n}, {groups})")
 
 
 # dequantize_planes --------------------------------------------------------------------------------
 
 def _dequantize_reference(planes: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, in_features: int,
-                          group_size: int) -> torch.Tensor:
-    _check("dequantize_planes", planes, alpha, beta, in_features, group_size)
-    return lowbit.dequantize(planes, alpha, beta, in_features, group_size)
+                          group_size: int, offset: torch.Tensor | None = None) -> torch.Tensor:
+    _check("dequantize_planes", planes, alpha, beta, in_features, group_size, offset)
+    return lowbit.dequantize(planes, alpha, beta, in_features, group_size, offset)
 
 
-def _dequantize_fake(planes, alpha, beta, in_features, group_size):
-    _check("dequantize_planes", planes, alpha, beta, in_features, group_size)
+def _dequantize_fake(planes, alpha, beta, in_features, group_size, offset=None):
+    _check("dequantize_planes", planes, alpha, beta, in_features, group_size, offset)
     return alpha.new_empty(planes.shape[1], in_features)
 
 
@@ -123,6 +126,18 @@ def _lut_fake(x, planes, alpha, beta, bias, in_features, group_size, max_lut_row
 
 # Table lookup for a few rows, dequantise-per-tile GEMM above (``fxpress/ops/kernels/lut.py``,
 # ``fxpress/ops/cpp/lut.py``).
+def _whole_word_groups(node) -> str | None:
+    """The kernels read each group as whole 32-column words of the bit-planes."""
+    group_size = node.args[6]
+    if group_size % 32:
+        return f"lut_linear with groups of {group_size} columns (GGUF Q6_K): the kernels read groups of whole words"
+    return None
+
+
+def _triton_refusal(node) -> str | None:
+    return float_input_refusal("lut_linear")(node) or _whole_word_groups(node)
+
+
 lut_linear = define_op("lut_linear", _lut_reference, _lut_fake, lowerings={
-    "triton": Launcher("fxpress.ops.kernels.lut", "lut_linear", float_input_refusal("lut_linear")),
-    "cpp": Launcher("fxpress.ops.cpp.lut", "lut_linear")})
+    "triton": Launcher("fxpress.ops.kernels.lut", "lut_linear", _triton_refusal),
+    "cpp": Launcher("fxpress.ops.cpp.lut", "lut_linear", _whole_word_groups)})

@@ -30,6 +30,9 @@ import fxpress.lowbit as lowbit
 from fxpress.ir.match import Match, Miss, Rule, add_constant, apply_rules, aten, insert_call, is_op, val
 
 GROUP = "lut_matmul"
+# Codes a graph dequantises itself are repacked up to 4 bits; wider ones (int8 weight-only) are
+# left to the dense matmul the user chose. Imported 5/6/8-bit weights arrive as bit-planes already.
+REPACKED_BITS = (2, 3, 4)
 
 
 def _dequantized_weight(node: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
@@ -72,7 +75,7 @@ def _uniform_codes(node: fx.Node) -> dict | Miss | None:
         return Miss(node, f"codes {tuple(codes.shape)} with zero {tuple(zero.shape)} are not [out, groups, group] "
                           "integers with one zero and scale per group")
     top = int(codes.max()) if codes.numel() else 0
-    bits = next((b for b in lowbit.BITS if top < 2 ** b), None)
+    bits = next((b for b in REPACKED_BITS if top < 2 ** b), None)
     if bits is None or int(codes.min()) < 0 or codes.shape[2] % 32:
         return Miss(node, f"codes span 0..{top} in groups of {codes.shape[2]}: not 2-4 bits in groups of 32k")
     nodes = [sub.args[0], sub, node, *reversed(chain)]
@@ -113,7 +116,8 @@ def _replace(gm: fx.GraphModule, m: Match, max_rows: int | None) -> fx.Node:
         in_features, group_size = packed.in_features, packed.group_size
         counters[GROUP]["(w_q - zero) * scale repacked into bit-planes"] += 1
     else:
-        planes, alpha, beta, in_features, group_size = m.operands["dequantize"].args
+        # An imported weight's exact offset stays with dequantize_planes: beta carries it to rounding.
+        planes, alpha, beta, in_features, group_size = m.operands["dequantize"].args[:5]
     if max_rows is None:
         max_rows = DEFAULT_MAX_ROWS.get(val(m.operands["x"]).device.type, 0)
     rows = val(m.operands["x"]).shape[0]

@@ -12,9 +12,9 @@ from tests.tiny_models import tiny_llama, token_ids
 ops = torch.ops.fxpress
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
 @pytest.mark.parametrize("method", ["rtn", "bcq"])
-@pytest.mark.parametrize("n,k,group", [(37, 200, 64), (64, 96, 32), (5, 256, 128)])
+@pytest.mark.parametrize("n,k,group", [(37, 200, 64), (64, 96, 32), (5, 256, 128), (9, 80, 16)])
 @pytest.mark.parametrize("rows", [1, 3, 20])
 def test_lut_linear_equals_the_dequantised_reference(bits, method, n, k, group, rows):
     g = torch.Generator().manual_seed(n * k + rows)
@@ -73,7 +73,7 @@ def test_generate_through_the_pass_matches_eager():
     assert fxpress.counters["lut_matmul"]["mm(x, t(dequantized weight)) => lut_linear"] > 0
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 6])
 @pytest.mark.parametrize("n,k,group,rows", [(37, 200, 64, 1), (37, 200, 64, 3), (64, 96, 32, 40), (5, 256, 128, 17)])
 def test_triton_kernels_match_the_reference(bits, n, k, group, rows, device):
     from fxpress.ops.kernels import lut

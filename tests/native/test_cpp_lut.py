@@ -32,7 +32,7 @@ def _relative(got, expected):
     return float((got.double() - expected).norm() / expected.norm())
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("method", ["rtn", "bcq"])
 @pytest.mark.parametrize("n,k,group", [(37, 200, 64), (64, 96, 32), (5, 256, 128), (100, 515, 256)])
 @pytest.mark.parametrize("rows", [1, 7, 16])

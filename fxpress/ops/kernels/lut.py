@@ -15,7 +15,6 @@ import torch
 import triton
 import triton.language as tl
 
-import fxpress.lowbit as lowbit
 
 MU = 4
 
@@ -146,4 +145,3 @@ def lut_linear(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, beta:
     return out
 
 
-assert lowbit.BITS == (2, 3, 4)  # Q above is a compile-time constant per bit width
