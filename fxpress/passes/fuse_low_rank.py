@@ -17,7 +17,8 @@ projections and SDPA: ``q * cos + rotate_half(q) * sin``. The rule recognises bo
 the model's own cos and sin ([B|1, S, d]) into the op, which rotates each rebuilt head; GQA's
 ``repeat_kv`` copies and the empty-cache ``cat`` of a first forward are looked through, since the
 op reads each KV head once for its whole group. Per-head RMSNorms of Q and K before the rotation
-(Gemma 3's q_norm and k_norm after the transpose, Qwen 3's before it) join the op as well.
+(Gemma 3's q_norm and k_norm after the transpose, Qwen 3's before it) join the op as well. The
+patterns themselves are graph questions, in ``fxpress/ir/attention_inputs.py``.
 
 When the attention result feeds a low-rank output projection, the projection's first factor joins
 the attention op, which then returns the rank-r projection: the full-width attention output (a
@@ -31,7 +32,6 @@ an unknown activation, ...) and explain() lists them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.fx as fx
@@ -42,7 +42,7 @@ from fxpress.ir.options import Options
 from fxpress.ir.match import (
     SDPA_OPS, Match, Miss, Rule, apply_rules, aten, insert_call, is_op, only_user, same_size, sdpa_arguments,
     sdpa_result, val)
-from fxpress.passes.fuse_rms_norm import rms_norm_at
+from fxpress.ir.attention_inputs import HeadNorm, Rotary, head_norm, past_empty_cache, repeated_kv, rotary_at
 
 _RESHAPES = (aten.view, aten._unsafe_view, aten.reshape)
 _ACTIVATIONS = {aten.silu: "silu", aten.relu: "relu"}
@@ -215,30 +215,8 @@ def _replace_ffn(gm: fx.GraphModule, m: Match) -> fx.Node:
 
 # lowrank_attention ------------------------------------------------------------------------------
 
-@dataclass
-class _HeadNorm:
-    """``x * rsqrt(mean(x**2, -1) + eps) * weight`` over each head's channels (q_norm, k_norm)."""
-
-    x: fx.Node
-    weight: fx.Node
-    eps: float
-    nodes: list[fx.Node]
-
-
-def _head_norm(node: Any) -> _HeadNorm | None:
-    """The weighted RMSNorm whose result is ``node`` (Gemma's ``1 + w`` counts as the weight)."""
-    if not is_op(node, aten.mul):
-        return None
-    for scaled in node.args:
-        rsqrt = next((a for a in getattr(scaled, "args", ()) if is_op(a, aten.rsqrt)), None)
-        found = rms_norm_at(rsqrt) if is_op(scaled, aten.mul) and rsqrt is not None else None
-        if isinstance(found, Match) and found.root is node and found.operands["weight"] is not None:
-            return _HeadNorm(found.operands["x"], found.operands["weight"], found.operands["eps"], found.nodes)
-    return None
-
-
 def _split_heads(node: fx.Node, users_within: set[fx.Node] = frozenset()
-                 ) -> tuple[_Chain, int, _HeadNorm | None] | Miss | None:
+                 ) -> tuple[_Chain, int, HeadNorm | None] | Miss | None:
     """``permute(view(chain, [B, S, H, d]), [0, 2, 1, 3])``: the chain, its head count H, and the
     per-head RMSNorm when one sits between the view and the permute (Qwen 3). The permute may also
     feed ``users_within`` (a rotary embedding's or a norm's nodes)."""
@@ -246,7 +224,7 @@ def _split_heads(node: fx.Node, users_within: set[fx.Node] = frozenset()
     if not (is_op(node, aten.permute) and list(node.args[1]) == [0, 2, 1, 3]
             and (len(users) == 1 or users and users <= set(users_within))):
         return None
-    split, norm = node.args[0], _head_norm(node.args[0])
+    split, norm = node.args[0], head_norm(node.args[0])
     if norm is not None and len(split.users) == 1:
         split = norm.x
     if not (is_op(split, *_RESHAPES) and val(split).dim() == 4
@@ -261,122 +239,24 @@ def _split_heads(node: fx.Node, users_within: set[fx.Node] = frozenset()
     return chain, int(val(split).shape[2]), norm
 
 
-@dataclass
-class _Rotary:
-    """``x * cos + rotate(x) * sin`` (``rotate``: rotate_half, or the interleaved pairs)."""
-
-    x: fx.Node
-    cos: fx.Node  # [B|1, S, d], as the model computed it (before its unsqueeze over heads)
-    sin: fx.Node
-    interleaved: bool
-    nodes: list[fx.Node]
-
-
-def _last_dim_slice(node: Any, x: fx.Node, start: int, step: int, stop: int | None = None) -> bool:
-    """``node`` is ``x[..., start:stop:step]`` (stop None: to the end)."""
-    if not (is_op(node, aten.slice) and node.args[0] is x and len(node.users) == 1):
-        return False
-    dim, first, last, stride = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1:])[:4]
-    width = val(x).shape[-1]
-    reaches_end = last is None or (isinstance(last, int) and last >= width)
-    return (dim in (-1, val(x).dim() - 1) and first == start and stride == step
-            and (reaches_end if stop is None else last == stop))
-
-
-def _rotation_of(turned: Any, x: fx.Node) -> tuple[bool, list[fx.Node]] | None:
-    """Whether ``turned`` is Llama's ``rotate_half(x)`` (False) or the interleaved pairs (True),
-    with the nodes computing it; None when it is neither."""
-    width = val(x).shape[-1]
-    if not isinstance(width, int) or width % 2:
-        return None
-    half = width // 2
-    last = (-1, val(x).dim() - 1)
-    if is_op(turned, aten.cat) and len(turned.args[0]) == 2 and turned.args[1] in last:
-        negated, first = turned.args[0]
-        if (is_op(negated, aten.neg) and len(negated.users) == 1 and _last_dim_slice(negated.args[0], x, half, 1)
-                and _last_dim_slice(first, x, 0, 1, half)):
-            return False, [turned, negated, negated.args[0], first]
-    if not (is_op(turned, *_RESHAPES) and same_size(val(turned).shape, val(x).shape)):
-        return None
-    pairs = turned.args[0]
-    if not (is_op(pairs, aten.cat) and len(pairs.args[0]) == 2 and len(pairs.users) == 1
-            and pairs.args[1] in (-1, val(x).dim())):
-        return None
-    negated, first = [u.args[0] if is_op(u, aten.unsqueeze) and u.args[1] in (-1, val(x).dim()) else None
-                      for u in pairs.args[0]]
-    if (is_op(negated, aten.neg) and len(negated.users) == 1 and _last_dim_slice(negated.args[0], x, 1, 2)
-            and _last_dim_slice(first, x, 0, 2)):
-        return True, [turned, pairs, *pairs.args[0], negated, negated.args[0], first]
-    return None
-
-
-def _position_table(factor: Any) -> fx.Node | None:
-    """``c`` of ``unsqueeze(c, 1)``: the [B|1, S, d] cos or sin broadcast over the heads."""
-    if is_op(factor, aten.unsqueeze) and factor.args[1] == 1 and val(factor.args[0]).dim() == 3:
-        return factor.args[0]
-    return None
-
-
-def _rotary(node: fx.Node) -> _Rotary | None:
-    """The rotary embedding computed at ``node``, whichever way round its sums and products are."""
-    if not (is_op(node, aten.add) and len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1):
-        return None
-    for plain, rotated in (node.args, node.args[::-1]):
-        if not (is_op(plain, aten.mul) and is_op(rotated, aten.mul)
-                and len(plain.users) == 1 and len(rotated.users) == 1):
-            continue
-        for x, cos in (plain.args, plain.args[::-1]):
-            for turned, sin in (rotated.args, rotated.args[::-1]):
-                form = _rotation_of(turned, x) if isinstance(x, fx.Node) else None
-                tables = _position_table(cos), _position_table(sin)
-                if form is not None and None not in tables:
-                    return _Rotary(x, *tables, form[0], [node, plain, rotated, *form[1]])
-    return None
-
-
-def _repeated_kv(node: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
-    """``x`` of transformers' ``repeat_kv(x)`` (GQA heads copied for an SDPA without enable_gqa):
-    ``view(clone(expand(unsqueeze(x, 2))), [B, kv * n, S, d])``, and its nodes."""
-    if not (is_op(node, *_RESHAPES) and val(node).dim() == 4):
-        return None
-    nodes, inner = [node], node.args[0]
-    if is_op(inner, aten.clone) and len(inner.users) == 1:
-        nodes.append(inner)
-        inner = inner.args[0]
-    if not (is_op(inner, aten.expand) and len(inner.users) == 1):
-        return None
-    unsqueezed = inner.args[0]
-    if not (is_op(unsqueezed, aten.unsqueeze) and unsqueezed.args[1] == 2 and len(unsqueezed.users) == 1):
-        return None
-    return unsqueezed.args[0], nodes + [inner, unsqueezed]
-
-
-def _past_empty_cache(node: fx.Node) -> fx.Node | None:
-    """``x`` of ``cat([empty, x], dim)``: a first forward appending its keys to an empty cache."""
-    if not (is_op(node, aten.cat) and len(node.args[0]) == 2):
-        return None
-    empty, x = node.args[0]
-    return x if isinstance(empty, fx.Node) and val(empty).numel() == 0 and val(empty).dim() == 1 else None
-
-
-def _head_source(node: fx.Node) -> tuple[fx.Node, _Rotary | None, _HeadNorm | None, list[fx.Node]]:
+def _head_source(node: fx.Node) -> tuple[fx.Node, Rotary | None, HeadNorm | None, list[fx.Node]]:
     """What feeds SDPA's query, key or value once the model's own steps between the split heads
     and SDPA are peeled off: GQA's repeat_kv, an empty cache's cat, the rotary embedding, a
     per-head RMSNorm (Gemma 3's q_norm and k_norm)."""
     peeled = []
-    repeated = _repeated_kv(node)
+    repeated = repeated_kv(node)
     if repeated is not None:
         node, nodes = repeated
         peeled += nodes
-    uncached = _past_empty_cache(node)
+    uncached = past_empty_cache(node)
     if uncached is not None and len(node.users) == 1:
         peeled.append(node)
         node = uncached
-    rotary = _rotary(node)
+    rotary = rotary_at(node)
     if rotary is not None:
         peeled += rotary.nodes
         node = rotary.x
-    norm = _head_norm(node)
+    norm = head_norm(node)
     if norm is not None and (len(node.users) == 1 or set(node.users) <= set(peeled)):
         peeled += norm.nodes
         node = norm.x
@@ -405,7 +285,7 @@ def _match_attention(node: fx.Node) -> Match | Miss | None:
         parts.append(f)
     if kwargs.get("dropout_p", 0.0) != 0.0:
         return Miss(node, "attention with dropout")
-    rotary = _shared_rotary(node, *(sources[name][1] for name in ("query", "key", "value")))
+    rotary = _sharedrotary_at(node, *(sources[name][1] for name in ("query", "key", "value")))
     if isinstance(rotary, Miss):
         return rotary
     norms = _head_norms(node, *(sources[name][2] or parts[i][2] for i, name in enumerate(("query", "key", "value"))))
@@ -434,8 +314,8 @@ def _match_attention(node: fx.Node) -> Match | Miss | None:
     })
 
 
-def _head_norms(node: fx.Node, query: _HeadNorm | None, key: _HeadNorm | None,
-                value: _HeadNorm | None) -> tuple[fx.Node, fx.Node, float] | Miss | None:
+def _head_norms(node: fx.Node, query: HeadNorm | None, key: HeadNorm | None,
+                value: HeadNorm | None) -> tuple[fx.Node, fx.Node, float] | Miss | None:
     """(q weight, k weight, eps) of the per-head RMSNorms of queries and keys, or None."""
     if query is None and key is None and value is None:
         return None
@@ -446,8 +326,8 @@ def _head_norms(node: fx.Node, query: _HeadNorm | None, key: _HeadNorm | None,
     return query.weight, key.weight, query.eps
 
 
-def _shared_rotary(node: fx.Node, query: _Rotary | None, key: _Rotary | None,
-                   value: _Rotary | None) -> _Rotary | Miss | None:
+def _sharedrotary_at(node: fx.Node, query: Rotary | None, key: Rotary | None,
+                   value: Rotary | None) -> Rotary | Miss | None:
     """The one rotary embedding of queries and keys (None when neither is rotated)."""
     if query is None and key is None and value is None:
         return None
