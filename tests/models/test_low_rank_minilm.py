@@ -25,7 +25,7 @@ def test_compressed_minilm_fuses_every_layer_and_matches_the_unfused_model(minil
     with torch.no_grad():
         expected = compressed(**batch)
         actual = torch.compile(compressed, backend=backend)(**batch)
-    ffn, attention, linear = (r.name for r in RULES)
+    ffn, _, attention, linear = (r.name for r in RULES)  # the second: rotary attention
     fired = {k: v for k, v in fxpress.counters["fuse_low_rank"].items() if "not applied" not in k}
     # Per layer: Q, K, V and the output projection's first factor join the attention; the FFN is
     # one op. The pooler's dense layer is a lone factored Linear.
