@@ -10,9 +10,9 @@ Workloads (batch 16 for the encoders):
   ends at 512);
 - ``smollm2``: SmolLM2-135M (a rotary decoder with grouped-query attention) with activation-aware
   SVD on every attention and MLP projection, a quarter of all its parameters gone
-  (``params_kept=0.75``), one prefill of lee_background text without a KV cache, batch 1; the
-  measured output is the decoder's last hidden state (the LM head is left out: at 49152 words its
-  logits would be most of every peak).
+  (``params_kept=0.75``, one rank ratio for every layer), one prefill of lee_background text
+  without a KV cache, batch 1; the measured output is the decoder's last hidden state (the LM head
+  is left out: at 49152 words its logits would be most of every peak).
 
 Variants: ``dense`` (the original model), ``unfused`` (the low-rank model as written: two matmuls
 per Linear) and ``fused`` (fxpress with fuse_low_rank). Each runs in its own process. The arena is
@@ -112,8 +112,8 @@ def compress_models(folder: Path, names: list[str]) -> dict[str, str]:
     if "smollm2" in names:
         calibration = [{"input_ids": _smollm2_ids(4096 + 256 * i, 256), "use_cache": False} for i in range(4)]
         with torch.no_grad():
-            smollm2 = compress.svd(workloads.load_smollm2()[0], params_kept=0.75, targets="*layers*",
-                                   calibration=calibration)
+            smollm2 = compress.svd(workloads.load_smollm2()[0], params_kept=0.75,
+                                   targets="*layers*", calibration=calibration)
         paths["smollm2"] = str(folder / "smollm2.safetensors")
         compress.save(smollm2.model, paths["smollm2"])
         print(f"smollm2: {smollm2.kept:.1%} of all parameters kept, mean calibrated output error "
