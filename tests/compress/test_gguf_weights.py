@@ -1,7 +1,8 @@
 """GGUF's quantised tensors imported as bit-planes: each type's weights equal the gguf package's own
 dequantisation (real SmolLM2 tensors for Q4_1 and Q8_0, real weights quantised by the package for
-Q4_0; for the k-quants, which the package cannot write, blocks of random bytes under realistic
-fp16 scales: every code and sub-block scale pattern); LUT matmul over them; the model import."""
+Q4_0; for the k-quants, which the package cannot write, real weights written as k-quant blocks by
+tests/compress/gguf_blocks.py, and blocks of random bytes under realistic fp16 scales: every code
+and sub-block scale pattern); LUT matmul over them; the model import."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import fxpress
 from fxpress import lowbit, workloads
 from fxpress.compress import gguf_weights
 from fxpress.compress.layer_records import describe, rebuild
+from tests.compress import gguf_blocks
 
 ops = torch.ops.fxpress
 K_QUANTS = {"Q4_K": (144, [(0, 1e-3, 2e-2), (2, 1e-3, 2e-2)]), "Q5_K": (176, [(0, 1e-3, 2e-2), (2, 1e-3, 2e-2)]),
@@ -77,6 +79,18 @@ def test_real_q4_1_q8_0_and_q4_0_tensors_import_exactly(smollm2_tensors):
     q4_0 = quantize(real.numpy(), GGMLQuantizationType.Q4_0)  # the package's own Q4_0 of real weights
     expected = gguf_weights.reference_weights(q4_0, "Q4_0", 1536, 576)
     assert _same_weights(gguf_weights.bit_planes(q4_0, "Q4_0", 1536, 576).dequantize(), expected)
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("type_name", sorted(gguf_blocks.WRITERS))
+def test_real_weights_written_as_k_quants_import_exactly(smollm2_tensors, type_name):
+    tensor = smollm2_tensors["blk.5.ffn_down.weight"]  # 1536 columns: whole 256-weight super-blocks
+    columns, rows = (int(n) for n in tensor.shape)
+    real = gguf_weights.reference_weights(tensor.data, tensor.tensor_type.name, rows, columns)
+    data = gguf_blocks.WRITERS[type_name](real.numpy()).reshape(rows, -1)
+    expected = gguf_weights.reference_weights(data, type_name, rows, columns)
+    assert float((expected - real).norm() / real.norm()) < 0.1  # the package reads back the weights written
+    assert _same_weights(gguf_weights.bit_planes(data, type_name, rows, columns).dequantize(), expected)
 
 
 def test_a_type_that_is_not_imported_and_a_wrong_size_are_refused():
