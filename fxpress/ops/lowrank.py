@@ -8,13 +8,13 @@ Factors are in ``nn.Linear`` layout, as ``fxpress.compress.LowRankLinear`` store
   ``act(L1(x)) -> L2``, or gated (SwiGLU) ``act(L_gate(x)) * L1(x) -> L2``; the D-wide activation
   never exists at full sequence length.
 - ``lowrank_attention(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, ..., o_down, cos, sin,
-  rotary_interleaved)``: attention over Q, K, V rebuilt from their rank-r factors ``p = x @ down.T``
+  rotary_interleaved, q_norm, k_norm, norm_eps)``: attention over Q, K, V rebuilt from their rank-r factors ``p = x @ down.T``
   (FlashSVD's interface): the full-width Q, K and V never exist at once. With ``cos`` and ``sin``
   (the rotary embedding the model computed, [B|1, S, d]) the rebuilt Q and K heads are rotated
   before the scores, as Llama-family models do between their projections and SDPA; with
-  ``q_norm`` and ``k_norm`` they are first RMS-normalised per head (Gemma 3, Qwen 3). The ``p`` factors stay ordinary graph values because
-  every query needs every key: rebuilding them per query tile from ``x`` would cost ``in/64`` times
-  the attention. With ``o_down`` (the output projection's first factor) the op returns
+  ``q_norm`` and ``k_norm`` they are first RMS-normalised per head (Gemma 3, Qwen 3). The ``p``
+  factors stay ordinary graph values because every query needs every key: rebuilding them per
+  query tile from ``x`` would cost ``in/64`` times the attention. With ``o_down`` (the output projection's first factor) the op returns
   ``merge_heads(attention) @ o_down.T``, ``[B, S, rank_o]``, accumulated head by head, so the
   attention output never exists at full width either.
 
