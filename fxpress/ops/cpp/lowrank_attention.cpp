@@ -8,8 +8,8 @@
 // causal as SDPA's is_causal: query i sees keys j <= i), a softmax, and the context, and either
 // writes it to out[b, h, rows] or adds context . o_down[:, h]^T to out[b, rows] (the output
 // projection's first factor). Full-width Q, K, V and the attention output never exist beyond one KV head.
-// Each rebuilt K and Q row is RMS-normalised (q_norm, k_norm) and rotated (a rotary embedding) by its position's cos and sin as
-// soon as it is made.
+// Each rebuilt K and Q row is RMS-normalised (q_norm, k_norm) and rotated by its position's cos
+// and sin (a rotary embedding) as soon as it is made.
 
 #include <cmath>
 #include <omp.h>
