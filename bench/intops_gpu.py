@@ -15,8 +15,9 @@ Each integer kernel's output on the GPU is also compared with the torch referenc
 
 Then a whole model: a MiniLM-shaped BERT (6 layers, hidden 384, 12 heads, FFN 1536, random
 weights, eager attention so its softmax is in the graph), batch 32 x 128: the fp16 forward in
-eager, the fp32 forward in eager, and the integer-only forward through fxpress (``target="triton"``,
-``integer=IntegerOnly()``: every softmax, GELU and LayerNorm in integer arithmetic).
+eager, the fp32 forward in eager and through fxpress (``target="triton"``), and the integer-only
+forward through fxpress (``target="triton"``, ``integer=IntegerOnly()``: every softmax, GELU and
+LayerNorm in integer arithmetic), of the fp32 model (the goal ratio) and of the fp16 one.
 
 Run (on a CUDA machine): ``TRITON_INTERPRET=0 python bench/intops_gpu.py [--markdown PATH] [--json PATH]``;
 the JSON holds ``int_minilm_time_vs_fp16_b32_128`` (integer-only over fp16).
@@ -28,6 +29,7 @@ import argparse
 import datetime
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -139,7 +141,28 @@ def _case(kind: str, seq: int, device: str) -> dict:
             "max_abs_error": float(error.max()), "mean_abs_error": float(error.mean()), **times}
 
 
-def minilm_forward(batch: int = 32, seq: int = 128) -> dict[str, float]:
+def _profile(calls: dict[str, Callable[[], object]], path: Path) -> None:
+    """Where each call's time goes: torch's profiler over 5 calls, kernels by total GPU time, and the
+    number of kernel launches and CPU ms per call (a launch-bound forward shows it here)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    parts = []
+    for name, call in calls.items():
+        call()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                call()
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+        kernels_run = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        cpu_ms = sum(e.self_cpu_time_total for e in events) / 5e3
+        parts.append(f"## {name}: {kernels_run / 5:.0f} GPU kernels and {cpu_ms:.2f} ms of CPU per call\n\n"
+                     + events.table(sort_by="device_time_total", row_limit=20))
+    path.write_text("\n\n".join(parts) + "\n")
+
+
+def minilm_forward(batch: int = 32, seq: int = 128, profile: Path | None = None) -> dict[str, float]:
     """Median ms of the MiniLM-shaped forward in fp16 and fp32 eager and integer-only through fxpress."""
     import copy
 
@@ -158,9 +181,20 @@ def minilm_forward(batch: int = 32, seq: int = 128) -> dict[str, float]:
     rewritten = {k: v for k, v in fxpress.counters["integer_only"].items() if "not applied" not in k}
     if not rewritten:
         raise RuntimeError(f"nothing was rewritten to integer-only: {dict(fxpress.counters['integer_only'])}")
+    torch._dynamo.reset()
+    floating = torch.compile(copy.deepcopy(model), backend=fxpress.backend(target="triton"))
+    floating(input_ids=ids)
+    torch._dynamo.reset()  # the same rewrite on the fp16 model: its matmuls on tensor cores
+    integer_half = torch.compile(copy.deepcopy(half), backend=fxpress.backend(target="triton", integer=CFG))
+    integer_half(input_ids=ids)
+    if profile is not None:
+        _profile({"fp16 eager": lambda: half(input_ids=ids), "fp32 fxpress": lambda: floating(input_ids=ids),
+                  "integer-only fxpress": lambda: integer(input_ids=ids)}, profile)
     return {"fp16": do_bench(lambda: half(input_ids=ids), return_mode="median"),
             "fp32": do_bench(lambda: model(input_ids=ids), return_mode="median"),
-            "int": do_bench(lambda: integer(input_ids=ids), return_mode="median"), "rewritten": rewritten}
+            "fp32 fxpress": do_bench(lambda: floating(input_ids=ids), return_mode="median"),
+            "int": do_bench(lambda: integer(input_ids=ids), return_mode="median"),
+            "int fp16": do_bench(lambda: integer_half(input_ids=ids), return_mode="median"), "rewritten": rewritten}
 
 
 def main() -> None:
@@ -168,6 +202,7 @@ def main() -> None:
     parser.add_argument("--seqs", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--profile", type=Path, help="write torch profiler tables of the MiniLM forwards here")
     args = parser.parse_args()
     device = "cuda"
     torch.set_grad_enabled(False)
@@ -185,12 +220,14 @@ def main() -> None:
                      f"{r['mean_abs_error']:.5f} | {r['fp16']:.4f} | {r['fp32']:.4f} | {r['int kernel']:.4f} | "
                      f"{r['int kernel'] / r['fp16']:.2f} | {r['int path']:.4f} | {r['int path'] / r['fp16']:.2f} | "
                      f"{r['fxpress float']:.4f} | {r['fxpress int']:.4f} | {r['fxpress int'] / r['fxpress float']:.2f} |")
-    forward = minilm_forward()
+    forward = minilm_forward(profile=args.profile)
     lines += ["", f"MiniLM-shaped BERT, 32 x 128, random weights, sites rewritten: {forward['rewritten']}", "",
-              "| fp16 eager ms | fp32 eager ms | fxpress integer-only ms | **integer-only / fp16** |",
-              "|---|---|---|---|",
-              f"| {forward['fp16']:.3f} | {forward['fp32']:.3f} | {forward['int']:.3f} "
-              f"| **{forward['int'] / forward['fp16']:.2f}** |"]
+              "| fp16 eager ms | fp32 eager ms | fp32 fxpress ms | fxpress integer-only ms | **integer-only / fp16** "
+              "| fxpress integer-only, fp16 matmuls ms | that / fp16 |",
+              "|---|---|---|---|---|---|---|",
+              f"| {forward['fp16']:.3f} | {forward['fp32']:.3f} | {forward['fp32 fxpress']:.3f} | {forward['int']:.3f} "
+              f"| **{forward['int'] / forward['fp16']:.2f}** | {forward['int fp16']:.3f} "
+              f"| {forward['int fp16'] / forward['fp16']:.2f} |"]
     from _common import print_table
 
     print_table(lines, args.markdown)

@@ -7,6 +7,7 @@ Workloads (random weights, every decoder/encoder Linear factored at rank_ratio 0
 - SmolLM2-135M shape (a rotary decoder: 9 query / 3 KV heads of 64, SwiGLU FFN 1536, RoPE
   theta 1e5; 4 layers), batch 1, one prefill of 2048 tokens without a KV cache.
 
+Each in every ``--dtypes`` (default float32; the goal ratios are the first dtype's).
 Variants: dense and unfused low-rank in eager, unfused and fused through fxpress
 (``target="triton"``, strict). Peak = max allocated during one call minus what was allocated before
 it, plus the arena fxpress holds between calls; the output counts.
@@ -29,9 +30,12 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fxpress  # noqa: E402
+from fxpress.ops.kernels import lowrank_library as library  # noqa: E402
 from bench.lowrank import BATCH, RANK_RATIO, _bert_base  # noqa: E402
 
 MiB = 1 << 20
+BLOCKS_MIB = (4, 8, 16, 32)  # the library order's block sizes the fused model is also timed at
+BLOCK_LINES: list[str] = []  # those timings, one row per workload and block size
 
 
 def _run(model: Any, kwargs: dict, fused: bool | None) -> dict[str, Any]:
@@ -44,17 +48,30 @@ def _run(model: Any, kwargs: dict, fused: bool | None) -> dict[str, Any]:
     call = lambda: fn(**kwargs).last_hidden_state  # noqa: E731
     with torch.no_grad():
         call()
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        out = call()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-        ms = triton.testing.do_bench(call, warmup=100, rep=500, return_mode="median")
+        result = _measure(call)
+        if fused:  # the same compiled model with the library order's blocks at other sizes
+            default = library.CUDA_BLOCK_BYTES
+            try:
+                for mib in BLOCKS_MIB:
+                    library.CUDA_BLOCK_BYTES = mib * MiB
+                    result[f"blocks {mib} MiB"] = _measure(call)
+            finally:
+                library.CUDA_BLOCK_BYTES = default
     plan = reports[-1].plan if reports else {}
     arena = plan.get("arena_bytes", 0)
-    return {"out": out, "peak": peak + arena, "arena": arena, "ms": ms,
-            "not_generated": len(reports[-1].not_generated) if reports else None}
+    for value in [result, *(v for v in result.values() if isinstance(v, dict))]:
+        value["peak"] += arena
+    return {**result, "arena": arena, "not_generated": len(reports[-1].not_generated) if reports else None}
+
+
+def _measure(call: Any) -> dict[str, Any]:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = call()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    return {"out": out, "peak": peak, "ms": triton.testing.do_bench(call, warmup=100, rep=500, return_mode="median")}
 
 
 def _smollm2_shaped(layers: int = 4) -> Any:
@@ -67,10 +84,11 @@ def _smollm2_shaped(layers: int = 4) -> Any:
     return LlamaModel._from_config(config, attn_implementation="sdpa").eval()
 
 
-def rotary_row(seq: int = 2048) -> tuple[str, dict[str, float]]:
+def rotary_row(dtype: torch.dtype, seq: int = 2048) -> tuple[str, dict[str, float]]:
     """The SmolLM2-shaped decoder's row, and its two goal ratios."""
-    dense = _smollm2_shaped().cuda()
-    low_rank = fxpress.compress.svd(_smollm2_shaped(), rank_ratio=RANK_RATIO, targets="layers.*").model.cuda()
+    dense = _smollm2_shaped().to("cuda", dtype)
+    low_rank = fxpress.compress.svd(_smollm2_shaped(), rank_ratio=RANK_RATIO, targets="layers.*").model
+    low_rank = low_rank.to("cuda", dtype)
     ids = torch.randint(0, 49152, (1, seq), generator=torch.Generator().manual_seed(seq)).cuda()
     kwargs = {"input_ids": ids, "use_cache": False}
     r = {"dense": _run(dense, kwargs, None), "unfused": _run(low_rank, kwargs, None),
@@ -79,14 +97,19 @@ def rotary_row(seq: int = 2048) -> tuple[str, dict[str, float]]:
         "low-rank Q, K (rotary), V -> sdpa [-> low-rank O] => lowrank_attention", 0)
     if rotary == 0:
         raise RuntimeError(f"no rotary attention fused: {dict(fxpress.counters['fuse_low_rank'])}")
-    return _line(f"SmolLM2 x4 layers, 1 x {seq}", r), {
+    return _line(f"SmolLM2 x4 layers, 1 x {seq}, {_name(dtype)}", r), {
         "lowrank_rotary_time_vs_unfused_smollm2_2k": r["fused_fx"]["ms"] / r["unfused"]["ms"],
         "lowrank_rotary_peak_vs_unfused_smollm2_2k": r["fused_fx"]["peak"] / r["unfused"]["peak"]}
 
 
 def _line(workload: str, r: dict[str, dict[str, Any]]) -> str:
     diff = (r["fused_fx"]["out"] - r["unfused"]["out"]).abs().max().item()
-    print(workload, {k: {kk: vv for kk, vv in v.items() if kk != "out"} for k, v in r.items()}, flush=True)
+    print(workload, {k: {kk: vv for kk, vv in v.items() if kk != "out" and not isinstance(vv, dict)}
+                     for k, v in r.items()}, flush=True)
+    for mib in BLOCKS_MIB:
+        at = r["fused_fx"][f"blocks {mib} MiB"]
+        BLOCK_LINES.append(f"| {workload} | {mib} | {at['peak'] / MiB:.1f} | {at['peak'] / r['unfused']['peak']:.3f} "
+                           f"| {at['ms']:.2f} | {at['ms'] / r['unfused']['ms']:.3f} |")
     mib = lambda k, f="peak": f"{r[k][f] / MiB:.1f}"  # noqa: E731
     return (f"| {workload} | {mib('dense')} | {mib('unfused')} | {mib('unfused_fx')} | {mib('fused_fx')} "
             f"| **{r['fused_fx']['peak'] / r['unfused']['peak']:.3f}** | {mib('unfused_fx', 'arena')} "
@@ -95,36 +118,53 @@ def _line(workload: str, r: dict[str, dict[str, Any]]) -> str:
             f"| **{r['fused_fx']['ms'] / r['unfused']['ms']:.3f}** | {diff:.2e} |")
 
 
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def bert_rows(dtype: torch.dtype, seqs: list[int]) -> tuple[list[str], dict[str, float]]:
+    """BERT-base rows at each sequence length, and the goal ratios at 512."""
+    dense = _bert_base().to("cuda", dtype)
+    low_rank = fxpress.compress.svd(_bert_base(), rank_ratio=RANK_RATIO, targets="encoder.*").model.to("cuda", dtype)
+    lines, ratios = [], {}
+    for seq in seqs:
+        ids = torch.randint(0, 30000, (BATCH, seq), generator=torch.Generator().manual_seed(seq)).cuda()
+        kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        r = {"dense": _run(dense, kwargs, None), "unfused": _run(low_rank, kwargs, None),
+             "unfused_fx": _run(low_rank, kwargs, False), "fused_fx": _run(low_rank, kwargs, True)}
+        lines.append(_line(f"BERT-base, {BATCH} x {seq}, {_name(dtype)}", r))
+        if seq == 512:
+            ratios["lowrank_time_vs_unfused_bert_b16_512"] = r["fused_fx"]["ms"] / r["unfused"]["ms"]
+            ratios["lowrank_peak_vs_unfused_bert_b16_512"] = r["fused_fx"]["peak"] / r["unfused"]["peak"]
+    return lines, ratios
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqs", type=int, nargs="+", default=[128, 512, 2048])
+    parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "float16", "bfloat16"],
+                        help="the goal ratios in the JSON are the first dtype's")
     parser.add_argument("--markdown", default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    dense = _bert_base().cuda()
-    low_rank = fxpress.compress.svd(_bert_base(), rank_ratio=RANK_RATIO, targets="encoder.*").model.cuda()
     lines = ["| workload | peak dense eager | peak unfused eager | peak unfused fxpress | peak fused fxpress "
              "| **fused/unfused eager peak** | arena unfused | arena fused | ms dense eager | ms unfused eager "
              "| ms unfused fxpress | ms fused fxpress | **fused/unfused eager time** | max abs fused-unfused |",
              "|" + "---|" * 14]
     ratios: dict[str, float] = {}
-    for seq in args.seqs:
-        ids = torch.randint(0, 30000, (BATCH, seq), generator=torch.Generator().manual_seed(seq)).cuda()
-        kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        r = {"dense": _run(dense, kwargs, None), "unfused": _run(low_rank, kwargs, None),
-             "unfused_fx": _run(low_rank, kwargs, False), "fused_fx": _run(low_rank, kwargs, True)}
-        lines.append(_line(f"BERT-base, {BATCH} x {seq}", r))
-        if seq == 512:
-            ratios["lowrank_time_vs_unfused_bert_b16_512"] = r["fused_fx"]["ms"] / r["unfused"]["ms"]
-            ratios["lowrank_peak_vs_unfused_bert_b16_512"] = r["fused_fx"]["peak"] / r["unfused"]["peak"]
-    del dense, low_rank
-    line, rotary = rotary_row()
-    lines.append(line)
-    ratios.update(rotary)
-    text = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, fp32, "
+    for dtype in [getattr(torch, name) for name in args.dtypes]:
+        rows, bert = bert_rows(dtype, args.seqs)
+        line, rotary = rotary_row(dtype)
+        lines += [*rows, line]
+        for key, value in {**bert, **rotary}.items():
+            ratios.setdefault(key, value)
+    text = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
             f"{datetime.date.today()}. Random weights, {RANK_RATIO:.0%} of each factored Linear's weights. "
             "Memory in MiB, latency in ms; the ratios are fused fxpress over unfused eager (cuBLAS + SDPA).\n\n"
-            + "\n".join(lines))
+            + "\n".join(lines)
+            + f"\n\nThe fused model again with other block sizes (default {library.CUDA_BLOCK_BYTES // MiB} MiB):\n\n"
+            + "| workload | block MiB | peak fused | fused/unfused eager peak | ms fused | fused/unfused eager time |\n"
+            + "|---|---|---|---|---|---|\n" + "\n".join(BLOCK_LINES))
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text + "\n")

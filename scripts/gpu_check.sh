@@ -3,8 +3,9 @@
 # one device call):
 #   kernels      real Triton compilation and GPU correctness of every kernel (the tests marked
 #                gpu), and the LUT, integer-op and KV tables;
-#   lowrank_int  the low-rank (BERT-base, rotary SmolLM2 shape) and integer-only MiniLM forward
-#                tables, their goal ratios merged into $OUT/lowrank_int_gpu.json.
+#   lowrank_int  the low-rank ops alone (each strategy against the unfused chain), the low-rank
+#                models (BERT-base, rotary SmolLM2 shape; fp32 and fp16) and the integer-only
+#                MiniLM forward (with a profile), the goal ratios merged into $OUT/lowrank_int_gpu.json.
 # Run: OUT=bench/out bash scripts/gpu_check.sh [kernels] [lowrank_int]
 set -u
 export PYTHONPATH=$PWD TRITON_INTERPRET=0
@@ -21,16 +22,19 @@ if [[ " $sections " == *" kernels "* ]]; then
 fi
 
 if [[ " $sections " == *" lowrank_int "* ]]; then
+  parts=$(mktemp -d)  # the per-bench JSON, merged below ($OUT brings back at most 8 files)
   python3 -m pytest -q -m gpu tests/ops/test_lowrank_ops.py 2>&1 | tail -5 | tee "$OUT/gpu-tests-lowrank.txt"
-  python3 bench/lowrank_gpu.py --seqs 128 512 --markdown "$OUT/lowrank-gpu.md" --json "$OUT/lowrank-gpu.json" 2>&1 | tail -12
-  python3 bench/intops_gpu.py --seqs 128 --markdown "$OUT/intops-gpu.md" --json "$OUT/intops-gpu.json" 2>&1 | tail -12
-  python3 - "$OUT" <<'PY'
+  python3 bench/lowrank_ops_gpu.py --markdown "$OUT/lowrank-ops-gpu.md" 2>&1 | tail -3
+  python3 bench/lowrank_gpu.py --seqs 512 --dtypes float32 float16 --markdown "$OUT/lowrank-gpu.md" \
+    --json "$parts/lowrank-gpu.json" 2>&1 | tail -8
+  python3 bench/intops_gpu.py --seqs 128 --markdown "$OUT/intops-gpu.md" --json "$parts/intops-gpu.json" \
+    --profile "$OUT/intops-profile.txt" 2>&1 | tail -12
+  python3 - "$parts" "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
-out = Path(sys.argv[1])
-parts = [json.loads((out / name).read_text()) for name in ("lowrank-gpu.json", "intops-gpu.json")
-         if (out / name).exists()]
-merged = {k: v for part in parts for k, v in part.items()}
+parts, out = Path(sys.argv[1]), Path(sys.argv[2])
+merged = {k: v for name in ("lowrank-gpu.json", "intops-gpu.json") if (parts / name).exists()
+          for k, v in json.loads((parts / name).read_text()).items()}
 (out / "lowrank_int_gpu.json").write_text(json.dumps(merged, indent=2) + "\n")
 print(merged)
 PY

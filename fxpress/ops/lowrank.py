@@ -50,7 +50,8 @@ def _triton(function: str) -> dict[str, Launcher]:
             return f"{function} of a non-contiguous input"
         ranks = [v.shape[0] for a, v in zip(tensors, values) if "down" in argument_name(node, a)]
         ranks += [v.shape[-1] for a, v in zip(tensors, values) if argument_name(node, a).startswith("p")]
-        if any(dot_pad(r) > MAX_RANK_PAD for r in ranks if not isinstance(r, torch.SymInt)):
+        # On CUDA the launcher runs the library order (ops/kernels/lowrank_library.py): any rank.
+        if not values[0].is_cuda and any(dot_pad(r) > MAX_RANK_PAD for r in ranks if not isinstance(r, torch.SymInt)):
             return f"{function} with a rank above {MAX_RANK_PAD} (its on-chip accumulator would spill)"
         return None
     return {"triton": Launcher("fxpress.ops.kernels.lowrank", function, refusal)}
@@ -111,9 +112,10 @@ def _factored(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, bias: torch
     return torch.addmm(bias, inner, up.T, out=out)
 
 
-def _row_blocks(rows: int, width: int):
-    """Slices of at least MIN_ROWS rows whose ``width``-wide temporaries hold ~BLOCK_ELEMENTS values."""
-    step = max(MIN_ROWS, BLOCK_ELEMENTS // max(width, 1))
+def _row_blocks(rows: int, width: int, elements: int | None = None):
+    """Slices of at least MIN_ROWS rows whose ``width``-wide temporaries hold ~``elements`` values
+    (BLOCK_ELEMENTS unless given)."""
+    step = max(MIN_ROWS, (elements or BLOCK_ELEMENTS) // max(width, 1))
     for start in range(0, rows, step):
         yield slice(start, min(start + step, rows))
 
@@ -170,9 +172,17 @@ def _ffn_checks(x, down1, up1, bias1, down2, up2, bias2, activation, gate_down, 
 def _ffn_into(x, down1, up1, bias1, down2, up2, bias2, activation, gate_down, gate_up, gate_bias,
               *, out: torch.Tensor) -> None:
     _ffn_checks(x, down1, up1, bias1, down2, up2, bias2, activation, gate_down, gate_up, gate_bias)
+    ffn_over_row_blocks(x, down1, up1, bias1, down2, up2, bias2, activation, gate_down, gate_up, gate_bias, out,
+                        BLOCK_ELEMENTS)
+
+
+def ffn_over_row_blocks(x, down1, up1, bias1, down2, up2, bias2, activation, gate_down, gate_up, gate_bias,
+                        out: torch.Tensor, elements: int) -> None:
+    """The FFN (arguments already checked) over blocks of rows whose D-wide hidden layer holds about
+    ``elements`` values: what the cpu target runs, and with larger blocks the GPU's library order."""
     act = ACTIVATIONS[activation]
     flat, rows_out = x.reshape(-1, x.shape[-1]), out.view(-1, up2.shape[0])
-    for rows in _row_blocks(flat.shape[0], up1.shape[0]):
+    for rows in _row_blocks(flat.shape[0], up1.shape[0], elements):
         block = flat[rows]
         hidden = _factored(block, down1, up1, bias1)
         if gate_down is None:
@@ -304,7 +314,7 @@ def _attention_into(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, num_he
             q = rotated(head_normed(head(pq, q_up, q_bias, h), q_norm, norm_eps), cos, sin, rotary_interleaved)
             # Query blocks keep the mask SDPA needs (a boolean becomes a float one) to a block's worth.
             for rows in _row_blocks(seq, batch * seq_k):
-                mask = _block_mask(attn_mask, h, rows, seq_k, is_causal, q.dtype)
+                mask = _block_mask(attn_mask, h, rows, seq_k, is_causal, q.dtype, q.device)
                 context = F.scaled_dot_product_attention(q[:, :, rows], k, v, attn_mask=mask, scale=scale)[:, 0]
                 if o_down is None:
                     out[:, h, rows] = context
@@ -313,18 +323,18 @@ def _attention_into(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, num_he
 
 
 def _block_mask(attn_mask: torch.Tensor | None, h: int, rows: slice, seq_k: int, is_causal: bool,
-                dtype: torch.dtype) -> torch.Tensor | None:
+                dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
     """The additive mask of one head and block of queries (causality included), or None."""
     mask = None
     if attn_mask is not None:
         mask = attn_mask[:, h:h + 1] if attn_mask.shape[1] > 1 else attn_mask
         mask = mask[:, :, rows] if mask.shape[2] > 1 else mask
         if mask.dtype == torch.bool:
-            mask = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
+            mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
     if is_causal:
-        queries = torch.arange(rows.start, rows.stop).unsqueeze(1)
-        future = torch.arange(seq_k).unsqueeze(0) > queries  # SDPA's is_causal: top-left aligned
-        causal = torch.zeros(future.shape, dtype=dtype).masked_fill_(future, float("-inf"))
+        queries = torch.arange(rows.start, rows.stop, device=device).unsqueeze(1)
+        future = torch.arange(seq_k, device=device).unsqueeze(0) > queries  # SDPA's is_causal: top-left aligned
+        causal = torch.zeros(future.shape, dtype=dtype, device=device).masked_fill_(future, float("-inf"))
         mask = causal if mask is None else mask + causal
     return mask
 

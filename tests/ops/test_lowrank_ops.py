@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 import fxpress.ops  # noqa: F401
 from fxpress.ops import lowrank as ops_lowrank
+from fxpress.ops.kernels import lowrank as kernels
+from fxpress.ops.kernels import lowrank_library as library
 from tests.conftest import max_diff
 from tests.ops import rotary
 
@@ -25,8 +27,11 @@ def _factors(n_in, rank, n_out, bias=True, seed=0):
 
 @pytest.fixture(autouse=True)
 def _small_blocks(monkeypatch):
-    """Blocks of 16 rows (queries), so the tests' small inputs stream over several blocks."""
+    """Blocks of 16 rows (queries), so the tests' small inputs stream over several blocks; on a GPU
+    the launchers run their Triton kernels, except where a test sends them to the library order."""
     monkeypatch.setattr(ops_lowrank, "BLOCK_ELEMENTS", 256)
+    monkeypatch.setattr(kernels, "FUSED_MAX_ROWS", 1 << 62)
+    monkeypatch.setattr(library, "CUDA_BLOCK_BYTES", 1024)  # several steps at test sizes
 
 
 def _chain(x, down, up, bias):
@@ -155,8 +160,7 @@ def _on(device, *tensors):
 
 
 def test_triton_lowrank_linear(device):
-    from fxpress.ops.kernels.lowrank import lowrank_linear
-
+    lowrank_linear = kernels.lowrank_linear
     x, down, up, bias = _on(device, torch.randn(2, 37, 40), *_factors(40, 20, 72))
     out = torch.empty(2, 37, 72, device=device)
     lowrank_linear(x, down, up, bias, out)
@@ -165,8 +169,7 @@ def test_triton_lowrank_linear(device):
 
 @pytest.mark.parametrize("activation, gated", [("gelu", False), ("gelu_tanh", False), ("relu", False), ("silu", True)])
 def test_triton_lowrank_ffn(device, activation, gated):
-    from fxpress.ops.kernels.lowrank import lowrank_ffn
-
+    lowrank_ffn = kernels.lowrank_ffn
     x = torch.randn(33, 32)
     first, second = _factors(32, 8, 80, seed=1), _factors(80, 12, 48, seed=2)
     gate = _factors(32, 6, 80, seed=3) if gated else (None, None, None)
@@ -180,24 +183,85 @@ def test_triton_lowrank_ffn(device, activation, gated):
     ("bool", False, None, False, 1), ("causal", False, None, False, 2), ("additive", True, None, False, 2),
     ("causal", False, "half", False, 1), ("bool", True, "pairs", False, 1), ("causal", True, "half", True, 2)])
 def test_triton_lowrank_attention(device, mask_kind, o_down, rotation, head_norm, passes, monkeypatch):
-    from fxpress.ops.kernels import lowrank as kernels
-
     if passes == 2:  # room for one KV head's K and V per pass: the second pass adds to the first's output
         monkeypatch.setattr(kernels, "KV_SCRATCH_BYTES", 1)
-
-    ps, ups, biases = _attention_inputs(seq=37)
-    keep = torch.rand(2, 1, 37, 37, generator=torch.Generator().manual_seed(3)) > 0.3
-    keep[0, 0, 5] = False  # a query that sees no key: 0, as SDPA gives
-    mask = {"bool": keep, "additive": torch.where(keep, 0.0, float("-inf")), "causal": None}[mask_kind]
-    factor = torch.randn(10, 64) / 8 if o_down else None
-    cos, sin = (None, None) if rotation is None else rotary.tables(
-        2, 37, 16, rotation == "pairs", torch.Generator().manual_seed(4))
-    args = ([t for triple in zip(ps, ups, biases) for t in triple]
-            + [4, 2, mask, mask_kind == "causal", None, factor, cos, sin, rotation == "pairs"])
-    g = torch.Generator().manual_seed(6)  # Gemma 3's q_norm and k_norm before the rotation
-    args += [1 + torch.randn(16, generator=g) / 4, 1 + torch.randn(16, generator=g) / 4] if head_norm else [None, None]
-    args.append(1e-6)
+    args = _kernel_attention_args(mask_kind, o_down, rotation, head_norm)
     expected = lowrank.lowrank_attention(*args)
     out = torch.empty_strided(expected.shape, expected.stride(), device=device)
     kernels.lowrank_attention(*_on(device, *args), out)
     assert max_diff(out.cpu(), expected) <= TOL
+
+
+# The GPU's order (whole sequences, all heads at once) -------------------------------------------
+
+def _kernel_attention_args(mask_kind, o_down, rotation, head_norm):
+    """lowrank_attention's arguments at 2 x 37 tokens, 4 query and 2 KV heads of 16."""
+    ps, ups, biases = _attention_inputs(seq=37)
+    keep = torch.rand(2, 1, 37, 37, generator=torch.Generator().manual_seed(3)) > 0.3
+    keep[0, 0, 5] = False  # a query that sees no key: 0, as SDPA gives
+    mask = {"bool": keep, "causal+bool": keep, "additive": torch.where(keep, 0.0, float("-inf")),
+            "causal": None, "none": None}[mask_kind]
+    factor = torch.randn(10, 64) / 8 if o_down else None
+    cos, sin = (None, None) if rotation is None else rotary.tables(
+        2, 37, 16, rotation == "pairs", torch.Generator().manual_seed(4))
+    args = ([t for triple in zip(ps, ups, biases) for t in triple]
+            + [4, 2, mask, mask_kind.startswith("causal"), None, factor, cos, sin, rotation == "pairs"])
+    g = torch.Generator().manual_seed(6)  # Gemma 3's q_norm and k_norm before the rotation
+    args += [1 + torch.randn(16, generator=g) / 4, 1 + torch.randn(16, generator=g) / 4] if head_norm else [None, None]
+    args.append(1e-6)
+    return args
+
+
+@pytest.mark.parametrize("mask_kind, o_down, rotation, head_norm", [
+    ("none", False, None, False), ("bool", True, None, False), ("additive", False, None, False),
+    ("causal", True, "half", True), ("causal+bool", False, "pairs", False)])
+def test_library_attention_matches_the_per_head_reference(mask_kind, o_down, rotation, head_norm, monkeypatch):
+    """What a GPU runs, here on CPU tensors: one sequence per step, then both in one step."""
+    args = _kernel_attention_args(mask_kind, o_down, rotation, head_norm)
+    expected = lowrank.lowrank_attention(*args)
+    for block_bytes in (1024, 1 << 30):
+        monkeypatch.setattr(library, "CUDA_BLOCK_BYTES", block_bytes)
+        out = torch.full_like(expected, float("nan"))
+        library.attention(*args, out)
+        assert max_diff(out, expected) <= TOL
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, TOL), (torch.bfloat16, 0.02)])
+@pytest.mark.parametrize("gated", [False, True])
+def test_library_ffn_and_linear_match_the_chain(dtype, tolerance, gated):
+    """The FFN over blocks of 16 rows (CUDA_BLOCK_BYTES holds fewer), a ragged last one."""
+    x = torch.randn(37, 32)
+    first, second = _factors(32, 8, 200, seed=1), _factors(200, 12, 48, seed=2)
+    gate = _factors(32, 6, 200, seed=3) if gated else (None, None, None)
+    args = [t.to(dtype) if isinstance(t, torch.Tensor) else t for t in (x, *first, *second, "silu", *gate)]
+    out = torch.empty(37, 48, dtype=dtype)
+    library.ffn(*args, out)
+    expected = lowrank.lowrank_ffn(*[t.double() if isinstance(t, torch.Tensor) else t for t in args])
+    assert max_diff(out.double(), expected) <= tolerance * expected.abs().max()
+    out = torch.empty(37, 200)
+    library.linear(x, *first, out)
+    assert max_diff(out, lowrank.lowrank_linear(x, *first)) <= TOL
+
+
+@pytest.mark.gpu
+def test_cuda_launches_run_the_library_order(monkeypatch):
+    """By default every CUDA launch takes the library order; the same answers as the references."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    monkeypatch.setattr(kernels, "FUSED_MAX_ROWS", 0)
+    for mask_kind, o_down, rotation, head_norm in [("bool", True, None, False), ("causal", False, "half", True),
+                                                   ("causal+bool", True, "pairs", False)]:
+        args = _kernel_attention_args(mask_kind, o_down, rotation, head_norm)
+        expected = lowrank.lowrank_attention(*args)
+        out = torch.empty_strided(expected.shape, expected.stride(), device="cuda")
+        kernels.lowrank_attention(*_on("cuda", *args), out)
+        assert max_diff(out.cpu(), expected) <= TOL, mask_kind
+    x = torch.randn(3, 70, 32)
+    first, second, gate = _factors(32, 8, 80, seed=1), _factors(80, 12, 48, seed=2), _factors(32, 6, 80, seed=3)
+    for args in [(x, *first, *second, "gelu", None, None, None), (x, *first, *second, "silu", *gate)]:
+        out = torch.empty(3, 70, 48, device="cuda")
+        kernels.lowrank_ffn(*_on("cuda", *args), out)
+        assert max_diff(out.cpu(), lowrank.lowrank_ffn(*args)) <= TOL
+    out = torch.empty(3, 70, 80, device="cuda")
+    kernels.lowrank_linear(*_on("cuda", x, *first), out)
+    assert max_diff(out.cpu(), lowrank.lowrank_linear(x, *first)) <= TOL

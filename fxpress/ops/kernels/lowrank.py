@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from fxpress.core.triton_types import dot_pad as _pad
+from fxpress.ops.kernels import lowrank_library as library
 
 SQRT1_2 = 0.7071067811865476
 GELU, GELU_TANH, SILU, RELU = 0, 1, 2, 3
@@ -291,6 +292,19 @@ def lowrank_attention_kernel(pq, q_up, q_bias, keys, values, mask, o_down, cos, 
 
 
 # Launchers: what generated wrappers call, with the op's arguments plus ``out``. -----------------
+#
+# On a GPU a launch of FUSED_MAX_ROWS rows or more runs the op through library kernels instead
+# (``lowrank_library.py``: cuBLAS GEMMs with the wide intermediates a bounded block at a time, and
+# SDPA). Measured on an H200 at BERT-base shapes, the single kernels above were slower at every size
+# from 16 rows to 8192 (1.7-481x the unfused chain, where the library order took 0.7-1.5x), so the
+# default sends every CUDA launch there; a larger value keeps the single kernels, which hold no
+# intermediate in memory at all, for launches below it. The interpreter always runs the kernels.
+FUSED_MAX_ROWS = 0
+
+
+def _streams(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.numel() >= FUSED_MAX_ROWS * x.shape[-1]
+
 
 _DUMMY: dict[torch.device, torch.Tensor] = {}
 
@@ -312,6 +326,8 @@ def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def lowrank_linear(x, down, up, bias, out, BM: int = 32, BK: int = 32, BN: int = 64) -> None:
+    if _streams(x):
+        return library.linear(x, down, up, bias, out)
     flat, rows = _rows(x)
     R, K = down.shape
     N = up.shape[0]
@@ -322,6 +338,8 @@ def lowrank_linear(x, down, up, bias, out, BM: int = 32, BK: int = 32, BN: int =
 
 def lowrank_ffn(x, down1, up1, bias1, down2, up2, bias2, activation, gate_down, gate_up, gate_bias, out,
                 BM: int = 16, BK: int = 32, BD: int = 32, BN: int = 64) -> None:
+    if _streams(x):
+        return library.ffn(x, down1, up1, bias1, down2, up2, bias2, activation, gate_down, gate_up, gate_bias, out)
     flat, rows = _rows(x)
     R1, K = down1.shape
     D, R2, N = up1.shape[0], down2.shape[0], up2.shape[0]
@@ -338,6 +356,10 @@ def lowrank_ffn(x, down1, up1, bias1, down2, up2, bias2, activation, gate_down, 
 def lowrank_attention(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, num_heads, num_kv_heads,
                       attn_mask, is_causal, scale, o_down, cos, sin, rotary_interleaved, q_norm, k_norm,
                       norm_eps, out, BM: int = 32, BN: int = 32) -> None:
+    if _streams(pq):
+        return library.attention(pq, q_up, q_bias, pk, k_up, k_bias, pv, v_up, v_bias, num_heads, num_kv_heads,
+                                 attn_mask, is_causal, scale, o_down, cos, sin, rotary_interleaved, q_norm, k_norm,
+                                 norm_eps, out)
     batch, S, RQ = pq.shape
     SK, RK, RV = pk.shape[1], pk.shape[2], pv.shape[2]
     d = q_up.shape[0] // num_heads
