@@ -1,17 +1,19 @@
-"""How much accuracy SVD compression keeps: plain truncated SVD against activation-aware SVD (the
+"""How much accuracy compression keeps: plain truncated SVD against activation-aware SVD (the
 layers' inputs on calibration data whiten each weight first), at the same parameter count, one
-rank ratio for every layer.
+rank ratio for every layer; low-bit weights by round-to-nearest, BCQ and GPTQ.
 
 Sections:
 
 - ``smollm2``: SmolLM2-135M with every attention and MLP projection factored, 20 % of all its
   parameters gone (``params_kept=0.8``); calibrated on 8 x 256 tokens of lee_background from token
   8192 on; perplexity of its first 1024 tokens (never calibrated on) against the fp32 model's;
+- ``smollm2_weights``: SmolLM2-135M's decoder Linears at 4 and 3 bits (groups of 128) by RTN,
+  BCQ and GPTQ (``compress.quantize(..., calibration=)``); perplexity as above;
 - ``minilm``: all-MiniLM-L6-v2's encoder factored at ``rank_ratio=0.5``; calibrated on
   64 lee_background sentences from the 100th; mean cosine of the sentence embeddings (mean
   pooling) of 64 other sentences to the dense model's.
 
-Run: ``python bench/fidelity.py [smollm2] [minilm] [--json PATH]``
+Run: ``python bench/fidelity.py [smollm2] [smollm2_weights] [minilm] [--json PATH]``
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from fxpress import compress, workloads  # noqa: E402
 from fxpress.hf.perplexity import perplexity  # noqa: E402
 
 
-def _report(name: str, rows: list[dict[str, Any]], measure: str) -> None:
-    print(f"\n{name}\n\n| variant | parameters kept | {measure} | vs dense |\n|---|---|---|---|")
+def _report(name: str, rows: list[dict[str, Any]], measure: str, kept: str = "parameters kept") -> None:
+    print(f"\n{name}\n\n| variant | {kept} | {measure} | vs dense |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['kept']:.3f} | {r['value']:.4f} | {r['ratio']:.3f} |")
 
@@ -50,6 +52,30 @@ def smollm2() -> list[dict[str, Any]]:
         rows.append({"variant": variant, "kept": result.kept, "value": value, "ratio": value / dense})
     _report("SmolLM2-135M, 20 % of parameters removed by SVD: perplexity on 1024 tokens",
             rows, "perplexity")
+    return rows
+
+
+@torch.no_grad()
+def smollm2_weights() -> list[dict[str, Any]]:
+    """Low-bit weights for every Linear of the decoder layers: RTN, BCQ and GPTQ (calibrated on
+    32 x 256 tokens from token 8192 on: with the SVD's 8 x 256, GPTQ fitted the 1536-input
+    down_proj's inputs too closely to help on other text) at 4 and 3 bits, groups of 128."""
+    model, tokenizer = workloads.load_smollm2()
+    ids = tokenizer(workloads.lee_background(), return_tensors="pt")["input_ids"]
+    scored = ids[:, :1024]
+    calibration = [{"input_ids": ids[:, 8192 + 256 * i:8192 + 256 * (i + 1)], "use_cache": False} for i in range(32)]
+    dense = perplexity(model, scored)
+    rows = [{"variant": "fp32 (the GGUF Q4_1 weights, dequantised)", "kept": 32.0, "value": dense, "ratio": 1.0}]
+    for bits in (4, 3):
+        for method, batches in (("rtn", None), ("bcq", None), ("gptq", calibration)):
+            result = compress.quantize(model, bits=bits, group_size=128, method=method, targets="*layers*",
+                                       calibration=batches)
+            value = perplexity(result.model, scored)
+            per_weight = 8 * result.weight_bytes / (result.fp32_bytes / 4)
+            rows.append({"variant": f"{method.upper()} {bits}-bit", "kept": per_weight, "value": value,
+                         "ratio": value / dense})
+    _report("SmolLM2-135M, decoder Linears at low bit (groups of 128): perplexity on 1024 tokens",
+            rows, "perplexity", kept="bits per weight, scales included")
     return rows
 
 
@@ -79,4 +105,4 @@ def minilm() -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    run_sections({"smollm2": smollm2, "minilm": minilm})
+    run_sections({"smollm2": smollm2, "smollm2_weights": smollm2_weights, "minilm": minilm})

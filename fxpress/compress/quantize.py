@@ -1,5 +1,6 @@
-"""``fxpress.compress.quantize``: Linear layers to low-bit ``QuantizedLinear`` (RTN or BCQ), and the
-real low-bit weights of a GGUF file (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K) into the same format.
+"""``fxpress.compress.quantize``: Linear layers to low-bit ``QuantizedLinear`` (RTN, BCQ, or GPTQ with
+calibration data), and the real low-bit weights of a GGUF file (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K)
+into the same format.
 
     result = fxpress.compress.quantize(model, bits=3, group_size=128, method="bcq")
     compiled = torch.compile(result.model, backend="fxpress")   # lut_matmul: no dequantised weights
@@ -10,12 +11,14 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from torch import nn
 
 import fxpress.lowbit as lowbit
 from fxpress.core.progress import progress
+from fxpress.compress.calibration import input_grams
+from fxpress.compress.gptq import gptq
 from fxpress.compress.layer_records import record as record_layers
 from fxpress.compress.linear_layers import matching_linears, set_submodule
 from fxpress.compress.quantized_linear import QuantizedLinear
@@ -38,21 +41,33 @@ class QuantizeResult:
                 f"mean {sum(errors) / max(len(errors), 1):.4f}, max {max(errors, default=0):.4f}")
 
 
-def quantize(model: nn.Module, bits: int = 4, group_size: int = 128, method: str = "rtn",
-             targets: str | Iterable[str] = "*", skip: Iterable[str] = ("lm_head",)) -> QuantizeResult:
+def quantize(model: nn.Module, bits: int = 4, group_size: int = 128, method: str | None = None,
+             targets: str | Iterable[str] = "*", skip: Iterable[str] = ("lm_head",),
+             calibration: Iterable[Any] | None = None) -> QuantizeResult:
     """A copy of ``model`` whose ``nn.Linear`` layers (and transformers ``Conv1D``, GPT-2's) matching
-    ``targets`` (globs) and not ``skip`` are ``QuantizedLinear``. ``method``: ``"rtn"`` (uniform asymmetric) or ``"bcq"`` (LUT-GEMM's
-    binary-coding quantisation)."""
-    if method not in METHODS:
-        raise lowbit.QuantizeError(f"method={method!r} is not one of {sorted(METHODS)}")
+    ``targets`` (globs) and not ``skip`` are ``QuantizedLinear``. ``method``: ``"rtn"`` (uniform
+    asymmetric round-to-nearest), ``"bcq"`` (LUT-GEMM's binary-coding quantisation) or ``"gptq"``
+    (uniform codes that minimise each layer's output error on ``calibration``, a few batches of
+    model inputs as ``compress.svd`` takes them). The default is ``"gptq"`` when calibration
+    batches are given, else ``"rtn"``."""
+    method = method or ("gptq" if calibration is not None else "rtn")
+    if method not in METHODS and method != "gptq":
+        raise lowbit.QuantizeError(f"method={method!r} is not one of {sorted([*METHODS, 'gptq'])}")
+    if (method == "gptq") != (calibration is not None):
+        raise lowbit.QuantizeError(f"method={method!r} with{'out' if calibration is None else ''} calibration=: "
+                                   "GPTQ needs calibration batches, and only GPTQ uses them")
     lowbit.check_format(bits, group_size)
     patterns = [targets] if isinstance(targets, str) else list(targets)
     skipped = list(skip)
     out = copy.deepcopy(model)
     result = QuantizeResult(out)
     layers = matching_linears(out, patterns, skipped)
+    grams = input_grams(out, layers, calibration, "fxpress.compress.quantize") if calibration is not None else {}
     for name, module in progress(layers.items(), f"quantize ({method}, {bits}-bit)", total=len(layers)):
-        weight = METHODS[method](module.weight, bits, group_size)
+        if method == "gptq":
+            weight = gptq(module.weight, grams[name], bits, group_size)
+        else:
+            weight = METHODS[method](module.weight, bits, group_size)
         _replace(result, name, module, weight)
     if not result.layers:
         raise lowbit.QuantizeError(f"no nn.Linear layer matches targets={patterns} outside skip={skipped}")

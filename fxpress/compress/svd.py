@@ -19,6 +19,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
+from fxpress.compress.calibration import input_grams
 from fxpress.compress.layer_records import record as record_layers
 from fxpress.compress.linear_layers import matching_linears, set_submodule
 from fxpress.compress.low_rank_linear import LowRankLinear
@@ -112,7 +113,7 @@ def svd(
         raise ValueError(f"fxpress.compress.svd: no nn.Linear layer matches targets={patterns}")
     if params_kept is not None:
         rank_ratio = _ratio_keeping(model, linears, params_kept)
-    grams = _calibration_grams(compressed, linears, calibration) if calibration is not None else {}
+    grams = input_grams(compressed, linears, calibration, "fxpress.compress.svd") if calibration is not None else {}
 
     result = SVDResult(compressed, params_before=sum(p.numel() for p in model.parameters()))
     for name, linear in progress(linears.items(), "svd", total=len(linears)):
@@ -199,32 +200,3 @@ def _cholesky(gram: torch.Tensor) -> torch.Tensor:
         damp *= 10
     raise ValueError("fxpress.compress.svd: calibration activations are degenerate (Gram matrix not "
                      "positive definite even after damping); give more or more varied calibration data")
-
-
-@torch.no_grad()
-def _calibration_grams(model: nn.Module, linears: dict[str, nn.Linear], batches: Iterable[Any]) -> dict[str, torch.Tensor]:
-    grams: dict[str, torch.Tensor] = {}
-
-    def hook(name: str):
-        def accumulate(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, module.in_features).to(torch.float64)
-            grams[name] = grams.get(name, 0) + x.T @ x
-        return accumulate
-
-    handles = [m.register_forward_pre_hook(hook(name)) for name, m in linears.items()]
-    try:
-        count = 0
-        for batch in progress(batches, "svd calibration"):
-            if isinstance(batch, Mapping):
-                model(**batch)
-            elif isinstance(batch, (tuple, list)):
-                model(*batch)
-            else:
-                model(batch)
-            count += 1
-    finally:
-        for handle in handles:
-            handle.remove()
-    if count == 0:
-        raise ValueError("fxpress.compress.svd: calibration= gave no batches")
-    return grams

@@ -1,0 +1,64 @@
+"""GPTQ: codes on each group's grid, error feedback that cuts the layer's output error on the
+calibration inputs, and compress.quantize choosing it when calibration batches are given."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fxpress.lowbit as lowbit
+from fxpress.compress import quantize
+from fxpress.compress.gptq import gptq
+
+
+def _correlated_inputs(rows: int, features: int, seed: int, mix_seed: int = 0) -> torch.Tensor:
+    """Samples (``seed``) of one distribution (``mix_seed``) whose features are strongly correlated."""
+    mix = torch.randn(features, features, generator=torch.Generator().manual_seed(mix_seed))
+    mix *= torch.logspace(0, -2, features)
+    return torch.randn(rows, features, generator=torch.Generator().manual_seed(seed)) @ mix
+
+
+def test_without_correlations_each_weight_rounds_to_its_groups_grid():
+    """With H = I no error reaches another column: every weight moves by at most half a step."""
+    w = torch.randn(6, 70, generator=torch.Generator().manual_seed(0))
+    q = gptq(w, torch.eye(70), bits=3, group_size=32)
+    step = q.alpha[..., 0] * 2  # [out, groups]
+    per_column = step.repeat_interleave(32, dim=1)[:, :70]
+    assert ((q.dequantize() - w).abs() <= per_column / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_error_feedback_cuts_the_output_error_on_the_calibration_inputs(bits):
+    w = torch.randn(16, 96, generator=torch.Generator().manual_seed(1))
+    x = _correlated_inputs(512, 96, seed=2)
+    calibrated = gptq(w, x.T.double() @ x.double(), bits=bits, group_size=32)
+    nearest = lowbit.rtn(w, bits, 32)
+    error = lambda q: float(((q.dequantize() - w) @ x.T).norm())  # noqa: E731
+    assert error(calibrated) < 0.8 * error(nearest)
+
+
+def test_inputs_that_are_always_zero_do_not_break_it():
+    w = torch.randn(4, 64, generator=torch.Generator().manual_seed(3))
+    x = _correlated_inputs(128, 64, seed=4)
+    x[:, 10] = 0
+    q = gptq(w, x.T @ x, bits=4, group_size=32)
+    assert torch.isfinite(q.dequantize()).all()
+    with pytest.raises(lowbit.QuantizeError, match=r"Gram matrix is \(63, 63\), the weight has 64 inputs"):
+        gptq(w, torch.eye(63), bits=4, group_size=32)
+
+
+def test_quantize_uses_gptq_when_given_calibration_batches():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
+    batches = [_correlated_inputs(64, 64, seed=6 + i) for i in range(3)]
+    calibrated = quantize(model, bits=3, group_size=32, calibration=batches)
+    nearest = quantize(model, bits=3, group_size=32)
+    x = _correlated_inputs(256, 64, seed=20)
+    with torch.no_grad():
+        error = lambda m: float((m(x) - model(x)).norm())  # noqa: E731
+        assert error(calibrated.model) < error(nearest.model)
+    with pytest.raises(lowbit.QuantizeError, match="GPTQ needs calibration batches"):
+        quantize(model, bits=3, group_size=32, method="gptq")
+    with pytest.raises(lowbit.QuantizeError, match="only GPTQ uses them"):
+        quantize(model, bits=3, group_size=32, method="bcq", calibration=batches)
