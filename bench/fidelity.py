@@ -38,13 +38,20 @@ def _report(name: str, rows: list[dict[str, Any]], measure: str, kept: str = "pa
         print(f"| {r['variant']} | {r['kept']:.3f} | {r['value']:.4f} | {r['ratio']:.3f} |")
 
 
-@torch.no_grad()
-def smollm2() -> list[dict[str, Any]]:
+def _smollm2_text(batches: int) -> tuple[Any, torch.Tensor, list[dict[str, Any]], float]:
+    """SmolLM2, the 1024 scored tokens, ``batches`` x 256 calibration tokens from token 8192 on,
+    and the model's own perplexity."""
     model, tokenizer = workloads.load_smollm2()
     ids = tokenizer(workloads.lee_background(), return_tensors="pt")["input_ids"]
     scored = ids[:, :1024]
-    calibration = [{"input_ids": ids[:, 8192 + 256 * i:8192 + 256 * (i + 1)], "use_cache": False} for i in range(8)]
-    dense = perplexity(model, scored)
+    calibration = [{"input_ids": ids[:, 8192 + 256 * i:8192 + 256 * (i + 1)], "use_cache": False}
+                   for i in range(batches)]
+    return model, scored, calibration, perplexity(model, scored)
+
+
+@torch.no_grad()
+def smollm2() -> list[dict[str, Any]]:
+    model, scored, calibration, dense = _smollm2_text(8)
     rows = [{"variant": "fp32", "kept": 1.0, "value": dense, "ratio": 1.0}]
     for variant, batches in (("SVD", None), ("activation-aware SVD", calibration)):
         result = compress.svd(model, params_kept=0.8, targets="*layers*", calibration=batches)
@@ -60,11 +67,7 @@ def smollm2_weights() -> list[dict[str, Any]]:
     """Low-bit weights for every Linear of the decoder layers: RTN, BCQ and GPTQ (calibrated on
     32 x 256 tokens from token 8192 on: with the SVD's 8 x 256, GPTQ fitted the 1536-input
     down_proj's inputs too closely to help on other text) at 4 and 3 bits, groups of 128."""
-    model, tokenizer = workloads.load_smollm2()
-    ids = tokenizer(workloads.lee_background(), return_tensors="pt")["input_ids"]
-    scored = ids[:, :1024]
-    calibration = [{"input_ids": ids[:, 8192 + 256 * i:8192 + 256 * (i + 1)], "use_cache": False} for i in range(32)]
-    dense = perplexity(model, scored)
+    model, scored, calibration, dense = _smollm2_text(32)
     rows = [{"variant": "fp32 (the GGUF Q4_1 weights, dequantised)", "kept": 32.0, "value": dense, "ratio": 1.0}]
     for bits in (4, 3):
         for method, batches in (("rtn", None), ("bcq", None), ("gptq", calibration)):

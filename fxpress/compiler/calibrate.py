@@ -10,13 +10,14 @@ over all samples divided by 127 (``IntegerCalibration.scale``).
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
 
 from fxpress.compiler.capture import capture_and_compile
 from fxpress.core.errors import IntegerError
+from fxpress.core.model_inputs import call_with
 from fxpress.core.progress import progress
 from fxpress.integer.calibration import IntegerCalibration
 from fxpress.integer.quantize import masked_positions
@@ -79,12 +80,7 @@ def calibrate_integer(model: Any, samples: Iterable[Any], *, sdpa: bool = False)
     compiled = torch.compile(model, backend=backend)
     with torch.no_grad():
         for sample in progress(samples, "calibrate_integer"):
-            if isinstance(sample, Mapping):
-                compiled(**sample)
-            elif isinstance(sample, (tuple, list)):
-                compiled(*sample)
-            else:
-                compiled(sample)
+            call_with(compiled, sample)
             count += 1
     torch._dynamo.reset()
     if count == 0:

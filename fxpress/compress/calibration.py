@@ -4,11 +4,12 @@ accumulated over a few batches of model inputs run through the uncompressed mode
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
+from fxpress.core.model_inputs import call_with
 from fxpress.core.progress import progress
 
 
@@ -29,12 +30,7 @@ def input_grams(model: nn.Module, linears: dict[str, nn.Linear], batches: Iterab
     try:
         count = 0
         for batch in progress(batches, f"{caller.rsplit('.', 1)[-1]} calibration"):
-            if isinstance(batch, Mapping):
-                model(**batch)
-            elif isinstance(batch, (tuple, list)):
-                model(*batch)
-            else:
-                model(batch)
+            call_with(model, batch)
             count += 1
     finally:
         for handle in handles:
