@@ -51,7 +51,8 @@ def _triton(function: str) -> dict[str, Launcher]:
         ranks = [v.shape[0] for a, v in zip(tensors, values) if "down" in argument_name(node, a)]
         ranks += [v.shape[-1] for a, v in zip(tensors, values) if argument_name(node, a).startswith("p")]
         # On CUDA the launcher runs the library order (ops/kernels/lowrank_library.py): any rank.
-        if not values[0].is_cuda and any(dot_pad(r) > MAX_RANK_PAD for r in ranks if not isinstance(r, torch.SymInt)):
+        wide = any(dot_pad(r) > MAX_RANK_PAD for r in ranks if not isinstance(r, torch.SymInt))
+        if wide and not values[0].is_cuda:
             return f"{function} with a rank above {MAX_RANK_PAD} (its on-chip accumulator would spill)"
         return None
     return {"triton": Launcher("fxpress.ops.kernels.lowrank", function, refusal)}

@@ -295,10 +295,13 @@ def lowrank_attention_kernel(pq, q_up, q_bias, keys, values, mask, o_down, cos, 
 #
 # On a GPU a launch of FUSED_MAX_ROWS rows or more runs the op through library kernels instead
 # (``lowrank_library.py``: cuBLAS GEMMs with the wide intermediates a bounded block at a time, and
-# SDPA). Measured on an H200 at BERT-base shapes, the single kernels above were slower at every size
-# from 16 rows to 8192 (1.7-481x the unfused chain, where the library order took 0.7-1.5x), so the
-# default sends every CUDA launch there; a larger value keeps the single kernels, which hold no
-# intermediate in memory at all, for launches below it. The interpreter always runs the kernels.
+# SDPA). Measured on an H200 at BERT-base shapes (bench/results/lowrank-gpu-h200-2026-12-04b.md),
+# the FFN kernel above took 1.7-481x the unfused chain's time from 16 to 8192 rows, the library
+# order 0.7-2.2x; the attention kernel 32x in fp32 and 5.4x in fp16, the library order 2.3x and
+# 7.0x at its default blocks (1.4x and 3.6x at 32 MiB). On whole models the kernels took 69x
+# (fp32 BERT-base) and 9.3x (a SmolLM2-shaped decoder) the unfused time, the library order 1.8x and
+# 0.82x. So every CUDA launch goes there by default; a larger value keeps the single kernels, which
+# hold no intermediate in memory at all, for launches below it. The interpreter runs the kernels.
 FUSED_MAX_ROWS = 0
 
 
