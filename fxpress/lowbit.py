@@ -137,32 +137,36 @@ def rtn(weight: torch.Tensor, bits: int, group_size: int = 128) -> BitPlaneWeigh
 
 
 def bcq(weight: torch.Tensor, bits: int, group_size: int = 128, rounds: int = BCQ_ROUNDS) -> BitPlaneWeight:
-    """Binary-coding quantisation (LUT-GEMM): greedy signs and scales, then alternating refinement."""
+    """Binary-coding quantisation with an offset (LUT-GEMM's ``w = sum_i alpha_i s_i + z``),
+    refined by alternating least squares from the uniform grid.
+
+    The offset lets BCQ hold any uniform grid exactly, so it starts from round-to-nearest's and
+    each round can only lower the weight error: the scales and offset by least squares given the
+    signs, then the signs by the nearest of the 2^q values given the scales. Without the offset,
+    LUT-GEMM's greedy start clipped each group's largest weights: SmolLM2's perplexity was 66.1
+    at 4 bits and 7444 at 3 (RTN 37.5 and 160.5); with it, 38.1 and 118.6."""
     check_format(bits, group_size, weight.shape[1])
     w, valid = _grouped(weight, group_size), _valid(weight.shape[1], group_size)
+    n, groups, size = w.shape
     count = valid.sum(-1).clamp(min=1)
-    residual = w.clone()
-    signs, alphas = [], []
-    for _ in range(bits):  # greedy: each plane takes the sign and the mean magnitude of what is left
-        s = torch.where(residual >= 0, 1.0, -1.0)
-        a = (residual.abs() * valid).sum(-1) / count
-        residual -= a.unsqueeze(-1) * s
-        signs.append(s)
-        alphas.append(a)
-    signs_t, alpha = torch.stack(signs, -1), torch.stack(alphas, -1)  # [n, G, g, q], [n, G, q]
+    start = rtn(weight, bits, group_size)
+    signs_t = (unpack(start.planes).to(torch.float32) * 2 - 1).view(bits, n, groups, size).permute(1, 2, 3, 0)
+    alpha, beta = start.alpha, start.beta
     candidates = _sign_table(bits)  # [2^q, q]
+    ones = torch.ones(n, groups, size, 1)
     for _ in range(rounds):
-        # alpha: least squares over the group's real columns, (B^T B) alpha = B^T w
-        b = signs_t * valid.unsqueeze(-1)
+        # alpha and z: least squares over the group's real columns, [B 1]^T [B 1] (alpha, z) = [B 1]^T w
+        b = torch.cat([signs_t, ones], -1) * valid.unsqueeze(-1)
         # A small ridge keeps the solve defined when two planes agree on every sign of a group.
-        gram = b.transpose(-1, -2) @ b + (1e-4 * count)[..., None, None] * torch.eye(bits)
-        alpha = torch.linalg.solve(gram, (b.transpose(-1, -2) @ w.unsqueeze(-1))).squeeze(-1)
-        # signs: each weight takes the nearest of the 2^q values the group's alphas can make
-        values = alpha @ candidates.T  # [n, G, 2^q]
+        gram = b.transpose(-1, -2) @ b + (1e-6 * count)[..., None, None] * torch.eye(bits + 1)
+        solved = torch.linalg.solve(gram, (b.transpose(-1, -2) @ w.unsqueeze(-1))).squeeze(-1)
+        alpha, beta = solved[..., :bits], solved[..., bits]
+        # signs: each weight takes the nearest of the 2^q values the group's alphas and offset make
+        values = beta.unsqueeze(-1) + alpha @ candidates.T  # [n, G, 2^q]
         nearest = (w.unsqueeze(-1) - values.unsqueeze(-2)).abs().argmin(-1)  # [n, G, g]
         signs_t = candidates[nearest]
     planes = ((signs_t > 0).to(torch.int64) * valid.unsqueeze(-1).to(torch.int64)).permute(3, 0, 1, 2).flatten(-2)
-    return BitPlaneWeight(pack(planes), alpha, torch.zeros(alpha.shape[:2]), weight.shape[1], group_size)
+    return BitPlaneWeight(pack(planes), alpha.contiguous(), beta.contiguous(), weight.shape[1], group_size)
 
 
 def from_codes(codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, bits: int,
