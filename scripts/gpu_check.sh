@@ -3,10 +3,12 @@
 # one device call):
 #   kernels      real Triton compilation and GPU correctness of every kernel (the tests marked
 #                gpu), and the LUT, integer-op and KV tables;
-#   lowrank_int  the low-rank ops alone (each strategy against the unfused chain), the low-rank
-#                models (BERT-base, rotary SmolLM2 shape; fp32 and fp16) and the integer-only
-#                MiniLM forward (with a profile), the goal ratios merged into $OUT/lowrank_int_gpu.json.
-# Run: OUT=bench/out bash scripts/gpu_check.sh [kernels] [lowrank_int]
+#   lowrank_int  the low-rank models (BERT-base, rotary SmolLM2 shape; fp32 and fp16; 16 and 32
+#                MiB blocks; replayed as CUDA graphs; a kernel profile of fused BERT-base) and the
+#                integer-only MiniLM forward (plain and replayed, with a profile), the goal ratios
+#                merged into $OUT/lowrank_int_gpu.json; the GPU tests of both and of CUDA graph replay.
+#   lowrank_ops  the low-rank ops alone, each strategy against the unfused chain (not by default).
+# Run: OUT=bench/out bash scripts/gpu_check.sh [kernels] [lowrank_int] [lowrank_ops]
 set -u
 export PYTHONPATH=$PWD TRITON_INTERPRET=0
 OUT=${OUT:-bench/out}
@@ -23,12 +25,12 @@ fi
 
 if [[ " $sections " == *" lowrank_int "* ]]; then
   parts=$(mktemp -d)  # the per-bench JSON, merged below ($OUT brings back at most 8 files)
-  python3 -m pytest -q -m gpu tests/ops/test_lowrank_ops.py 2>&1 | tail -5 | tee "$OUT/gpu-tests-lowrank.txt"
-  python3 bench/lowrank_ops_gpu.py --markdown "$OUT/lowrank-ops-gpu.md" 2>&1 | tail -3
-  python3 bench/lowrank_gpu.py --seqs 512 --dtypes float32 float16 --markdown "$OUT/lowrank-gpu.md" \
-    --json "$parts/lowrank-gpu.json" 2>&1 | tail -8
-  python3 bench/intops_gpu.py --seqs 128 --markdown "$OUT/intops-gpu.md" --json "$parts/intops-gpu.json" \
+  python3 -m pytest -q -m gpu tests/ops/test_lowrank_ops.py tests/runtime/test_cuda_graphs.py 2>&1 | tail -8 \
+    | tee "$OUT/gpu-tests-lowrank-replay.txt"
+  timeout 150 python3 bench/intops_gpu.py --seqs 128 --markdown "$OUT/intops-gpu.md" --json "$parts/intops-gpu.json" \
     --profile "$OUT/intops-profile.txt" 2>&1 | tail -12
+  timeout 240 python3 bench/lowrank_gpu.py --seqs 512 --dtypes float32 float16 --blocks 16 32 --replay \
+    --profile "$OUT/lowrank-profile.txt" --markdown "$OUT/lowrank-gpu.md" --json "$parts/lowrank-gpu.json" 2>&1 | tail -8
   python3 - "$parts" "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
@@ -38,4 +40,8 @@ merged = {k: v for name in ("lowrank-gpu.json", "intops-gpu.json") if (parts / n
 (out / "lowrank_int_gpu.json").write_text(json.dumps(merged, indent=2) + "\n")
 print(merged)
 PY
+fi
+
+if [[ " $sections " == *" lowrank_ops "* ]]; then
+  python3 bench/lowrank_ops_gpu.py --markdown "$OUT/lowrank-ops-gpu.md" 2>&1 | tail -3
 fi

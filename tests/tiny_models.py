@@ -29,5 +29,5 @@ def tiny_gpt2() -> GPT2LMHeadModel:
     return GPT2LMHeadModel._from_config(cfg, attn_implementation="sdpa").eval()
 
 
-def token_ids(batch: int = 2, length: int = 12) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(1))
+def token_ids(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))

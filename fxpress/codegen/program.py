@@ -19,6 +19,7 @@ from fxpress.codegen.plan_memory import MemoryPlan
 from fxpress.codegen.schedule import Schedule
 from fxpress.codegen.targets import GeneratedKernel, Target
 from fxpress.codegen.wrapper import emit_wrapper
+from fxpress.runtime.cuda_graphs import CudaGraphRunner
 from fxpress.runtime.wrapper_cache import load_wrapper
 
 
@@ -48,15 +49,17 @@ def wrapper_source(gm: fx.GraphModule, schedule: Schedule, plan: MemoryPlan, tit
 
 class WrapperProgram:
     """A boxed callable (AOTAutograd's calling convention): takes the flat argument list and
-    clears it, so inputs can be freed as soon as the graph is done with them."""
+    clears it, so inputs can be freed as soon as the graph is done with them. With ``cuda_graphs``
+    each input layout is captured once and replayed (``fxpress.runtime.cuda_graphs``)."""
 
     _boxed_call = True
 
     def __init__(self, gm: fx.GraphModule, schedule: Schedule, plan: MemoryPlan,
-                 runtime_inputs: tuple[int, ...], title: str, target: Target) -> None:
+                 runtime_inputs: tuple[int, ...], title: str, target: Target, cuda_graphs: bool = False) -> None:
         constants = {n.target: getattr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"}
         self.source, self.generated, self.not_generated = wrapper_source(gm, schedule, plan, title, target)
-        self._call = load_wrapper(self.source, constants).call
+        module = load_wrapper(self.source, constants)
+        self._call = CudaGraphRunner(module.call, module._arenas, title) if cuda_graphs else module.call
         self.runtime_inputs = runtime_inputs
 
     def __call__(self, args: list[Any]) -> Any:

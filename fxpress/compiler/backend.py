@@ -132,9 +132,13 @@ def fxpress_backend(
     options: Mapping[str, Any] | None = None,
     mode: str | None = None,
 ) -> Callable[..., Any]:
-    """Entry point for ``torch.compile(model, backend="fxpress", options={...})``."""
-    if mode not in (None, "default"):
-        raise OptionError(f"fxpress has no compile modes (got mode={mode!r}); pass options={{...}}")
+    """Entry point for ``torch.compile(model, backend="fxpress", options={...})``; ``mode="reduce-overhead"``
+    is ``options={"cuda_graphs": True}``."""
+    if mode not in (None, "default", "reduce-overhead"):
+        raise OptionError(f"fxpress knows the compile modes 'default' and 'reduce-overhead' (CUDA graphs), "
+                          f"not mode={mode!r}; pass options={{...}}")
+    if mode == "reduce-overhead":
+        options = {"cuda_graphs": True, **(options or {})}
     return Backend(Options.create(options))(gm, example_inputs)
 
 

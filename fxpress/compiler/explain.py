@@ -41,6 +41,8 @@ class Report:
         for g in self.graphs:
             out.append(g.summary())
             out += [f"  {note}" for note in g.target_notes]
+            if g.cuda_graphs:
+                out.append(f"  CUDA graph replay: {g.cuda_graphs}")
             if g.fallback_reason:
                 out += [f"  unsupported: {u}" for u in g.unsupported]
                 continue

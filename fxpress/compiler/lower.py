@@ -23,6 +23,7 @@ from fxpress.compiler.report import GraphReport, op_histogram
 from fxpress.core.errors import UnsupportedGraphError
 from fxpress.core.logs import kernel_log
 from fxpress.ir.options import Options
+from fxpress.ir.replay import replay_refusal
 from fxpress.ir.support import find_unsupported
 
 
@@ -49,7 +50,10 @@ def lower_captured(captured: CapturedGraph, opts: Options, passes: tuple[tuple[s
     # "auto": by where the graph's tensors live, and whether a target's tools work here
     target, report.target_notes = resolve_target(opts.target, graph_devices(final))
     report.target = target.name
-    program = WrapperProgram(final, schedule, plan, captured.runtime_inputs, f"graph {report.index}", target)
+    replay_refused = replay_refusal(final) if opts.cuda_graphs else None
+    report.cuda_graphs = "" if not opts.cuda_graphs else f"off: {replay_refused}" if replay_refused else "on"
+    program = WrapperProgram(final, schedule, plan, captured.runtime_inputs, f"graph {report.index}", target,
+                             cuda_graphs=opts.cuda_graphs and replay_refused is None)
     report.kernels = [(k.name, k.kind, k.nodes) for k in schedule.kernels]
     report.plan = plan.figures() | {"order": plan.order_chosen}
     report.memory_plan = plan

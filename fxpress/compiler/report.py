@@ -47,6 +47,7 @@ class GraphReport:
     generated: dict[str, str] = field(default_factory=dict)  # kernel -> generated Triton source
     not_generated: dict[str, str] = field(default_factory=dict)  # kernel -> why it stays torch
     integer_errors: list[dict[str, Any]] = field(default_factory=list)  # per integer-only site, measured
+    cuda_graphs: str = ""  # with Options(cuda_graphs=True): "on", or "off: why"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -68,6 +69,7 @@ class GraphReport:
             "generated": self.generated,
             "not_generated": self.not_generated,
             "integer_errors": self.integer_errors,
+            "cuda_graphs": self.cuda_graphs,
         }
 
     def plan_summary(self) -> str:

@@ -81,6 +81,9 @@ _VALID: dict[str, tuple[Callable[[Any], bool], str]] = {
                      "this many rows, dequantise-per-tile GEMM above"),
     "integer": (lambda v: v is None or isinstance(v, IntegerOnly),
                 "fxpress.IntegerOnly(...) or None: integer-only softmax, GELU and LayerNorm (I-BERT / I-ViT)"),
+    "cuda_graphs": (lambda v: isinstance(v, bool),
+                    "bool: replay each input layout of a CUDA graph as one CUDA graph (mode='reduce-overhead'); "
+                    "results are copies, graphs that write their inputs or keep KV state run plainly"),
 }
 
 
@@ -95,6 +98,7 @@ class Options:
     kv: Any = None
     lut_max_rows: int | None = None
     integer: Any = None
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from typing import Any
@@ -37,9 +38,22 @@ class ArenaPool:
     def __init__(self, max_idle: int = 8) -> None:
         self._idle: dict[Any, list[Any]] = {}
         self._lock = threading.Lock()
+        self._apart = threading.local()
         self.max_idle = max_idle
 
+    @contextlib.contextmanager
+    def kept_apart(self):
+        """Within it, this thread's calls make arenas of their own and never give them back: a CUDA
+        graph being captured bakes its arena's address in, so no other call may ever use it."""
+        self._apart.on = True
+        try:
+            yield
+        finally:
+            self._apart.on = False
+
     def take(self, key: Any) -> Any:
+        if getattr(self._apart, "on", False):
+            return None
         with self._lock:
             idle = self._idle.get(key)
             if idle is None:
@@ -48,6 +62,8 @@ class ArenaPool:
             return idle.pop() if idle else None
 
     def give_back(self, key: Any, slots: Any) -> None:
+        if getattr(self._apart, "on", False):
+            return
         with self._lock:
             idle = self._idle.get(key)
             if idle is not None and len(idle) < self.max_idle:
