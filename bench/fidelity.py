@@ -9,15 +9,21 @@ Sections:
   8192 on; perplexity of its first 1024 tokens (never calibrated on) against the fp32 model's;
 - ``smollm2_weights``: SmolLM2-135M's decoder Linears at 4 and 3 bits (groups of 128) by RTN,
   BCQ and GPTQ (``compress.quantize(..., calibration=)``); perplexity as above;
+- ``smollm2_kv``: SmolLM2-135M's KV cache by KIVI at 4 and 2 bits, keys plain and rotated
+  (``KIVI(rotate=True)``), windows of 128 and 32 tokens, and the paper's KIVI-2; for each of three
+  Wikipedia articles (``workloads.wikipedia_article``: text no other workload uses), a 1536-token
+  prefix, then the perplexity of the next 256 tokens against an uncompressed cache, and the cache's
+  bytes at the prefix as a fraction of an fp16 cache's; last, each policy's geometric mean ratio;
 - ``minilm``: all-MiniLM-L6-v2's encoder factored at ``rank_ratio=0.5``; calibrated on
   64 lee_background sentences from the 100th; mean cosine of the sentence embeddings (mean
   pooling) of 64 other sentences to the dense model's.
 
-Run: ``python bench/fidelity.py [smollm2] [smollm2_weights] [minilm] [--json PATH]``
+Run: ``python bench/fidelity.py [smollm2] [smollm2_weights] [smollm2_kv] [minilm] [--json PATH]``
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -82,6 +88,49 @@ def smollm2_weights() -> list[dict[str, Any]]:
     return rows
 
 
+KV_PREFIX, KV_SCORED = 1536, 256
+KV_ARTICLES = {1: "Anarchism", 142: "Alkali metal", 68: "Abraham Lincoln"}  # of workloads.WIKIPEDIA_DUMP
+
+
+@torch.no_grad()
+def smollm2_kv() -> list[dict[str, Any]]:
+    from transformers import DynamicCache
+
+    from fxpress.hf.cache_argument import cache_argument
+    from fxpress.hf.kv_cache import kv_cache
+    from fxpress.kv import KIVI
+
+    model, tokenizer = workloads.load_smollm2()
+    config = model.config
+    fp16_bytes = 2 * config.num_key_value_heads * config.head_dim * 2 * config.num_hidden_layers * KV_PREFIX
+    policies = {"KIVI-4": KIVI(bits=4), "KIVI-2": KIVI(bits=2), "KIVI-2 R=32": KIVI(bits=2, residual=32),
+                "KIVI-2 as in the paper (sink 0, no key clipping)": KIVI(bits=2, sink=0, clip_keys=False)}
+    policies = {variant: p for name, policy in policies.items()
+                for variant, p in ((name, policy), (f"{name}, rotated keys", dataclasses.replace(policy, rotate=True)))}
+    rows, ratios = [], {name: [] for name in policies}
+    for index, title in KV_ARTICLES.items():
+        ids = tokenizer(workloads.wikipedia_article(index), return_tensors="pt")["input_ids"][:, :KV_PREFIX + KV_SCORED]
+        model.set_attn_implementation("sdpa")
+        full = perplexity(model, ids, KV_PREFIX, DynamicCache(config=config))
+        rows.append({"variant": f"{title}: uncompressed (DynamicCache, fp32)", "kept": 2.0, "value": full, "ratio": 1.0})
+        for name, policy in policies.items():
+            measured = kv_cache(model, KV_PREFIX, policy)
+            model(ids[:, :KV_PREFIX], **cache_argument(measured), logits_to_keep=1)
+            value = perplexity(model, ids, KV_PREFIX, kv_cache(model, KV_PREFIX + KV_SCORED, policy))
+            rows.append({"variant": f"{title}: {name}", "kept": measured.nbytes() / fp16_bytes, "value": value,
+                         "ratio": value / full})
+            ratios[name].append(value / full)
+            print(f"  {rows[-1]}", flush=True)
+    model.set_attn_implementation("sdpa")
+    for name, values in ratios.items():  # the geometric mean over the articles
+        mean = float(torch.tensor(values).log().mean().exp())
+        rows.append({"variant": f"all three: {name}", "kept": float("nan"), "value": float("nan"), "ratio": mean})
+    _report(f"SmolLM2-135M KV cache: perplexity of {KV_SCORED} tokens after a {KV_PREFIX}-token prefix, "
+            f"Wikipedia articles {', '.join(KV_ARTICLES.values())}", rows, "perplexity",
+            kept="KV bytes / fp16 at the prefix")
+    return rows
+
+
 @torch.no_grad()
 def minilm() -> list[dict[str, Any]]:
     model, tokenizer = workloads.load_minilm()
@@ -108,4 +157,5 @@ def minilm() -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    run_sections({"smollm2": smollm2, "smollm2_weights": smollm2_weights, "minilm": minilm})
+    run_sections({"smollm2": smollm2, "smollm2_weights": smollm2_weights, "smollm2_kv": smollm2_kv,
+                  "minilm": minilm})

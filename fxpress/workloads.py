@@ -85,3 +85,29 @@ def lee_background() -> str:
     """The lee_background corpus: one news article per line."""
     path = package_dir("gensim") / "test" / "test_data" / "lee_background.cor"
     return path.read_text(encoding="utf-8", errors="replace")
+
+
+WIKIPEDIA_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+
+
+def wikipedia_article(index: int = 1) -> str:
+    """The prose of one article of the shortened English Wikipedia dump gensim ships (article 1 is
+    "Anarchism", 188 k characters of markup): text none of the other workloads use. Templates,
+    references, tables and link markup are dropped; link text stays."""
+    import bz2
+    import html
+    import re
+
+    dump = bz2.open(package_dir("gensim") / "test" / "test_data" / WIKIPEDIA_DUMP, "rt", encoding="utf-8").read()
+    text = html.unescape(re.findall(r"<text[^>]*>(.*?)</text>", dump, re.S)[index])
+    while True:  # innermost templates first, so nested ones go too
+        text, found = re.subn(r"\{\{[^{}]*\}\}", "", text)
+        if not found:
+            break
+    text = re.sub(r"<ref[^>/]*/>|<ref[^>]*>.*?</ref>|<!--.*?-->|<[^>]+>", "", text, flags=re.S)
+    text = re.sub(r"\[\[(?:File|Image|Category):[^\]]*\]\]", "", text)
+    text = re.sub(r"\[\[(?:[^\]|]*\|)?([^\]]*)\]\]", r"\1", text)  # [[target|text]] -> text
+    text = re.sub(r"'{2,}", "", text)
+    lines = [line.strip("= ") for line in text.splitlines()
+             if line.strip() and not line.lstrip().startswith(("{|", "|", "!", "*", "#"))]
+    return "\n".join(lines)

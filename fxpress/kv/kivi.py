@@ -11,6 +11,7 @@ import torch
 
 import fxpress.kv.quant as quant
 from fxpress.kv.attention import ScoreRule
+from fxpress.kv.rotation import hadamard_rotation, is_power_of_two, rotate
 from fxpress.kv.policy_checks import QUANT_BITS, check_positive, check_sink, is_int, require
 from fxpress.kv.registry import StoreShape, register_policy
 from fxpress.kv.stores import SEGMENT_TOKENS, Store
@@ -23,13 +24,17 @@ class KIVI:
     ``sink``: the first tokens stay at full precision too. ``clip_keys``: each key group's range is
     the one, of the min-max range shrunk by 0 to 40 %, with the least squared error. Both change
     only how codes are made, not their size; ``sink=0, clip_keys=False`` is the paper's KIVI, which
-    costs SmolLM2 1.7 perplexity at 2 bits (bench/kv.py)."""
+    costs SmolLM2 1.7 perplexity at 2 bits (bench/kv.py). ``rotate``: keys are stored, and queries
+    met, turned by a randomised Hadamard rotation of each head (``fxpress.kv.rotation``; the head
+    dimension a power of two): the scores are unchanged, the outlier channels' energy is spread
+    before the per-channel quantisation, and nothing is added to the cache's bytes."""
 
     bits: int = 2
     group_size: int = 32
     residual: int = 128
     sink: int = 4
     clip_keys: bool = True
+    rotate: bool = False
 
     def __post_init__(self) -> None:
         require(is_int(self.bits) and self.bits in QUANT_BITS, "KIVI",
@@ -37,6 +42,7 @@ class KIVI:
         check_positive("KIVI", group_size=self.group_size, residual=self.residual)
         check_sink("KIVI", self.sink)
         require(isinstance(self.clip_keys, bool), "KIVI", f"clip_keys must be a bool, got {self.clip_keys!r}")
+        require(isinstance(self.rotate, bool), "KIVI", f"rotate must be a bool, got {self.rotate!r}")
         per = 32 // self.bits
         require(self.group_size % per == 0, "KIVI",
                 f"group_size ({self.group_size}) must be a multiple of {per}: {self.bits}-bit key codes of a "
@@ -44,14 +50,17 @@ class KIVI:
 
     def describe(self) -> str:
         clip = "" if self.clip_keys else ", no key clipping"
-        return f"KIVI-{self.bits} (G={self.group_size}, R={self.residual}, sink={self.sink}{clip})"
+        rotated = ", rotated keys" if self.rotate else ""
+        return f"KIVI-{self.bits} (G={self.group_size}, R={self.residual}, sink={self.sink}{clip}{rotated})"
 
 
 class KIVIStore(Store):
     """KIVI: keys quantised per channel over groups of ``G`` tokens, values per token over groups of
     ``G`` channels, both packed into int32 words. The newest tokens wait at full precision in a
     window of ``R + G`` slots; once it holds ``R + G`` tokens, the oldest ``G`` are quantised, so
-    the newest ``R`` are always exact. The first ``sink`` tokens are kept exact as well."""
+    the newest ``R`` are always exact. The first ``sink`` tokens are kept exact as well. With
+    ``rotate``, every key it holds (sink, window and codes) is a rotated key, and each query is
+    rotated the same way on its way in, so the decode kernels run unchanged."""
 
     keeps_positions = True
 
@@ -63,6 +72,10 @@ class KIVIStore(Store):
         if d % g:
             raise ValueError(f"{policy.describe()} needs head_dim ({d}) to be a multiple of group_size ({g}): "
                              "values are quantised in groups of group_size channels")
+        if policy.rotate and not is_power_of_two(d):
+            raise ValueError(f"{policy.describe()} needs head_dim ({d}) to be a power of two: the keys' rotation "
+                             "is a Hadamard matrix")
+        self.rotation = hadamard_rotation(d, self.device, torch.float32) if policy.rotate else None
         # The newest `residual` tokens are never quantised, so codes are needed for at most this many.
         quantised = max(max_len - policy.sink - policy.residual, 0) // g * g
         b, h, dt, dev = self.batch, self.heads, self.dtype, self.device
@@ -81,6 +94,8 @@ class KIVIStore(Store):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, rule: ScoreRule
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.rotation is not None:  # the stored keys are rotated: meet them in the same basis
+            q, k = rotate(q, self.rotation), rotate(k, self.rotation)
         if q.shape[2] == 1 and rule.plain:  # decode reads the packed codes in place
             if q.is_cuda:
                 from fxpress.kv.kernels import kivi
@@ -135,6 +150,8 @@ class KIVIStore(Store):
             yield self.k_residual[:, :, :self.waiting].float(), self.v_residual[:, :, :self.waiting].float()
 
     def append(self, k, v, seen, mass=None) -> None:
+        if self.rotation is not None:
+            k = rotate(k, self.rotation)
         t = k.shape[2]
         self.filled += t
         into_sink = max(0, min(self.policy.sink - seen, t))
