@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+import torch
 from torch import nn
 
 import fxpress.lowbit as lowbit
@@ -28,17 +29,29 @@ METHODS = {"rtn": lowbit.rtn, "bcq": lowbit.bcq}
 
 @dataclass
 class QuantizeResult:
+    """The quantised model (a copy) and, per layer, what it cost; ``str()`` is a table of the layers."""
+
     model: nn.Module
     layers: dict[str, float] = field(default_factory=dict)  # name -> relative weight error
+    # name -> ||(W' - W) X^T|| / ||W X^T|| over the calibration inputs X (with calibration= only)
+    output_errors: dict[str, float] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (in, out) features
     weight_bytes: int = 0  # of the quantised layers, planes and scales
     fp32_bytes: int = 0  # of the same layers in fp32
     skipped: dict[str, str] = field(default_factory=dict)  # name -> why it was left as it was
 
     def __str__(self) -> str:
         errors = list(self.layers.values())
-        return (f"{len(self.layers)} Linear layers quantised: {self.weight_bytes / 2**20:.2f} MiB "
-                f"({self.weight_bytes / max(self.fp32_bytes, 1):.3f} of fp32); relative weight error "
-                f"mean {sum(errors) / max(len(errors), 1):.4f}, max {max(errors, default=0):.4f}")
+        lines = [f"{len(self.layers)} Linear layers quantised: {self.weight_bytes / 2**20:.2f} MiB "
+                 f"({self.weight_bytes / max(self.fp32_bytes, 1):.3f} of fp32); relative weight error "
+                 f"mean {sum(errors) / max(len(errors), 1):.4f}, max {max(errors, default=0):.4f}",
+                 f"{'layer':<48} {'shape':>11} {'weight err':>10} {'output err':>10}"]
+        for name, error in self.layers.items():
+            shape = "x".join(map(str, self.shapes.get(name, ())))
+            output = self.output_errors.get(name)
+            lines.append(f"{name:<48} {shape:>11} {error:>10.4f} {'-' if output is None else f'{output:.4f}':>10}")
+        lines += [f"{name:<48} {'':>11}   left as it was ({why})" for name, why in self.skipped.items()]
+        return "\n".join(lines)
 
 
 def quantize(model: nn.Module, bits: int = 4, group_size: int = 128, method: str | None = None,
@@ -68,17 +81,23 @@ def quantize(model: nn.Module, bits: int = 4, group_size: int = 128, method: str
             weight = gptq(module.weight, grams[name], bits, group_size)
         else:
             weight = METHODS[method](module.weight, bits, group_size)
-        _replace(result, name, module, weight)
+        _replace(result, name, module, weight, grams.get(name))
     if not result.layers:
         raise lowbit.QuantizeError(f"no nn.Linear layer matches targets={patterns} outside skip={skipped}")
     record_layers(out)
     return result
 
 
-def _replace(result: QuantizeResult, name: str, linear: nn.Linear, weight: lowbit.BitPlaneWeight) -> None:
+def _replace(result: QuantizeResult, name: str, linear: nn.Linear, weight: lowbit.BitPlaneWeight,
+             gram: torch.Tensor | None = None) -> None:
     w = linear.weight.detach().float()
     approx = weight.dequantize()
     result.layers[name] = float((approx - w).norm() / w.norm().clamp(min=1e-30))
+    result.shapes[name] = (linear.in_features, linear.out_features)
+    if gram is not None:  # with G = X^T X: ||E X^T||^2 = trace(E G E^T)
+        error, exact = (approx - w).double(), w.double()
+        energy = float((exact @ gram * exact).sum())
+        result.output_errors[name] = float(((error @ gram * error).sum() / max(energy, 1e-300)) ** 0.5)
     result.weight_bytes += weight.nbytes()
     result.fp32_bytes += w.numel() * 4
     set_submodule(result.model, name, QuantizedLinear(weight, linear.bias, linear.out_features))

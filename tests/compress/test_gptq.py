@@ -63,3 +63,21 @@ def test_quantize_uses_gptq_when_given_calibration_batches():
         quantize(model, bits=3, group_size=32, method="gptq")
     with pytest.raises(lowbit.QuantizeError, match="only GPTQ uses them"):
         quantize(model, bits=3, group_size=32, method="bcq", calibration=batches)
+
+
+def test_the_result_tables_each_layer_with_its_output_error_on_the_calibration_inputs():
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
+    batches = [_correlated_inputs(64, 64, seed=8 + i) for i in range(2)]
+    result = quantize(model, bits=3, group_size=32, calibration=batches)
+    x = torch.cat(batches).double()
+    layer = result.model[0]
+    q = torch.ops.fxpress.dequantize_planes(layer.planes, layer.alpha, layer.beta, 64, 32, layer.offset).double()
+    w = model[0].weight.detach().double()
+    direct = float(((q - w) @ x.T).norm() / (w @ x.T).norm())
+    assert result.output_errors["0"] == pytest.approx(direct, rel=1e-6)
+    assert set(result.output_errors) == {"0", "2"} and 0 < result.output_errors["2"] < 1
+    table = str(result).splitlines()
+    assert table[1].split() == ["layer", "shape", "weight", "err", "output", "err"]
+    assert table[2].split()[:2] == ["0", "64x32"] and table[3].split()[:2] == ["2", "32x16"]
+    assert str(quantize(model, bits=3, group_size=32)).splitlines()[2].split()[-1] == "-"  # no calibration
