@@ -112,7 +112,8 @@ def smollm2_kv() -> list[dict[str, Any]]:
         ids = tokenizer(workloads.wikipedia_article(index), return_tensors="pt")["input_ids"][:, :KV_PREFIX + KV_SCORED]
         model.set_attn_implementation("sdpa")
         full = perplexity(model, ids, KV_PREFIX, DynamicCache(config=config))
-        rows.append({"variant": f"{title}: uncompressed (DynamicCache, fp32)", "kept": 2.0, "value": full, "ratio": 1.0})
+        rows.append({"variant": f"{title}: uncompressed (DynamicCache, fp32)", "kept": 2.0, "value": full,
+                     "ratio": 1.0})
         for name, policy in policies.items():
             measured = kv_cache(model, KV_PREFIX, policy)
             model(ids[:, :KV_PREFIX], **cache_argument(measured), logits_to_keep=1)

@@ -26,6 +26,7 @@ from fxpress.codegen.targets import get_target, target_names
 from fxpress.compiler.lower import regenerate_wrapper
 from fxpress.kv import graph_state
 from fxpress.kv.registry import policy_class
+from fxpress.runtime.cuda_graphs import CudaGraphRunner
 from fxpress.runtime.wrapper_cache import load_wrapper
 from fxpress.runtime.wrapper_support import InputError
 
@@ -34,9 +35,10 @@ class LoadedModel(torch.nn.Module):
     """An artifact, callable like the model it was compiled from (same arguments, same outputs)."""
 
     def __init__(self, folder: Path, meta: dict[str, Any], call: Callable[[list[Any]], Any],
-                 state: dict[str, torch.Tensor]) -> None:
+                 state: dict[str, torch.Tensor], cuda_graphs: str = "") -> None:
         super().__init__()
         self.folder, self.meta, self._call = folder, meta, call
+        self.cuda_graphs = cuda_graphs  # with load(..., cuda_graphs=True): "on", or "off: why"
         self._state = state
         self._in_spec = _spec(meta["in_spec"], "in_spec")
         self._out_spec = _output_spec(meta["out_spec"])
@@ -148,9 +150,12 @@ def _regenerated_wrapper(folder: Path, meta: dict[str, Any], files: dict[str, by
     return source
 
 
-def load(path: str | Path) -> LoadedModel:
+def load(path: str | Path, cuda_graphs: bool = False) -> LoadedModel:
     """The artifact at ``path`` as a callable module; refuses a changed, truncated or incomplete
-    folder, or one written by other fxpress / torch / triton versions, naming the problem."""
+    folder, or one written by other fxpress / torch / triton versions, naming the problem.
+    ``cuda_graphs``: replay each input layout as a CUDA graph (as ``Options(cuda_graphs=True)``);
+    ``loaded.cuda_graphs`` says "on", or "off: " and why (not on a CUDA device, or the graph keeps
+    KV state or writes state buffers)."""
     from safetensors.torch import load_file
 
     folder = Path(path)
@@ -177,7 +182,22 @@ def load(path: str | Path) -> LoadedModel:
         kv = graph_state.site(_policy(record["policy"]), record["layer"], record["max_len"], record["where"])
         handles[record["handle"]] = kv.handle
     module = load_wrapper(_regenerated_wrapper(folder, meta, files, constants), constants, kv_handles=handles)
-    return LoadedModel(folder, meta, module.call, state)
+    if not cuda_graphs:
+        return LoadedModel(folder, meta, module.call, state)
+    refused = _replay_refusal(meta, device)
+    call = module.call if refused else CudaGraphRunner(module.call, module._arenas, f"fxpress artifact {folder}")
+    return LoadedModel(folder, meta, call, state, f"off: {refused}" if refused else "on")
+
+
+def _replay_refusal(meta: dict[str, Any], device: torch.device) -> str | None:
+    """``fxpress.ir.replay.replay_refusal`` for an artifact, from what its meta.json records."""
+    if device.type != "cuda":
+        return f"the artifact runs on {device}, not a CUDA device"
+    if meta["kv_states"]:
+        return "it keeps compressed KV state on the host"
+    if any(kind == "state" for kind, _ in meta["runtime_inputs"]):
+        return "it updates state buffers (a KV cache) in place"
+    return None
 
 
 def _check_values(folder: Path, meta: dict[str, Any]) -> None:

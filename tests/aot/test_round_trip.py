@@ -144,3 +144,37 @@ def test_triton_artifact_on_cuda(tmp_path):
     assert meta["device"].startswith("cuda") and any(k["generated"] for k in meta["kernels"])
     assert_same(run_fresh(path, {"input_ids": ids}, tmp_path),
                 compiled_here(model, {"input_ids": ids.cuda()}, target="triton"))
+
+
+def test_cuda_graph_replay_is_refused_where_it_cannot_run(tmp_path):
+    """On the CPU, and for a decoder keeping KV state, load(cuda_graphs=True) runs plainly and says why."""
+    model = tiny_bert()
+    path = fxpress.aot_compile(model, (), tmp_path / "bert", example_kwargs={"input_ids": token_ids(2, 12)})
+    loaded = fxpress.load(path, cuda_graphs=True)
+    assert loaded.cuda_graphs.startswith("off: ") and "not a CUDA device" in loaded.cuda_graphs
+    assert fxpress.load(path).cuda_graphs == ""
+    with torch.no_grad():
+        got = loaded(input_ids=token_ids(2, 12))
+    assert_same(list(got[:1]), compiled_here(model, {"input_ids": token_ids(2, 12)})[:1])
+    step = fxpress.aot_compile(decode_step(tiny_llama()), (), tmp_path / "step", kv=fxpress.FullKV(),
+                               example_kwargs={"input_ids": torch.tensor([[5]]), "cache_position": torch.tensor([0])})
+    meta = json.loads((step / "meta.json").read_text())
+    from fxpress.compiler.load import _replay_refusal
+
+    assert "KV state" in _replay_refusal(meta, torch.device("cuda"))
+
+
+@pytest.mark.gpu
+def test_a_cuda_artifact_replays_as_cuda_graphs(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    model = tiny_bert().cuda()
+    path = fxpress.aot_compile(model, (), tmp_path / "bert", example_kwargs={"input_ids": token_ids(2, 12).cuda()},
+                               target="triton")
+    loaded = fxpress.load(path, cuda_graphs=True)
+    assert loaded.cuda_graphs == "on"
+    with torch.no_grad():
+        for seed in range(3):  # seen, captured, replayed
+            ids = token_ids(2, 12, seed=seed).cuda()
+            torch.testing.assert_close(loaded(input_ids=ids)[0], model(ids).last_hidden_state, atol=1e-4, rtol=1e-4)
+    assert fxpress.counters["cuda_graphs"]["replays"] >= 2
