@@ -11,9 +11,9 @@ import torch
 
 import fxpress.kv.quant as quant
 from fxpress.kv.attention import ScoreRule
-from fxpress.kv.rotation import hadamard_rotation, is_power_of_two, rotate
 from fxpress.kv.policy_checks import QUANT_BITS, check_positive, check_sink, is_int, require
 from fxpress.kv.registry import StoreShape, register_policy
+from fxpress.kv.rotation import hadamard_rotation, is_power_of_two, rotate
 from fxpress.kv.stores import SEGMENT_TOKENS, Store
 
 
@@ -26,8 +26,10 @@ class KIVI:
     only how codes are made, not their size; ``sink=0, clip_keys=False`` is the paper's KIVI, which
     costs SmolLM2 1.7 perplexity at 2 bits (bench/kv.py). ``rotate``: keys are stored, and queries
     met, turned by a randomised Hadamard rotation of each head (``fxpress.kv.rotation``; the head
-    dimension a power of two): the scores are unchanged, the outlier channels' energy is spread
-    before the per-channel quantisation, and nothing is added to the cache's bytes."""
+    dimension a power of two): the scores are unchanged, every channel's energy is spread over all
+    of them before the per-channel quantisation, and nothing is added to the cache's bytes. On
+    SmolLM2 it helped on two texts of three (bench/results/fidelity-kv-cpu-2026-12-04.md): off by
+    default."""
 
     bits: int = 2
     group_size: int = 32

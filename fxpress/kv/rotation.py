@@ -1,6 +1,8 @@
 """A randomised Hadamard rotation of attention heads (QuaRot, SpinQuant): keys and queries turned by
-the same orthogonal matrix, so every score ``q . k`` is unchanged while the channels a few outliers
-dominated spread their energy over all of them, and a per-channel 2-bit grid fits the keys better.
+the same orthogonal matrix, so every score ``q . k`` is unchanged while the energy of the channels a
+few outliers dominate is spread over all of them. Whether a per-channel low-bit grid then fits the
+keys better depends on the keys: per-channel scales already absorb channels that are large
+throughout, so it is measured (``bench/fidelity.py smollm2_kv``), not assumed.
 
 ``R = H_d diag(s) / sqrt(d)``: ``H_d`` the Sylvester Hadamard matrix, ``s`` random signs (a fixed
 seed: the same rotation in every process, so a cache's codes mean the same everywhere), ``d`` a power
