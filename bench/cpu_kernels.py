@@ -9,8 +9,9 @@ Sections (markdown tables; ``--json`` writes the rows):
   measured read bandwidth it reaches; plus its error against the exact product of the same
   low-bit weights (``x @ dequantize(W).T``).
 - ``integer``: the integer-only softmax, GELU and LayerNorm kernels at MiniLM's sizes (batch 8 x 128
-  tokens, 12 heads, hidden 384, MLP 1536) against float ATen on the same tensors, and the cpu
-  target's reference of each; the cpp results are checked equal to the reference first.
+  tokens, 12 heads, hidden 384, MLP 1536), under both methods (I-BERT, the default, and I-ViT's
+  shifts), against float ATen on the same tensors, and the cpu target's reference of each; the cpp
+  results are checked equal to the reference first.
 - ``lowrank``: the low-rank kernels at BERT-base shapes (hidden 768, 12 heads, FFN 3072, every
   factor pair keeping 50 % of its Linear's parameters: rank 307 for the FFN, 192 for Q, K, V and
   the output), batch 16 x 128 and 4 x 512 tokens: the fused FFN (the cpp kernel, and the cpu
@@ -36,7 +37,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-import fxpress  # noqa: F401  (registers the ops)
+import fxpress
 import fxpress.lowbit as lowbit
 from _common import cpu_model, interleaved_medians, median_seconds, print_table, read_bandwidth, run_sections
 from fxpress.integer import constants
@@ -93,13 +94,15 @@ def lut() -> list[dict]:
     return rows
 
 
-def _integer_cases():
-    """(name, float op, reference op, cpp launcher, codes, extra args, out dtype) at MiniLM's sizes."""
+def _integer_cases(method: str):
+    """(name, float op, codes, reference op, cpp launcher, extra args, out dtype) at MiniLM's sizes,
+    for one integer method (I-BERT's polynomials or I-ViT's shifts; one LayerNorm for both)."""
     g = torch.Generator().manual_seed(0)
     scores = torch.randn(8, 12, 128, 128, generator=g) * 3
     hidden = torch.randn(8, 128, 1536, generator=g)
     normed = torch.randn(8, 128, 384, generator=g) * 2
     ops = torch.ops.fxpress
+    cfg = fxpress.IntegerOnly(method=method)
     s_scale = ops.int_row_scale(scores, False, 8)
     g_scale = ops.int_row_scale(hidden, False, 8)
     width = normed.shape[-1]
@@ -108,35 +111,39 @@ def _integer_cases():
                                                            torch.randn(width, generator=g), width)
     n_scale = ops.int_row_scale(normed, False, 8)
     weight, bias = torch.ones(width), torch.zeros(width)
-    return [
+    softmax_args = (s_scale, method, cfg.clip("softmax"), cfg.softmax_exp_bits, cfg.softmax_bits)
+    gelu_args = (g_scale, method, cfg.clip("gelu"), cfg.gelu_exp_bits)
+    cases = [
         ("softmax", lambda: torch.softmax(scores, -1), ops.int_quantize(scores, s_scale, False, 8),
-         lambda q: ops.int_softmax(q, s_scale, "shift", 15, 15, 8), cpp_integer.int_softmax,
-         (s_scale, "shift", 15, 15, 8), torch.uint8),
+         lambda q: ops.int_softmax(q, *softmax_args), cpp_integer.int_softmax, softmax_args, torch.uint8),
         ("gelu", lambda: F.gelu(hidden), ops.int_quantize(hidden, g_scale, False, 8),
-         lambda q: ops.int_gelu(q, g_scale, "shift", 23, 22), cpp_integer.int_gelu,
-         (g_scale, "shift", 23, 22), torch.int32),
+         lambda q: ops.int_gelu(q, *gelu_args), cpp_integer.int_gelu, gelu_args, torch.int32),
         ("layer_norm", lambda: F.layer_norm(normed, (width,), weight, bias), ops.int_quantize(normed, n_scale, False, 8),
          lambda q: ops.int_layer_norm(q, bias_codes, in_shift, var_shift, out_shift), cpp_integer.int_layer_norm,
          (bias_codes, in_shift, var_shift, out_shift), torch.int32),
     ]
+    return cases if method == "ibert" else cases[:2]
 
 
 def integer() -> list[dict]:
     rows = []
-    lines = [f"CPU: {cpu_model()}", "", "| op | shape | float ATen ms | cpu target (reference) ms | cpp ms "
-             "| cpp / float | bit-exact |", "|---|---|---|---|---|---|---|"]
-    for name, float_op, codes, reference_op, launcher, args, dtype in _integer_cases():
-        out = torch.empty(codes.shape, dtype=dtype)
-        launcher(codes, *args, out)
-        exact = torch.equal(out, reference_op(codes))
-        t_float = median_seconds(float_op, REPEATS)
-        t_ref = median_seconds(lambda: reference_op(codes), 5)
-        t_cpp = median_seconds(lambda: launcher(codes, *args, out), REPEATS)
-        row = {"op": name, "shape": list(codes.shape), "float_ms": t_float * 1e3, "reference_ms": t_ref * 1e3,
-               "cpp_ms": t_cpp * 1e3, "cpp_over_float": t_cpp / t_float, "bit_exact": exact}
-        rows.append(row)
-        lines.append(f"| {name} | {tuple(codes.shape)} | {row['float_ms']:.3f} | {row['reference_ms']:.2f} | "
-                     f"{row['cpp_ms']:.3f} | {row['cpp_over_float']:.2f}x | {'yes' if exact else 'NO'} |")
+    lines = [f"CPU: {cpu_model()}", "", "| op | method | shape | float ATen ms | cpu target (reference) ms | cpp ms "
+             "| cpp / float | bit-exact |", "|---|---|---|---|---|---|---|---|"]
+    for method in ("ibert", "shift"):
+        for name, float_op, codes, reference_op, launcher, args, dtype in _integer_cases(method):
+            out = torch.empty(codes.shape, dtype=dtype)
+            launcher(codes, *args, out)
+            exact = torch.equal(out, reference_op(codes))
+            t_float = median_seconds(float_op, REPEATS)
+            t_ref = median_seconds(lambda: reference_op(codes), 5)
+            t_cpp = median_seconds(lambda: launcher(codes, *args, out), REPEATS)
+            row = {"op": name, "method": method if name != "layer_norm" else "i-layernorm", "shape": list(codes.shape),
+                   "float_ms": t_float * 1e3, "reference_ms": t_ref * 1e3, "cpp_ms": t_cpp * 1e3,
+                   "cpp_over_float": t_cpp / t_float, "bit_exact": exact}
+            rows.append(row)
+            lines.append(f"| {name} | {row['method']} | {tuple(codes.shape)} | {row['float_ms']:.3f} | "
+                         f"{row['reference_ms']:.2f} | {row['cpp_ms']:.3f} | {row['cpp_over_float']:.2f}x | "
+                         f"{'yes' if exact else 'NO'} |")
     print_table(lines, None)
     return rows
 

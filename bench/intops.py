@@ -10,10 +10,15 @@ Sections (markdown tables; ``--json`` writes the rows):
   lee_background padded to 128), from explain(): per kind, the largest max and the mean of the mean
   |integer - float op on the same input| over the model's sites.
 - ``minilm``: all-MiniLM-L6-v2 with eager attention, 104 sentences of lee_background: mean and
-  minimum cosine of the mean-pooled embedding against float, per method and per set of ops, with
-  per-row (dynamic) and calibrated (per-tensor) scales.
+  minimum cosine of the mean-pooled embedding against float, per method and per set of ops (linear
+  layers on int8 codes included), with per-row (dynamic) and calibrated (per-tensor) scales.
+- ``latency``: the same model on a batch of 8 sentences padded to 128 tokens, float eager against
+  fxpress (the auto target: cpp where a compiler works) as float, with the integer nonlinearities,
+  with int8 linear layers alone, and with both (I-BERT's whole integer path), taken in turns round
+  after round; with each one's cosine of the last hidden state to float.
 
-Run: ``python bench/intops.py [ops] [sites] [minilm] [--json PATH]``. No timing here is asserted anywhere.
+Run: ``python bench/intops.py [ops] [sites] [minilm] [latency] [--json PATH]``. No timing here is
+asserted anywhere.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import fxpress
-from _common import median_seconds, run_sections  # bench/ is on the path when run as a script
+from _common import cpu_model, interleaved_medians, median_seconds, run_sections  # bench/ is on the path
 from fxpress.integer import constants
 
 ops = torch.ops.fxpress
@@ -141,6 +146,7 @@ def minilm_table() -> list[dict]:
     configs = [(m, o, 22, False) for m in ("ibert", "shift") for o in (("softmax",), ("gelu",), every)]
     configs += [("ibert", ("layer_norm",), bits, False) for bits in (8, 12, 22)] + [("ibert", every, 8, False)]
     configs += [("ibert", o, 22, True) for o in (("softmax",), ("gelu",), ("layer_norm",), every)]
+    configs += [("ibert", o, 22, calibrated) for calibrated in (False, True) for o in (("linear",), every + ("linear",))]
     rows = []
     print("| method | ops | LayerNorm input bits | scales | mean cosine | min cosine |")
     print("|---|---|---|---|---|---|")
@@ -158,9 +164,39 @@ def minilm_table() -> list[dict]:
     return rows
 
 
+WHOLE_PATH = ("softmax", "gelu", "layer_norm", "linear")
+
+
+def latency_table() -> list[dict]:
+    model, batches = _minilm_batches()
+    enc = {k: v[:8] for k, v in batches[0].items()}
+    variants = {"fxpress float": None, "integer nonlinearities": fxpress.IntegerOnly(),
+                "int8 linear layers": fxpress.IntegerOnly(ops=("linear",)),
+                "whole integer path": fxpress.IntegerOnly(ops=WHOLE_PATH)}
+    torch._dynamo.config.recompile_limit = 64  # four compiled copies of one forward, kept side by side
+    with torch.no_grad():
+        reference = model(**enc).last_hidden_state
+        calls, cosines = {"eager": lambda: model(**enc)}, {"eager": 1.0}
+        for name, cfg in variants.items():
+            torch._dynamo.reset()
+            compiled = torch.compile(model, backend=fxpress.backend(integer=cfg))
+            hidden = compiled(**enc).last_hidden_state
+            cosines[name] = float(F.cosine_similarity(hidden.flatten(), reference.flatten(), dim=0))
+            calls[name] = lambda compiled=compiled: compiled(**enc)
+        times = interleaved_medians(calls, 15, burst=2)
+    rows = [{"variant": name, "ms": times[name] * 1e3, "vs_eager": times[name] / times["eager"],
+             "vs_fxpress_float": times[name] / times["fxpress float"], "cosine": cosines[name]} for name in calls]
+    print(f"CPU: {cpu_model()}; all-MiniLM-L6-v2, 8 x 128 tokens\n")
+    print("| variant | ms | / eager | / fxpress float | cosine of last hidden state to float |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['ms']:.1f} | {r['vs_eager']:.2f}x | {r['vs_fxpress_float']:.2f}x | {r['cosine']:.5f} |")
+    return rows
+
+
 def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    run_sections({"ops": op_table, "sites": sites_table, "minilm": minilm_table})
+    run_sections({"ops": op_table, "sites": sites_table, "minilm": minilm_table, "latency": latency_table})
 
 
 if __name__ == "__main__":

@@ -23,8 +23,13 @@ again replayed as CUDA graphs (``cuda_graphs=True``, as ``mode="reduce-overhead"
 fp16 model replayed the same way (fxpress without integer rewrites), the baseline with the same
 launch cost; the replayed outputs are checked against the plain calls'.
 
+Last, I-BERT's whole integer path: linear layers too on int8 codes (``ops=(..., "linear")``,
+``torch._int_mm`` on int8 tensor cores), with the float glue in fp16 and in fp32, plain and replayed.
+
 Run (on a CUDA machine): ``TRITON_INTERPRET=0 python bench/intops_gpu.py [--markdown PATH] [--json PATH]``;
-the JSON holds ``int_minilm_time_vs_fp16_b32_128`` (both forwards replayed: the GPU's own time),
+the JSON holds ``int_minilm_time_vs_fp16_b32_128`` (the whole integer path with fp16 glue over
+fp16, both forwards replayed: the GPU's own time), the same with fp32 glue
+(``..._fp32_glue_...``), the integer nonlinearities alone with float GEMMs (``..._float_gemm_...``),
 ``int_minilm_replayed_time_vs_fp16_eager_b32_128`` and ``int_minilm_time_vs_fp16_not_replayed_b32_128``.
 """
 
@@ -46,6 +51,8 @@ from fxpress.integer import constants
 
 ops = torch.ops.fxpress
 CFG = fxpress.IntegerOnly()
+# I-BERT's whole integer path: linear layers too, on int8 codes and int8 tensor cores.
+FULL = fxpress.IntegerOnly(ops=("softmax", "gelu", "layer_norm", "linear"))
 
 
 def _inputs(kind: str, seq: int, device: str) -> torch.Tensor:
@@ -173,6 +180,9 @@ def minilm_forward(batch: int = 32, seq: int = 128, profile: Path | None = None)
 
     from transformers import BertConfig, BertModel
 
+    # Nine compiled copies of one forward: past Dynamo's default limit of 8 entries per code object
+    # the later ones would silently run eagerly.
+    torch._dynamo.config.recompile_limit = 64
     torch.manual_seed(0)
     config = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
                         intermediate_size=1536)
@@ -192,27 +202,40 @@ def minilm_forward(batch: int = 32, seq: int = 128, profile: Path | None = None)
     torch._dynamo.reset()  # the same rewrite on the fp16 model: its matmuls on tensor cores
     integer_half = torch.compile(copy.deepcopy(half), backend=fxpress.backend(target="triton", integer=CFG))
     integer_half(input_ids=ids)
+    torch._dynamo.reset()
+    full = torch.compile(copy.deepcopy(half), backend=fxpress.backend(target="triton", integer=FULL))
+    full(input_ids=ids)
+    if not fxpress.counters["integer_only"].get("linear => int_matmul"):
+        raise RuntimeError(f"no linear layer was rewritten: {dict(fxpress.counters['integer_only'])}")
     replayed = {}  # each compiled twice: seen, then captured
     for name, base, integer_cfg in (("fp16 replayed", half, None), ("int replayed", model, CFG),
-                                    ("int fp16 replayed", half, CFG)):
+                                    ("int fp16 replayed", half, CFG), ("full replayed", model, FULL),
+                                    ("full fp16 replayed", half, FULL)):
         torch._dynamo.reset()
         compiled = torch.compile(copy.deepcopy(base), backend=fxpress.backend(
             target="triton", integer=integer_cfg, cuda_graphs=True))
         compiled(input_ids=ids)
         compiled(input_ids=ids)
         replayed[name] = compiled
-    if fxpress.counters["cuda_graphs"]["captured"] < 3:
+    if fxpress.counters["cuda_graphs"]["captured"] < 5:
         raise RuntimeError(f"a forward was not captured: {dict(fxpress.counters['cuda_graphs'])}")
+    fp32_output = model(input_ids=ids).last_hidden_state
+    cosine = {name: torch.nn.functional.cosine_similarity(
+        f(input_ids=ids).last_hidden_state.float().flatten(), fp32_output.flatten(), dim=0).item()
+        for name, f in (("fp16", half), ("int", integer), ("full fp16", full))}
     replay_diff = (replayed["int replayed"](input_ids=ids).last_hidden_state
                    - integer(input_ids=ids).last_hidden_state).abs().max().item()
     if profile is not None:
         _profile({"fp16 eager": lambda: half(input_ids=ids), "fp32 fxpress": lambda: floating(input_ids=ids),
-                  "integer-only fxpress": lambda: integer(input_ids=ids)}, profile)
+                  "integer-only fxpress": lambda: integer(input_ids=ids),
+                  "integer-only with int8 GEMMs, fp16 glue, replayed":
+                      lambda: replayed["full fp16 replayed"](input_ids=ids)}, profile)
     return {"fp16": do_bench(lambda: half(input_ids=ids), return_mode="median"),
             "fp32": do_bench(lambda: model(input_ids=ids), return_mode="median"),
             "fp32 fxpress": do_bench(lambda: floating(input_ids=ids), return_mode="median"),
             "int": do_bench(lambda: integer(input_ids=ids), return_mode="median"),
             "int fp16": do_bench(lambda: integer_half(input_ids=ids), return_mode="median"), "rewritten": rewritten,
+            "full fp16": do_bench(lambda: full(input_ids=ids), return_mode="median"), "cosine": cosine,
             **{name: do_bench(lambda f=f: f(input_ids=ids), return_mode="median") for name, f in replayed.items()},
             "replay diff": replay_diff}
 
@@ -255,14 +278,29 @@ def main() -> None:
               "|---|---|---|---|---|---|",
               f"| {forward['fp16']:.3f} | {forward['fp16 replayed']:.3f} | {forward['int replayed']:.3f} "
               f"| {forward['int fp16 replayed']:.3f} | **{forward['int replayed'] / forward['fp16']:.2f}** "
-              f"| **{forward['int replayed'] / forward['fp16 replayed']:.2f}** |"]
+              f"| **{forward['int replayed'] / forward['fp16 replayed']:.2f}** |",
+              "", "Integer-only with I-BERT's integer GEMMs too (`IntegerOnly(ops=(..., \"linear\"))`: every linear "
+              "layer on int8 codes through `torch._int_mm`), the glue (attention's two matmuls, residual adds, "
+              "dequantising multiplies) in the model's dtype. Cosine of the last hidden state to fp32 eager: "
+              + ", ".join(f"{k} {v:.5f}" for k, v in forward["cosine"].items()), "",
+              "| fp16 eager ms | int8-GEMM integer-only, fp16 glue ms | fp16 replayed ms | int8-GEMM, fp32 glue, "
+              "replayed ms | int8-GEMM, fp16 glue, replayed ms | **that / fp16 replayed** |",
+              "|---|---|---|---|---|---|",
+              f"| {forward['fp16']:.3f} | {forward['full fp16']:.3f} | {forward['fp16 replayed']:.3f} "
+              f"| {forward['full replayed']:.3f} | {forward['full fp16 replayed']:.3f} "
+              f"| **{forward['full fp16 replayed'] / forward['fp16 replayed']:.2f}** |"]
     from _common import print_table
 
     print_table(lines, args.markdown)
     if args.json:
         args.json.write_text(json.dumps({"device": name, "date": str(datetime.date.today()),
-                                         # like for like: both forwards replayed (the GPU's own time)
+                                         # like for like: both forwards replayed (the GPU's own time),
+                                         # I-BERT's whole integer path (int8 GEMMs, fp16 glue)
                                          "int_minilm_time_vs_fp16_b32_128":
+                                             forward["full fp16 replayed"] / forward["fp16 replayed"],
+                                         "int_minilm_fp32_glue_time_vs_fp16_b32_128":
+                                             forward["full replayed"] / forward["fp16 replayed"],
+                                         "int_minilm_float_gemm_time_vs_fp16_b32_128":
                                              forward["int replayed"] / forward["fp16 replayed"],
                                          "int_minilm_replayed_time_vs_fp16_eager_b32_128":
                                              forward["int replayed"] / forward["fp16"],

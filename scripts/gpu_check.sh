@@ -8,7 +8,9 @@
 #                integer-only MiniLM forward (plain and replayed, with a profile), the goal ratios
 #                merged into $OUT/lowrank_int_gpu.json; the GPU tests of both and of CUDA graph replay.
 #   lowrank_ops  the low-rank ops alone, each strategy against the unfused chain (not by default).
-# Run: OUT=bench/out bash scripts/gpu_check.sh [kernels] [lowrank_int] [lowrank_ops]
+#   integer      the integer kernels' GPU tests and the integer-only MiniLM table alone, its ratios
+#                in $OUT/intops-gpu.json (not by default: lowrank_int runs both).
+# Run: OUT=bench/out bash scripts/gpu_check.sh [kernels] [lowrank_int] [lowrank_ops] [integer]
 set -u
 export PYTHONPATH=$PWD TRITON_INTERPRET=0
 OUT=${OUT:-bench/out}
@@ -40,6 +42,12 @@ merged = {k: v for name in ("lowrank-gpu.json", "intops-gpu.json") if (parts / n
 (out / "lowrank_int_gpu.json").write_text(json.dumps(merged, indent=2) + "\n")
 print(merged)
 PY
+fi
+
+if [[ " $sections " == *" integer "* ]]; then
+  python3 -m pytest -q -m gpu tests/integer 2>&1 | tail -8 | tee "$OUT/gpu-tests-integer.txt"
+  timeout 200 python3 bench/intops_gpu.py --seqs 128 --markdown "$OUT/intops-gpu.md" --json "$OUT/intops-gpu.json" \
+    --profile "$OUT/intops-profile.txt" 2>&1 | tail -16
 fi
 
 if [[ " $sections " == *" lowrank_ops "* ]]; then

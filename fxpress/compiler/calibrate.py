@@ -3,7 +3,8 @@ sample inputs.
 
 The model is captured exactly as a compile captures it, then each sample runs through the ATen
 graph node by node, recording ``max |x|`` at the input of every site (for an attention decomposed
-with ``sdpa=True``, of its scores; masked positions do not count). A site's scale is that maximum
+with ``sdpa=True``, of its scores; masked positions do not count; for a linear layer, of its
+activation). A site's scale is that maximum
 over all samples divided by 127 (``IntegerCalibration.scale``).
 """
 
@@ -47,7 +48,7 @@ class _Recorder(torch.fx.Interpreter):
                 bound = sdpa_arguments(node)
                 x = _attention_scores({k: self.env[v] if isinstance(v, fx.Node) else v for k, v in bound.items()})
             else:
-                x = self.env[node.args[0]]
+                x = self.env[site.input]
             magnitude = x.detach().abs()
             if site.kind in ("softmax", "sdpa"):
                 magnitude = magnitude.masked_fill(masked_positions(x), 0)
@@ -57,7 +58,7 @@ class _Recorder(torch.fx.Interpreter):
 
 
 def calibrate_integer(model: Any, samples: Iterable[Any], *, sdpa: bool = False) -> IntegerCalibration:
-    """Record the input range of every softmax, GELU and LayerNorm site (and, with ``sdpa=True``,
+    """Record the input range of every softmax, GELU, LayerNorm and linear site (and, with ``sdpa=True``,
     every attention's scores) of ``model`` over ``samples``: each a dict of keyword arguments, a
     tuple of positional ones, or one tensor."""
     ranges: dict[str, float] = {}

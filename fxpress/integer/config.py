@@ -18,7 +18,10 @@ from fxpress.core.errors import IntegerError
 from fxpress.integer.calibration import IntegerCalibration
 
 METHODS = ("ibert", "shift")
-OP_KINDS = ("softmax", "gelu", "layer_norm")
+OP_KINDS = ("softmax", "gelu", "layer_norm", "linear")
+# Linear layers are asked for by name: their int8 weights change every GEMM's numbers, where the
+# other three change only the nonlinearities.
+DEFAULT_OPS = ("softmax", "gelu", "layer_norm")
 
 # Longest softmax row the int32 exp sum can hold is 2**(31 - exp_bits) - 1; the defaults below
 # allow rows of 65535 (softmax) and keep sigmoid numerator plus denominator under 2**31 (GELU).
@@ -41,7 +44,12 @@ class IntegerOnly:
       Shiftmax and ShiftGELU: exp by shifts, GELU as x * sigmoid(1.702 x); the sigmoid subtracts
       max(x, 0) per element, where I-ViT subtracts the row's maximum). LayerNorm is I-ViT's
       integer LayerNorm with a Newton integer square root under both.
-    - ``ops``: which of softmax, gelu, layer_norm to rewrite.
+    - ``ops``: which of softmax, gelu, layer_norm and linear to rewrite (the first three by
+      default). ``"linear"`` is I-BERT's integer GEMM: each linear layer with a frozen weight runs
+      on int8 codes (activations per row at run time, or at a calibrated scale; weights per output
+      channel), accumulated exactly in int32 by ``torch._int_mm`` (int8 tensor cores on CUDA),
+      then scaled back to float with the bias added. Matmuls of two activations (attention's
+      ``q @ k^T`` and ``p @ v``) stay float.
     - ``calibration``: per-tensor input scales from :func:`fxpress.calibrate_integer`; sites it does
       not cover, and every site when it is None, quantise each row with its own scale at run time.
     - ``sdpa``: also rewrite ``scaled_dot_product_attention`` by decomposing it into
@@ -56,7 +64,7 @@ class IntegerOnly:
     """
 
     method: str = "ibert"
-    ops: tuple[str, ...] = OP_KINDS
+    ops: tuple[str, ...] = DEFAULT_OPS
     calibration: Any = None
     sdpa: bool = False
     softmax_bits: int = 8

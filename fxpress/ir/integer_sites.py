@@ -20,8 +20,28 @@ from fxpress.ir.match import SDPA_OPS, aten, is_op, val
 @dataclass(frozen=True)
 class Site:
     node: fx.Node
-    kind: str  # "softmax", "gelu", "layer_norm" or "sdpa" (an attention whose softmax is rewritten)
+    kind: str  # "softmax", "gelu", "layer_norm", "linear" or "sdpa" (an attention whose softmax is rewritten)
     key: str
+
+    @property
+    def input(self) -> fx.Node:
+        """The float tensor the site quantises (for an SDPA, its query: the scores are computed)."""
+        return linear_parts(self.node)[0] if self.kind == "linear" else self.node.args[0]
+
+
+def linear_parts(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None] | None:
+    """``(x, weight, bias)`` of ``mm(x, permute(weight))`` / ``addmm(bias, x, permute(weight))``
+    with ``weight`` a frozen ``[out, in]`` constant: a linear layer as capture leaves it."""
+    if not is_op(node, aten.mm, aten.addmm) or node.kwargs:  # kwargs: addmm's beta or alpha
+        return None
+    bias, x, transposed = (None, *node.args) if is_op(node, aten.mm) else node.args
+    if not (is_op(transposed, aten.permute) and list(transposed.args[1]) in ([1, 0], [-1, 0])
+            or is_op(transposed, aten.t)):
+        return None
+    weight = transposed.args[0]
+    if weight.op != "get_attr" or (bias is not None and (not isinstance(bias, fx.Node) or bias.op != "get_attr")):
+        return None
+    return x, weight, bias
 
 
 def module_path(node: fx.Node) -> str:
@@ -47,6 +67,9 @@ def site_kind(node: fx.Node, sdpa: bool) -> str | None:
         return "gelu"
     if is_op(node, aten.native_layer_norm) and len(node.args[1]) == 1:
         return "layer_norm"
+    linear = linear_parts(node)
+    if linear is not None and val(linear[0]).is_floating_point():
+        return "linear"
     if sdpa and is_op(node, *SDPA_OPS):
         return "sdpa"
     return None

@@ -5,7 +5,8 @@
 - ``int_softmax(q, scale, method, max_q, exp_bits, out_bits)``: probabilities at ``2**-out_bits``;
 - ``int_gelu(q, scale, method, max_q, exp_bits)``: int32 codes at ``int_gelu_scale(scale, method)``;
 - ``int_layer_norm(q, bias_codes, in_shift, var_shift, out_shift)``: int32 codes whose per-channel
-  scale folds in the LayerNorm weight (``fxpress.integer.constants.layer_norm_affine``).
+  scale folds in the LayerNorm weight (``fxpress.integer.constants.layer_norm_affine``);
+- ``int_matmul(a, b)``: int8 ``[M, K] @ [K, N]`` accumulated exactly in int32 (``fxpress.integer.matmul``).
 
 A float result is ``codes.float() * scale``: the ``integer_only`` pass writes that dequantisation
 as plain ATen ops only where a float op reads the result. The references are
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from fxpress.integer import arith, constants, quantize
+from fxpress.integer import arith, constants, matmul, quantize
 from fxpress.core.errors import IntegerError
 from fxpress.integer.config import METHODS
 from fxpress.ops._define import define_op
@@ -160,3 +161,20 @@ def _layer_norm_fake(q, bias_codes, in_shift, var_shift, out_shift):
 
 int_layer_norm = define_op("int_layer_norm", _layer_norm_reference, _layer_norm_fake, overwritable=0,
                            lowerings=_kernels("int_layer_norm"))
+
+
+# int_matmul ---------------------------------------------------------------------------------------
+
+def _matmul_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return matmul.int8_matmul(a, b)
+
+
+def _matmul_fake(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    matmul.check_operands(a, b, "fxpress::int_matmul")
+    return a.new_empty(a.shape[0], b.shape[1], dtype=torch.int32)
+
+
+# torch._int_mm is the kernel on every target (exact: see fxpress.integer.matmul); the triton
+# target's launcher writes into the planned slot.
+int_matmul = define_op("int_matmul", _matmul_reference, _matmul_fake,
+                       lowerings={"triton": Launcher("fxpress.ops.kernels.integer", "int_matmul")})

@@ -8,6 +8,7 @@ and the op runs on integers::
     softmax(x)    => int_softmax(int_quantize(x, s), s)  * 2**-bits
     gelu(x)       => int_gelu(int_quantize(x, s), s)     * int_gelu_scale(s)
     layer_norm(x) => int_layer_norm(int_quantize(x, s))  * (weight-folded scale per channel)
+    linear(x)     => int_matmul(int_quantize(x, s), w_codes.T) * s * w_scale + bias   (asked for)
 
 The trailing multiply is the dequantisation, written as plain ATen ops (a pointwise kernel) so it
 exists only where a float op reads the result: a LayerNorm fed by a rewritten GELU takes the GELU's
@@ -27,11 +28,11 @@ import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassResult
 
 from fxpress.core.counters import counters
-from fxpress.integer import constants
+from fxpress.integer import constants, matmul
 from fxpress.core.errors import IntegerError
 from fxpress.integer.config import IntegerOnly
 from fxpress.integer.measure import site_tag
-from fxpress.ir.integer_sites import Site, find_sites
+from fxpress.ir.integer_sites import Site, find_sites, linear_parts
 from fxpress.ir.match import add_constant, aten, insert_call, sdpa_arguments, sdpa_result, val
 
 ops = torch.ops.fxpress
@@ -136,6 +137,32 @@ class _Rewriter:
         self.gm.graph.erase_node(node)
         return result
 
+    def linear(self, site: Site) -> fx.Node | str:
+        """``x @ w.T + b`` => ``int_matmul(int_quantize(x, s), w_codes.T) * s * w_scale + b``."""
+        node = site.node
+        x, weight, bias = linear_parts(node)
+        w = getattr(self.gm, weight.target)
+        if w.shape[1] > matmul.MAX_DEPTH:
+            return f"inner size {w.shape[1]} exceeds {matmul.MAX_DEPTH}"
+        device, dtype = val(x).device, val(node).dtype
+        codes, weight_scale = matmul.quantize_weight(w)
+        s = self.scale(site, x, masked=False)
+        q = self.call(node, ops.int_quantize.default, x, s, False, 8)
+        w_codes = add_constant(self.gm, node, f"int_w_{weight.target}", codes.to(device))
+        acc = self.call(node, ops.int_matmul.default, q, self.call(node, aten.permute.default, w_codes, [1, 0]))
+        result = self.dequantize(node, acc, s, torch.float32)
+        result = self.call(node, aten.mul.Tensor, result,
+                           add_constant(self.gm, node, f"int_w_scale_{weight.target}", weight_scale.to(device)))
+        b = None if bias is None else getattr(self.gm, bias.target)
+        if b is not None:
+            b32 = add_constant(self.gm, node, f"int_bias_{bias.target}", b.detach().to(torch.float32))
+            result = self.call(node, aten.add.Tensor, result, b32)
+        if dtype != torch.float32:
+            result = insert_call(self.gm, node, aten._to_copy.default, (result,), {"dtype": dtype})
+        result.meta["integer_site"] = site_tag(site.key, "linear", self.cfg.method, x,
+                                               functools.partial(F.linear, weight=w, bias=b))
+        return result
+
     def decompose_attention(self, site: Site) -> fx.Node | str:
         """SDPA -> matmul, scale, mask, softmax, matmul; returns the softmax node."""
         node = site.node
@@ -206,16 +233,17 @@ def _rewrite(gm: fx.GraphModule, cfg: IntegerOnly) -> PassResult:
                 counters[GROUP][f"sdpa [not decomposed: {node}]"] += 1
                 continue
             modified = True
-        if kind == "layer_norm":
-            new = rewriter.layer_norm(site)
-            if isinstance(new, str):
-                counters[GROUP][f"layer_norm [not applied: {new}]"] += 1
-                continue
+        if kind == "softmax":
+            new = rewriter.softmax(site, node)
         else:
-            new = rewriter.softmax(site, node) if kind == "softmax" else rewriter.gelu(site)
+            new = {"gelu": rewriter.gelu, "layer_norm": rewriter.layer_norm, "linear": rewriter.linear}[kind](site)
+        if isinstance(new, str):  # the site stays float, and says why
+            counters[GROUP][f"{kind} [not applied: {new}]"] += 1
+            continue
+        if kind != "layer_norm":  # the LayerNorm rewrite replaced the users of its output itself
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
-        counters[GROUP][f"{kind} => int_{kind}"] += 1
+        counters[GROUP][f"{kind} => {'int_matmul' if kind == 'linear' else f'int_{kind}'}"] += 1
         modified = True
     for dequantised, (_, _, scale) in rewriter.codes_of.items():  # GELU outputs only an integer LayerNorm read
         if not dequantised.users:

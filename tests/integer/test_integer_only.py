@@ -100,7 +100,8 @@ def test_calibrated_scales_are_constants_named_by_module():
     model = _Block(eager=True).eval()
     calibration = fxpress.calibrate_integer(model, [_inputs(seed) for seed in range(3)])
     assert calibration.samples == 3
-    assert set(calibration.ranges) == {":softmax", "gelu_tanh:gelu", ":gelu", "norm:layer_norm"}
+    assert set(calibration.ranges) == {":softmax", "gelu_tanh:gelu", ":gelu", "norm:layer_norm", "qkv:linear",
+                                       "dense:linear"}
     x, mask = _inputs(7)
     report = fxpress.explain(model, x, mask, integer=fxpress.IntegerOnly(calibration=calibration))
     (graph,) = report.graphs

