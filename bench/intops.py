@@ -17,8 +17,13 @@ Sections (markdown tables; ``--json`` writes the rows):
   with int8 linear layers alone, and with both (I-BERT's whole integer path), taken in turns round
   after round; with each one's cosine of the last hidden state to float.
 
-Run: ``python bench/intops.py [ops] [sites] [minilm] [latency] [--json PATH]``. No timing here is
-asserted anywhere.
+- ``smollm2``: SmolLM2-135M with every linear layer (its tied ``lm_head`` included) on int8 codes
+  (``IntegerOnly(ops=("linear",))``: W8A8, activations per token): perplexity of the first 1024
+  tokens of lee_background against fp32, and a 512-token prefill's latency against eager and
+  fxpress float, taken in turns.
+
+Run: ``python bench/intops.py [ops] [sites] [minilm] [latency] [smollm2] [--json PATH]``. No timing
+here is asserted anywhere.
 """
 
 from __future__ import annotations
@@ -194,9 +199,39 @@ def latency_table() -> list[dict]:
     return rows
 
 
+def smollm2_table() -> list[dict]:
+    from fxpress import workloads
+    from fxpress.hf.perplexity import perplexity
+
+    model, tokenizer = workloads.load_smollm2()
+    ids = tokenizer(workloads.lee_background(), return_tensors="pt")["input_ids"]
+    scored, prefill = ids[:, :1024], ids[:, :512]
+    torch._dynamo.config.recompile_limit = 64
+    compiled = {}
+    with torch.no_grad():
+        for name, cfg in (("fxpress float", None), ("int8 linear layers", fxpress.IntegerOnly(ops=("linear",)))):
+            torch._dynamo.reset()
+            compiled[name] = torch.compile(model, backend=fxpress.backend(integer=cfg))
+        values = {"eager": perplexity(model, scored), **{k: perplexity(f, scored) for k, f in compiled.items()}}
+        calls = {"eager": lambda: model(prefill, use_cache=False),
+                 **{k: (lambda f=f: f(prefill, use_cache=False)) for k, f in compiled.items()}}
+        for call in calls.values():
+            call()  # compiled for the prefill's length
+        times = interleaved_medians(calls, 7, burst=1)
+    rows = [{"variant": k, "perplexity": values[k], "vs_fp32": values[k] / values["eager"], "prefill_ms": times[k] * 1e3,
+             "vs_eager": times[k] / times["eager"]} for k in calls]
+    print(f"CPU: {cpu_model()}; SmolLM2-135M, perplexity of 1024 tokens, prefill of 512\n")
+    print("| variant | perplexity | vs fp32 | 512-token prefill ms | / eager |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['perplexity']:.3f} | {r['vs_fp32']:.3f} | {r['prefill_ms']:.0f} | {r['vs_eager']:.2f}x |")
+    return rows
+
+
 def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    run_sections({"ops": op_table, "sites": sites_table, "minilm": minilm_table, "latency": latency_table})
+    run_sections({"ops": op_table, "sites": sites_table, "minilm": minilm_table, "latency": latency_table,
+                  "smollm2": smollm2_table})
 
 
 if __name__ == "__main__":

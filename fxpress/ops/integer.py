@@ -174,7 +174,8 @@ def _matmul_fake(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.new_empty(a.shape[0], b.shape[1], dtype=torch.int32)
 
 
-# torch._int_mm is the kernel on every target (exact: see fxpress.integer.matmul); the triton
-# target's launcher writes into the planned slot.
-int_matmul = define_op("int_matmul", _matmul_reference, _matmul_fake,
-                       lowerings={"triton": Launcher("fxpress.ops.kernels.integer", "int_matmul")})
+# torch._int_mm is the kernel on every target (exact: see fxpress.integer.matmul), each writing
+# into the op's planned slot.
+int_matmul = define_op("int_matmul", _matmul_reference, _matmul_fake, out_impl=matmul.int8_matmul,
+                       lowerings={"triton": Launcher("fxpress.ops.kernels.integer", "int_matmul"),
+                                  "cpp": Launcher("fxpress.ops.cpp.integer", "int_matmul")})

@@ -12,7 +12,7 @@ import functools
 import torch
 
 from fxpress.core.errors import IntegerError
-from fxpress.integer import constants
+from fxpress.integer import constants, matmul
 from fxpress.integer.arith import NEWTON_STEPS, check_row_length
 from fxpress.integer.quantize import code_limit, mask_limit, reciprocal
 from fxpress.native.kernels import FLOAT, INT, LONG, POINTER, library_beside, pointer, threads
@@ -97,3 +97,8 @@ def int_layer_norm(q: torch.Tensor, bias_codes: torch.Tensor, in_shift: int, var
     _lib().fxpress_int_layer_norm(pointer(q), q.element_size(), pointer(bias), rows, width, in_shift, var_shift,
                                   out_shift, NEWTON_STEPS, pointer(out), threads())
     return out
+
+
+def int_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """oneDNN's int8 GEMM through ``torch._int_mm`` (exact: ``fxpress.integer.matmul``), into ``out``."""
+    return matmul.int8_matmul(a, b, out)
