@@ -8,7 +8,8 @@ Sections:
   parameters gone (``params_kept=0.8``); calibrated on 8 x 256 tokens of lee_background from token
   8192 on; perplexity of its first 1024 tokens (never calibrated on) against the fp32 model's;
 - ``smollm2_weights``: SmolLM2-135M's decoder Linears at 4 and 3 bits (groups of 128) by RTN,
-  BCQ and GPTQ (``compress.quantize(..., calibration=)``); perplexity as above;
+  BCQ, GPTQ and activation-weighted BCQ (``compress.quantize(..., calibration=)``); perplexity as
+  above;
 - ``smollm2_kv``: SmolLM2-135M's KV cache by KIVI at 4 and 2 bits, keys plain and rotated
   (``KIVI(rotate=True)``), windows of 128 and 32 tokens, and the paper's KIVI-2; for each of three
   Wikipedia articles (``workloads.wikipedia_article``: text no other workload uses), a 1536-token
@@ -70,18 +71,20 @@ def smollm2() -> list[dict[str, Any]]:
 
 @torch.no_grad()
 def smollm2_weights() -> list[dict[str, Any]]:
-    """Low-bit weights for every Linear of the decoder layers: RTN, BCQ and GPTQ (calibrated on
-    32 x 256 tokens from token 8192 on: with the SVD's 8 x 256, GPTQ fitted the 1536-input
-    down_proj's inputs too closely to help on other text) at 4 and 3 bits, groups of 128."""
+    """Low-bit weights for every Linear of the decoder layers: RTN, BCQ, GPTQ and BCQ weighted by the
+    calibration inputs' energy per column (both calibrated on 32 x 256 tokens from token 8192 on:
+    with the SVD's 8 x 256, GPTQ fitted the 1536-input down_proj's inputs too closely to help on
+    other text) at 4 and 3 bits, groups of 128."""
     model, scored, calibration, dense = _smollm2_text(32)
     rows = [{"variant": "fp32 (the GGUF Q4_1 weights, dequantised)", "kept": 32.0, "value": dense, "ratio": 1.0}]
     for bits in (4, 3):
-        for method, batches in (("rtn", None), ("bcq", None), ("gptq", calibration)):
+        for method, batches in (("rtn", None), ("bcq", None), ("gptq", calibration), ("bcq", calibration)):
             result = compress.quantize(model, bits=bits, group_size=128, method=method, targets="*layers*",
                                        calibration=batches)
             value = perplexity(result.model, scored)
             per_weight = 8 * result.weight_bytes / (result.fp32_bytes / 4)
-            rows.append({"variant": f"{method.upper()} {bits}-bit", "kept": per_weight, "value": value,
+            label = "BCQ, activation-weighted," if method == "bcq" and batches is not None else method.upper()
+            rows.append({"variant": f"{label} {bits}-bit", "kept": per_weight, "value": value,
                          "ratio": value / dense})
     _report("SmolLM2-135M, decoder Linears at low bit (groups of 128): perplexity on 1024 tokens",
             rows, "perplexity", kept="bits per weight, scales included")

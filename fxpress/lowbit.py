@@ -136,7 +136,8 @@ def rtn(weight: torch.Tensor, bits: int, group_size: int = 128) -> BitPlaneWeigh
     return from_codes(codes * valid.to(torch.int64), zero, scale, bits, in_features=weight.shape[1])
 
 
-def bcq(weight: torch.Tensor, bits: int, group_size: int = 128, rounds: int = BCQ_ROUNDS) -> BitPlaneWeight:
+def bcq(weight: torch.Tensor, bits: int, group_size: int = 128, rounds: int = BCQ_ROUNDS,
+        importance: torch.Tensor | None = None) -> BitPlaneWeight:
     """Binary-coding quantisation with an offset (LUT-GEMM's ``w = sum_i alpha_i s_i + z``),
     refined by alternating least squares from the uniform grid.
 
@@ -144,7 +145,12 @@ def bcq(weight: torch.Tensor, bits: int, group_size: int = 128, rounds: int = BC
     each round can only lower the weight error: the scales and offset by least squares given the
     signs, then the signs by the nearest of the 2^q values given the scales. Without the offset,
     LUT-GEMM's greedy start clipped each group's largest weights: SmolLM2's perplexity was 66.1
-    at 4 bits and 7444 at 3 (RTN 37.5 and 160.5); with it, 38.1 and 118.6."""
+    at 4 bits and 7444 at 3 (RTN 37.5 and 160.5); with it, 38.1 and 118.6.
+
+    ``importance`` (``[in_features]``, e.g. the mean square of each input over calibration data)
+    weights each column's squared error in the least squares, so the scales fit the columns the
+    layer's output depends on: the error that falls, round by round, is then the output's
+    (``sum_j importance_j (w_j - w'_j)^2``). The nearest-value step is the same under any weights."""
     check_format(bits, group_size, weight.shape[1])
     w, valid = _grouped(weight, group_size), _valid(weight.shape[1], group_size)
     n, groups, size = w.shape
@@ -154,12 +160,15 @@ def bcq(weight: torch.Tensor, bits: int, group_size: int = 128, rounds: int = BC
     alpha, beta = start.alpha, start.beta
     candidates = _sign_table(bits)  # [2^q, q]
     ones = torch.ones(n, groups, size, 1)
+    weights = valid if importance is None else valid * _column_weights(importance, weight.shape[1], group_size)
     for _ in range(rounds):
-        # alpha and z: least squares over the group's real columns, [B 1]^T [B 1] (alpha, z) = [B 1]^T w
+        # alpha and z: weighted least squares over the group's real columns,
+        # [B 1]^T H [B 1] (alpha, z) = [B 1]^T H w, H the columns' weights (1 without importance)
         b = torch.cat([signs_t, ones], -1) * valid.unsqueeze(-1)
+        hb = b * weights.unsqueeze(-1)
         # A small ridge keeps the solve defined when two planes agree on every sign of a group.
-        gram = b.transpose(-1, -2) @ b + (1e-6 * count)[..., None, None] * torch.eye(bits + 1)
-        solved = torch.linalg.solve(gram, (b.transpose(-1, -2) @ w.unsqueeze(-1))).squeeze(-1)
+        gram = b.transpose(-1, -2) @ hb + (1e-6 * count)[..., None, None] * torch.eye(bits + 1)
+        solved = torch.linalg.solve(gram, (hb.transpose(-1, -2) @ w.unsqueeze(-1))).squeeze(-1)
         alpha, beta = solved[..., :bits], solved[..., bits]
         # signs: each weight takes the nearest of the 2^q values the group's alphas and offset make
         values = beta.unsqueeze(-1) + alpha @ candidates.T  # [n, G, 2^q]
@@ -167,6 +176,18 @@ def bcq(weight: torch.Tensor, bits: int, group_size: int = 128, rounds: int = BC
         signs_t = candidates[nearest]
     planes = ((signs_t > 0).to(torch.int64) * valid.unsqueeze(-1).to(torch.int64)).permute(3, 0, 1, 2).flatten(-2)
     return BitPlaneWeight(pack(planes), alpha.contiguous(), beta.contiguous(), weight.shape[1], group_size)
+
+
+def _column_weights(importance: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
+    """``importance`` as ``[groups, group_size]`` weights of mean 1 over the real columns, each at
+    least 1e-3 so a group of inputs that were always zero still has a defined fit."""
+    if importance.shape != (in_features,) or not bool(torch.isfinite(importance).all()) or bool((importance < 0).any()):
+        raise QuantizeError(f"importance must be {in_features} finite non-negative values, one per input column; "
+                            f"got shape {tuple(importance.shape)}")
+    h = importance.detach().to(torch.float32).cpu()
+    h = (h / h.mean().clamp(min=1e-30)).clamp(min=1e-3)
+    k_pad = padded(in_features, group_size)
+    return torch.nn.functional.pad(h, (0, k_pad - in_features)).view(k_pad // group_size, group_size)
 
 
 def from_codes(codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, bits: int,

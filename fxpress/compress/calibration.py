@@ -1,6 +1,6 @@
 """What the calibrated compressions share: each Linear's input Gram matrix ``X^T X`` (float64),
 accumulated over a few batches of model inputs run through the uncompressed model.
-``compress.svd`` whitens with it (SVD-LLM); ``compress.quantize`` feeds it to GPTQ."""
+``compress.svd`` whitens with it (SVD-LLM); ``compress.quantize`` weights BCQ's fit by its diagonal, or feeds it to GPTQ."""
 
 from __future__ import annotations
 

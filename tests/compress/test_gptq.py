@@ -1,5 +1,6 @@
 """GPTQ: codes on each group's grid, error feedback that cuts the layer's output error on the
-calibration inputs, and compress.quantize choosing it when calibration batches are given."""
+calibration inputs, and compress.quantize choosing it when calibration batches are given; BCQ
+weighted by the calibration inputs' energy per column."""
 
 from __future__ import annotations
 
@@ -49,11 +50,11 @@ def test_inputs_that_are_always_zero_do_not_break_it():
         gptq(w, torch.eye(63), bits=4, group_size=32)
 
 
-def test_quantize_uses_gptq_when_given_calibration_batches():
+def test_quantize_runs_gptq_when_asked_with_calibration_batches():
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
     batches = [_correlated_inputs(64, 64, seed=6 + i) for i in range(3)]
-    calibrated = quantize(model, bits=3, group_size=32, calibration=batches)
+    calibrated = quantize(model, bits=3, group_size=32, method="gptq", calibration=batches)
     nearest = quantize(model, bits=3, group_size=32)
     x = _correlated_inputs(256, 64, seed=20)
     with torch.no_grad():
@@ -61,8 +62,8 @@ def test_quantize_uses_gptq_when_given_calibration_batches():
         assert error(calibrated.model) < error(nearest.model)
     with pytest.raises(lowbit.QuantizeError, match="GPTQ needs calibration batches"):
         quantize(model, bits=3, group_size=32, method="gptq")
-    with pytest.raises(lowbit.QuantizeError, match="only GPTQ uses them"):
-        quantize(model, bits=3, group_size=32, method="bcq", calibration=batches)
+    with pytest.raises(lowbit.QuantizeError, match="round-to-nearest does not use calibration"):
+        quantize(model, bits=3, group_size=32, method="rtn", calibration=batches)
 
 
 def test_the_result_tables_each_layer_with_its_output_error_on_the_calibration_inputs():
@@ -81,3 +82,37 @@ def test_the_result_tables_each_layer_with_its_output_error_on_the_calibration_i
     assert table[1].split() == ["layer", "shape", "weight", "err", "output", "err"]
     assert table[2].split()[:2] == ["0", "64x32"] and table[3].split()[:2] == ["2", "32x16"]
     assert str(quantize(model, bits=3, group_size=32)).splitlines()[2].split()[-1] == "-"  # no calibration
+
+
+def _weighted_error(q: lowbit.BitPlaneWeight, w: torch.Tensor, h: torch.Tensor) -> float:
+    return float((((q.dequantize() - w) ** 2) * h).sum())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_weighted_bcq_lowers_the_weighted_error_from_the_uniform_grid(bits):
+    w = torch.randn(12, 200, generator=torch.Generator().manual_seed(9))  # a ragged last group
+    h = torch.logspace(2, -2, 200)[torch.randperm(200, generator=torch.Generator().manual_seed(10))]
+    weighted = lowbit.bcq(w, bits, 64, importance=h)
+    plain = lowbit.bcq(w, bits, 64)
+    start = lowbit.rtn(w, bits, 64)
+    assert _weighted_error(weighted, w, h) < 0.95 * _weighted_error(start, w, h)
+    assert _weighted_error(weighted, w, h) < _weighted_error(plain, w, h)
+    # the same weight on every column is plain BCQ
+    torch.testing.assert_close(lowbit.bcq(w, bits, 64, importance=torch.full((200,), 3.0)).dequantize(),
+                               plain.dequantize())
+    with pytest.raises(lowbit.QuantizeError, match="one per input column"):
+        lowbit.bcq(w, bits, 64, importance=torch.ones(199))
+
+
+def test_quantize_weights_bcq_by_the_calibration_inputs():
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
+    batches = [_correlated_inputs(64, 64, seed=12 + i) for i in range(3)]
+    weighted = quantize(model, bits=3, group_size=32, calibration=batches)  # the default with batches
+    plain = quantize(model, bits=3, group_size=32, method="bcq")
+    torch.testing.assert_close(weighted.model[0].alpha,
+                               quantize(model, bits=3, group_size=32, method="bcq", calibration=batches).model[0].alpha)
+    x = _correlated_inputs(256, 64, seed=30)
+    with torch.no_grad():
+        error = lambda m: float((m(x) - model(x)).norm())  # noqa: E731
+        assert error(weighted.model) < error(plain.model)
