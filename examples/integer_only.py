@@ -1,9 +1,11 @@
-"""Integer-only softmax, GELU and LayerNorm (I-BERT / I-ViT) in the real all-MiniLM-L6-v2.
+"""Integer-only softmax, GELU and LayerNorm (I-BERT / I-ViT) in the real all-MiniLM-L6-v2, and
+I-BERT's whole integer path with the linear layers on int8 codes too.
 
 ``torch.compile(model, backend=fxpress.backend(integer=fxpress.IntegerOnly()))`` quantises the input
 of every softmax, GELU and LayerNorm and runs the op in int32 arithmetic with shifts. The model is
 loaded with eager attention so its softmax is visible; with SDPA attention, ``IntegerOnly(sdpa=True)``
-decomposes it. explain() measures each rewritten site against the float op on the same input.
+decomposes it. ``ops=(..., "linear")`` also runs every linear layer on int8 codes (exact int32
+accumulation). explain() measures each rewritten site against the float op on the same input.
 
 Run: ``python examples/integer_only.py``
 """
@@ -30,11 +32,13 @@ def embed(m):
 
 
 reference = embed(model)
-for method in ("ibert", "shift"):
+whole_path = fxpress.IntegerOnly(ops=("softmax", "gelu", "layer_norm", "linear"))
+for name, options in (("ibert", fxpress.IntegerOnly()), ("shift", fxpress.IntegerOnly(method="shift")),
+                      ("ibert with int8 linear layers", whole_path)):
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend=fxpress.backend(integer=fxpress.IntegerOnly(method=method)))
+    compiled = torch.compile(model, backend=fxpress.backend(integer=options))
     cosine = (embed(compiled) * reference).sum(-1)
-    print(f"{method}: embedding cosine to float over {len(sentences)} sentences: mean {cosine.mean():.4f}, "
+    print(f"{name}: embedding cosine to float over {len(sentences)} sentences: mean {cosine.mean():.4f}, "
           f"min {cosine.min():.4f}")
 
 report = fxpress.explain(model, kwargs=dict(batch), integer=fxpress.IntegerOnly())

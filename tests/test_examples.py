@@ -50,7 +50,7 @@ def test_kv_cache():
 def test_integer_only():
     out = _run("integer_only.py")
     cosines = [float(c) for c in re.findall(r"mean ([0-9.]+), min", out)]
-    assert len(cosines) == 2 and all(c >= 0.99 for c in cosines), out
+    assert len(cosines) == 3 and all(c >= 0.99 for c in cosines), out
     assert "encoder.layer.0.attention.self:softmax" in out and "fxpress.int_layer_norm.default" in out
 
 
