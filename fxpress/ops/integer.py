@@ -3,6 +3,8 @@
 - ``int_row_scale(x, masked, bits)``: ``max |x| / (2**(bits-1) - 1)`` per row, the dynamic scale;
 - ``int_quantize(x, scale, masked, bits)``: codes of ``x`` (int8; int32 above 8 bits);
 - ``int_softmax(q, scale, method, max_q, exp_bits, out_bits)``: probabilities at ``2**-out_bits``;
+- ``int_softmax_dynamic(x, method, max_q, exp_bits, out_bits)``: the same from a float input,
+  its row scale and masked int8 codes computed in the same kernel (one pass where three ran);
 - ``int_gelu(q, scale, method, max_q, exp_bits)``: int32 codes at ``int_gelu_scale(scale, method)``;
 - ``int_layer_norm(q, bias_codes, in_shift, var_shift, out_shift)``: int32 codes whose per-channel
   scale folds in the LayerNorm weight (``fxpress.integer.constants.layer_norm_affine``);
@@ -99,6 +101,31 @@ def _softmax_fake(q, scale, method, max_q, exp_bits, out_bits):
 
 
 int_softmax = define_op("int_softmax", _softmax_reference, _softmax_fake, lowerings=_kernels("int_softmax"))
+
+
+# int_softmax_dynamic: int_row_scale, int_quantize and int_softmax of one float input in one kernel
+
+def _softmax_dynamic_checks(x, method, exp_bits) -> None:
+    _check_method("int_softmax_dynamic", method)
+    if not x.is_floating_point():
+        raise IntegerError(f"fxpress::int_softmax_dynamic: expects a float input, got {x.dtype}")
+    arith.check_row_length(x.shape[-1], exp_bits)
+
+
+def _softmax_dynamic_reference(x: torch.Tensor, method: str, max_q: int, exp_bits: int,
+                               out_bits: int) -> torch.Tensor:
+    _softmax_dynamic_checks(x, method, exp_bits)
+    scale = quantize.row_scale(x, True, 8)
+    return arith.softmax_int(quantize.quantize(x, scale, True, 8), scale, method, max_q, exp_bits, out_bits)
+
+
+def _softmax_dynamic_fake(x, method, max_q, exp_bits, out_bits):
+    _softmax_dynamic_checks(x, method, exp_bits)
+    return torch.empty_like(x, dtype=arith.softmax_dtype(out_bits), memory_format=torch.contiguous_format)
+
+
+int_softmax_dynamic = define_op("int_softmax_dynamic", _softmax_dynamic_reference, _softmax_dynamic_fake,
+                                lowerings=_kernels("int_softmax_dynamic"))
 
 
 # int_gelu / int_gelu_scale ------------------------------------------------------------------------

@@ -5,7 +5,7 @@ changes the numbers, and explain() reports by how much at each site. Each float 
 quantised to int8, at its calibrated per-tensor scale or at a per-row scale computed at run time,
 and the op runs on integers::
 
-    softmax(x)    => int_softmax(int_quantize(x, s), s)  * 2**-bits
+    softmax(x)    => int_softmax(int_quantize(x, s), s)  * 2**-bits   (int_softmax_dynamic(x): s per row)
     gelu(x)       => int_gelu(int_quantize(x, s), s)     * int_gelu_scale(s)
     layer_norm(x) => int_layer_norm(int_quantize(x, s))  * (weight-folded scale per channel)
     linear(x)     => int_matmul(int_quantize(x, s), w_codes.T) * s * w_scale + bias   (asked for)
@@ -71,9 +71,15 @@ class _Rewriter:
     def softmax(self, site: Site, node: fx.Node) -> fx.Node:
         x, dtype, cfg = node.args[0], val(node).dtype, self.cfg
         s = self.scale(site, x, masked=True, before=node)
-        q = self.call(node, ops.int_quantize.default, x, s, True, 8)
-        p = self.call(node, ops.int_softmax.default, q, s, cfg.method, cfg.clip("softmax"), cfg.softmax_exp_bits,
-                      cfg.softmax_bits)
+        constants_ = (cfg.method, cfg.clip("softmax"), cfg.softmax_exp_bits, cfg.softmax_bits)
+        if s.target is ops.int_row_scale.default:
+            # Nothing downstream reads a per-row scale of the softmax's input (its output's scale is
+            # fixed): row scale, quantise and softmax run as one kernel.
+            self.gm.graph.erase_node(s)
+            p = self.call(node, ops.int_softmax_dynamic.default, x, *constants_)
+        else:
+            q = self.call(node, ops.int_quantize.default, x, s, True, 8)
+            p = self.call(node, ops.int_softmax.default, q, s, *constants_)
         result = self.dequantize(node, p, 2.0 ** -cfg.softmax_bits, dtype)
         result.meta["integer_site"] = site_tag(site.key, "softmax", cfg.method, x, functools.partial(torch.softmax, dim=-1))
         return result

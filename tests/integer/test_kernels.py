@@ -121,6 +121,24 @@ def test_softmax_very_long_row_and_wide_output(kernel):
     assert torch.equal(_run(kernel.module.int_softmax, kernel.device, q, scale, "ibert", 30, 15, 12, dtype=torch.int16), reference)
 
 
+@pytest.mark.parametrize("method,max_q", [("ibert", 30), ("shift", 15)])
+@pytest.mark.parametrize("width,out_bits,dtype", [(1, 8, torch.float32), (7, 8, torch.float32),
+                                                  (130, 8, torch.float16), (3000, 12, torch.float32)])
+def test_dynamic_softmax_is_row_scale_quantise_softmax(method, max_q, width, out_bits, dtype, kernel):
+    """int_softmax_dynamic == int_row_scale, int_quantize and int_softmax of the same float rows,
+    bit for bit: masked positions, a row masked everywhere, a row of zeros, ragged tails, fp16."""
+    x = (torch.randn(37, width, generator=torch.Generator().manual_seed(width)) * 4).to(dtype)
+    x[0, : max(width // 3, 1)] = float("-inf")
+    x[1] = torch.finfo(dtype).min  # every position masked
+    x[2] = 0.0
+    scale = ops.int_row_scale(x, True, 8)
+    composed = ops.int_softmax(ops.int_quantize(x, scale, True, 8), scale, method, max_q, 15, out_bits)
+    reference = ops.int_softmax_dynamic(x, method, max_q, 15, out_bits)
+    assert torch.equal(reference, composed)
+    out = _run(kernel.module.int_softmax_dynamic, kernel.device, x, method, max_q, 15, out_bits, dtype=composed.dtype)
+    assert torch.equal(out, reference)
+
+
 def _norm_rows(width: int, dtype: torch.dtype, bound: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     rows = torch.randint(-bound, bound, (5, width), generator=g, dtype=torch.int64)

@@ -224,10 +224,36 @@ void fxpress_int_quantize(const float* x, const float* inv, int64_t inv_stride, 
   }
 }
 
-// Probabilities at 2**-out_bits (uint8 up to 8 bits, int16 above) of int8 codes, per row.
+}  // extern "C"
+
+namespace {
+
+// One row's probabilities at 2**-out_bits (uint8 up to 8 bits, int16 above) from its int8 codes.
+void softmax_row(const int8_t* v, int64_t width, const ExpConstants& k, bool poly, int out_bits, int32_t* e,
+                 void* out_row) {
+  const int32_t total = poly ? softmax_exps<true>(v, width, k, e) : softmax_exps<false>(v, width, k, e);
+  const int sh = 31 - out_bits;
+  // e <= total, so e * factor + half <= 2**31 - 1: int32 throughout.
+  const int32_t half = int32_t(1) << (sh - 1), cap = (int32_t(1) << out_bits) - 1;
+  const int32_t factor = (int32_t)((INT32_MAX_ - half) / total);
+  if (out_bits <= 8) {
+    uint8_t* o = (uint8_t*)out_row;
+    for (int64_t i = 0; i < width; ++i) o[i] = (uint8_t)std::min((e[i] * factor + half) >> sh, cap);
+  } else {
+    int16_t* o = (int16_t*)out_row;
+    for (int64_t i = 0; i < width; ++i) o[i] = (int16_t)std::min((e[i] * factor + half) >> sh, cap);
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Probabilities of int8 codes, per row.
 int fxpress_int_softmax(const int8_t* q, const double* scale, int64_t s_stride, const double* coef, int64_t rows,
                         int64_t width, int poly, int exp_bits, int max_q, int out_bits, void* out, int threads) {
   int status = 0;
+  const int64_t out_bytes = out_bits <= 8 ? 1 : 2;
 #pragma omp parallel num_threads(threads)
   {
     std::vector<int32_t> e(width);
@@ -240,19 +266,42 @@ int fxpress_int_softmax(const int8_t* q, const double* scale, int64_t s_stride, 
         status = bad;
         continue;
       }
-      const int8_t* v = q + row * width;
-      const int32_t total = poly ? softmax_exps<true>(v, width, k, e.data()) : softmax_exps<false>(v, width, k, e.data());
-      const int sh = 31 - out_bits;
-      // e <= total, so e * factor + half <= 2**31 - 1: int32 throughout.
-      const int32_t half = int32_t(1) << (sh - 1), cap = (int32_t(1) << out_bits) - 1;
-      const int32_t factor = (int32_t)((INT32_MAX_ - half) / total);
-      if (out_bits <= 8) {
-        uint8_t* o = (uint8_t*)out + row * width;
-        for (int64_t i = 0; i < width; ++i) o[i] = (uint8_t)std::min((e[i] * factor + half) >> sh, cap);
-      } else {
-        int16_t* o = (int16_t*)out + row * width;
-        for (int64_t i = 0; i < width; ++i) o[i] = (int16_t)std::min((e[i] * factor + half) >> sh, cap);
+      softmax_row(q + row * width, width, k, poly, out_bits, e.data(), (char*)out + row * width * out_bytes);
+    }
+  }
+  return status;
+}
+
+// The same from float inputs with a scale per row computed here: fxpress_int_row_scale (masked),
+// fxpress_int_quantize (int8) and fxpress_int_softmax in one pass over each row, its codes in a
+// buffer of the thread's, with the same float operations as the three.
+int fxpress_int_softmax_dynamic(const float* x, int64_t rows, int64_t width, float mask_limit, float inv_limit,
+                                const double* coef, int poly, int exp_bits, int max_q, int out_bits, void* out,
+                                int threads) {
+  int status = 0;
+  const int64_t out_bytes = out_bits <= 8 ? 1 : 2;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<int32_t> e(width);
+    std::vector<int8_t> codes(width);
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < rows; ++row) {
+      const float* v = x + row * width;
+      const float top = row_max_magnitude<true>(v, width, mask_limit);
+      const float scale = top > 0.f ? top * inv_limit : 1.f;
+      const float r = 1.f / scale;
+      for (int64_t i = 0; i < width; ++i) {
+        const float c = std::min(std::max(std::floor(v[i] * r + 0.5f), -127.f), 127.f);
+        codes[i] = v[i] <= mask_limit ? (int8_t)MASKED : (int8_t)c;
       }
+      ExpConstants k;
+      int bad = softmax_constants((double)scale, coef, poly, exp_bits, max_q, &k);
+      if (bad) {
+#pragma omp atomic write
+        status = bad;
+        continue;
+      }
+      softmax_row(codes.data(), width, k, poly, out_bits, e.data(), (char*)out + row * width * out_bytes);
     }
   }
   return status;

@@ -25,6 +25,8 @@ def _lib():
         "fxpress_int_row_scale": (None, [POINTER, LONG, LONG, INT, FLOAT, FLOAT, POINTER, INT]),
         "fxpress_int_quantize": (None, [POINTER, POINTER, LONG, LONG, LONG, INT, FLOAT, FLOAT, INT, POINTER, INT]),
         "fxpress_int_softmax": (INT, [POINTER, POINTER, LONG, POINTER, LONG, LONG, INT, INT, INT, INT, POINTER, INT]),
+        "fxpress_int_softmax_dynamic": (INT, [POINTER, LONG, LONG, FLOAT, FLOAT, POINTER, INT, INT, INT, INT, POINTER,
+                                              INT]),
         "fxpress_int_gelu": (INT, [POINTER, POINTER, LONG, POINTER, LONG, LONG, INT, INT, INT, INT, INT, POINTER, INT]),
         "fxpress_int_layer_norm": (None, [POINTER, INT, POINTER, LONG, LONG, INT, INT, INT, INT, POINTER, INT]),
     })
@@ -51,11 +53,16 @@ def _raise_for(status: int, where: str, scale: torch.Tensor) -> None:
         raise IntegerError(f"{where}: integer constants overflow int32 at scales {scale.flatten()[:4].tolist()}")
 
 
+def _inverse_limit(bits: int) -> float:
+    """``1 / L`` rounded to float32, as ``fxpress.integer.quantize.row_scale`` multiplies by it."""
+    return float(torch.tensor(1.0 / code_limit(bits), dtype=torch.float32))
+
+
 def int_row_scale(x: torch.Tensor, masked: bool, bits: int, out: torch.Tensor) -> torch.Tensor:
     limit = mask_limit(x.dtype)
     x, rows, width = rows_of(_float32(x))
-    inv_limit = float(torch.tensor(1.0 / code_limit(bits), dtype=torch.float32))
-    _lib().fxpress_int_row_scale(pointer(x), rows, width, int(masked), limit, inv_limit, pointer(out), threads())
+    _lib().fxpress_int_row_scale(pointer(x), rows, width, int(masked), limit, _inverse_limit(bits), pointer(out),
+                                 threads())
     return out
 
 
@@ -76,6 +83,19 @@ def int_softmax(q: torch.Tensor, scale: torch.Tensor, method: str, max_q: int, e
     status = _lib().fxpress_int_softmax(pointer(q), pointer(scales), stride, _COEFFICIENTS, rows, width,
                                         int(method == "ibert"), exp_bits, max_q, out_bits, pointer(out), threads())
     _raise_for(status, "integer softmax", scale)
+    return out
+
+
+def int_softmax_dynamic(x: torch.Tensor, method: str, max_q: int, exp_bits: int, out_bits: int,
+                        out: torch.Tensor) -> torch.Tensor:
+    limit = mask_limit(x.dtype)
+    x, rows, width = rows_of(_float32(x))
+    check_row_length(width, exp_bits)
+    status = _lib().fxpress_int_softmax_dynamic(pointer(x), rows, width, limit, _inverse_limit(8), _COEFFICIENTS,
+                                                int(method == "ibert"), exp_bits, max_q, out_bits, pointer(out),
+                                                threads())
+    if status:
+        raise IntegerError(f"integer softmax: integer constants overflow int32 at a row scale of {tuple(x.shape)}")
     return out
 
 

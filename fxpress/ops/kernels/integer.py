@@ -185,6 +185,55 @@ def int_softmax_kernel(q, scale, coef, out, rows, width, s_stride, POLY: tl.cons
 
 
 @triton.jit
+def _masked_codes(v, reciprocal, limit):
+    """int_quantize_kernel's int8 codes of a softmax input (masked positions -128)."""
+    code = tl.minimum(tl.maximum(tl.floor(v * reciprocal + 0.5), -127.0), 127.0).to(tl.int32)
+    return tl.where(v <= limit, -128, code)
+
+
+@triton.jit
+def int_softmax_dynamic_kernel(x, coef, out, rows, width, limit, INV_LIMIT: tl.constexpr, POLY: tl.constexpr,
+                               EXP_BITS: tl.constexpr, MAX_Q: tl.constexpr, OUT_BITS: tl.constexpr,
+                               ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """int_row_scale_kernel, int_quantize_kernel and int_softmax_kernel of float rows in one: the
+    codes are recomputed from ``x`` in each pass instead of written out and read back."""
+    r, base, live, _, _ = _row_block(rows, width, 0, ROWS, BLOCK)
+    top = tl.zeros([ROWS, BLOCK], tl.float32)
+    for start in range(0, width, BLOCK):
+        _, _, _, cols, inside = _row_block(rows, width, start, ROWS, BLOCK)
+        v = tl.load(x + base + cols, mask=inside, other=0.0).to(tl.float32)
+        top = tl.maximum(top, tl.where(v <= limit, 0.0, tl.abs(v)))
+    m = tl.max(top, 1)
+    s32 = tl.where(m > 0, m * INV_LIMIT, 1.0)
+    reciprocal = tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), s32)[:, None]  # as torch rounds 1 / scale
+    pre, x0, b, c, norm, low = _softmax_constants(s32.to(tl.float64), coef, POLY, EXP_BITS, MAX_Q)
+    pre, x0, b, c, norm, low = pre[:, None], x0[:, None], b[:, None], c[:, None], norm[:, None], low[:, None]
+    biggest = tl.full([ROWS, BLOCK], -128, tl.int32)
+    for start in range(0, width, BLOCK):
+        _, _, _, cols, inside = _row_block(rows, width, start, ROWS, BLOCK)
+        v = tl.load(x + base + cols, mask=inside, other=0.0).to(tl.float32)
+        biggest = tl.maximum(biggest, tl.where(inside, _masked_codes(v, reciprocal, limit), -128))
+    mq = tl.max(biggest, 1)[:, None]
+    total = tl.zeros([ROWS, BLOCK], tl.int32)
+    for start in range(0, width, BLOCK):
+        _, _, _, cols, inside = _row_block(rows, width, start, ROWS, BLOCK)
+        v = tl.where(inside, _masked_codes(tl.load(x + base + cols, mask=inside, other=0.0).to(tl.float32),
+                                           reciprocal, limit), -128)
+        e = _shift_exp(v - mq, pre, x0, b, c, norm, low, POLY)
+        total += tl.where((cols < width) & ((v != -128) | (mq == -128)), e, 0)
+    SHIFT: tl.constexpr = 31 - OUT_BITS
+    HALF: tl.constexpr = 1 << (SHIFT - 1)
+    factor = (2147483647 - HALF) // tl.sum(total, 1)[:, None]
+    for start in range(0, width, BLOCK):
+        _, _, _, cols, inside = _row_block(rows, width, start, ROWS, BLOCK)
+        v = tl.where(inside, _masked_codes(tl.load(x + base + cols, mask=inside, other=0.0).to(tl.float32),
+                                           reciprocal, limit), -128)
+        e = tl.where((v != -128) | (mq == -128), _shift_exp(v - mq, pre, x0, b, c, norm, low, POLY), 0)
+        p = tl.minimum((e * factor + HALF) >> SHIFT, (1 << OUT_BITS) - 1)
+        tl.store(out + base + cols, p.to(out.dtype.element_ty), mask=inside)
+
+
+@triton.jit
 def int_gelu_kernel(q, scale, coef, out, rows, width, s_stride, POLY: tl.constexpr, EXP_BITS: tl.constexpr,
                     MAX_Q: tl.constexpr, ERF_BITS: tl.constexpr, SIG_BITS: tl.constexpr, ROWS: tl.constexpr,
                     BLOCK: tl.constexpr):
@@ -305,6 +354,21 @@ def int_softmax(q: torch.Tensor, scale: torch.Tensor, method: str, max_q: int, e
         grid, blocks = _row_grid(rows, width)
         int_softmax_kernel[grid](q, scales, _coefficients(q.device), out, rows, width, stride, POLY=method == "ibert",
                                  EXP_BITS=exp_bits, MAX_Q=max_q, OUT_BITS=out_bits, **blocks)
+    return out
+
+
+def int_softmax_dynamic(x: torch.Tensor, method: str, max_q: int, exp_bits: int, out_bits: int,
+                        out: torch.Tensor) -> torch.Tensor:
+    limit = mask_limit(x.dtype)
+    x, rows, width = rows_of(x)
+    check_row_length(width, exp_bits)
+    if rows:
+        grid, blocks = _row_grid(rows, width)
+        # No fused multiply-adds: the codes round x * (1 / scale) + 1/2 as int_quantize_kernel does.
+        int_softmax_dynamic_kernel[grid](x, _coefficients(x.device), out, rows, width, limit,
+                                         INV_LIMIT=float(torch.tensor(1.0 / code_limit(8), dtype=torch.float32)),
+                                         POLY=method == "ibert", EXP_BITS=exp_bits, MAX_Q=max_q, OUT_BITS=out_bits,
+                                         enable_fp_fusion=False, **blocks)
     return out
 
 
