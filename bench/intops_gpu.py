@@ -6,7 +6,8 @@ LayerNorm (8 x S x 768): the median time (``triton.testing.do_bench``) of
 - torch's float kernel in fp16 and in fp32;
 - the integer kernel alone (codes in, codes out: what runs between two integer ops);
 - the whole integer path from a float input: per-row scale, quantise kernel, integer kernel and
-  the dequantising multiply (what a float graph pays for one rewritten op);
+  the dequantising multiply (what a float graph pays for one rewritten op), and for softmax the
+  same path as one kernel (``int_softmax_dynamic``, what a compiled softmax with row scales runs);
 - the op compiled by fxpress (``target="triton"``) as a float op (its generated Triton kernel)
   and with ``integer=IntegerOnly()`` (the same path as generated code, wrapper included).
 
@@ -149,6 +150,12 @@ def _case(kind: str, seq: int, device: str) -> dict:
              "fp32": do_bench(lambda: float_op(x), return_mode="median"),
              "int kernel": do_bench(run, return_mode="median"),
              "int path": do_bench(whole_path, return_mode="median"), **compiled}
+    if kind == "softmax":  # the same path as one kernel (what a compiled softmax with row scales runs)
+        args = (CFG.method, CFG.clip("softmax"), CFG.softmax_exp_bits, CFG.softmax_bits)
+        kernels.int_softmax_dynamic(x, *args, out)
+        exact = exact and torch.equal(out.cpu(), ops.int_softmax_dynamic(x.cpu(), *args))
+        times["fused path"] = do_bench(lambda: kernels.int_softmax_dynamic(x, *args, out).float()
+                                       * 2.0 ** -CFG.softmax_bits, return_mode="median")
     return {"op": kind, "shape": "x".join(map(str, x.shape)), "bit_exact": exact and quantise_exact,
             "max_abs_error": float(error.max()), "mean_abs_error": float(error.mean()), **times}
 
@@ -255,14 +262,16 @@ def main() -> None:
              f"(`bench/intops_gpu.py`; I-BERT method, per-row scales, LayerNorm input {CFG.layer_norm_input_bits} bits)",
              "",
              "| op | shape | bit-exact vs CPU reference | max abs err | mean abs err | torch fp16 ms | torch fp32 ms | "
-             "int kernel ms | int / fp16 | whole int path ms | path / fp16 | fxpress float (fp32) ms | "
-             "fxpress int ms | int / float, fxpress |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "int kernel ms | int / fp16 | whole int path ms | path / fp16 | the path as one kernel ms | "
+             "fxpress float (fp32) ms | fxpress int ms | int / float, fxpress |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        fused = f"{r['fused path']:.4f}" if "fused path" in r else "-"
         lines.append(f"| {r['op']} | {r['shape']} | {'yes' if r['bit_exact'] else 'NO'} | {r['max_abs_error']:.4f} | "
                      f"{r['mean_abs_error']:.5f} | {r['fp16']:.4f} | {r['fp32']:.4f} | {r['int kernel']:.4f} | "
                      f"{r['int kernel'] / r['fp16']:.2f} | {r['int path']:.4f} | {r['int path'] / r['fp16']:.2f} | "
-                     f"{r['fxpress float']:.4f} | {r['fxpress int']:.4f} | {r['fxpress int'] / r['fxpress float']:.2f} |")
+                     f"{fused} | {r['fxpress float']:.4f} | {r['fxpress int']:.4f} | "
+                     f"{r['fxpress int'] / r['fxpress float']:.2f} |")
     forward = minilm_forward(profile=args.profile)
     lines += ["", f"MiniLM-shaped BERT, 32 x 128, random weights, sites rewritten: {forward['rewritten']}", "",
               "| fp16 eager ms | fp32 eager ms | fp32 fxpress ms | fxpress integer-only ms | **integer-only / fp16** "
