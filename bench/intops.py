@@ -172,6 +172,12 @@ def minilm_table() -> list[dict]:
 WHOLE_PATH = ("softmax", "gelu", "layer_norm", "linear")
 
 
+def _table(title: str, columns: list[str], cells: list[list[str]]) -> None:
+    print(f"{title}\n\n| {' | '.join(columns)} |\n|{'---|' * len(columns)}")
+    for row in cells:
+        print(f"| {' | '.join(row)} |")
+
+
 def latency_table() -> list[dict]:
     model, batches = _minilm_batches()
     enc = {k: v[:8] for k, v in batches[0].items()}
@@ -191,11 +197,10 @@ def latency_table() -> list[dict]:
         times = interleaved_medians(calls, 15, burst=2)
     rows = [{"variant": name, "ms": times[name] * 1e3, "vs_eager": times[name] / times["eager"],
              "vs_fxpress_float": times[name] / times["fxpress float"], "cosine": cosines[name]} for name in calls]
-    print(f"CPU: {cpu_model()}; all-MiniLM-L6-v2, 8 x 128 tokens\n")
-    print("| variant | ms | / eager | / fxpress float | cosine of last hidden state to float |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['variant']} | {r['ms']:.1f} | {r['vs_eager']:.2f}x | {r['vs_fxpress_float']:.2f}x | {r['cosine']:.5f} |")
+    _table(f"CPU: {cpu_model()}; all-MiniLM-L6-v2, 8 x 128 tokens",
+           ["variant", "ms", "/ eager", "/ fxpress float", "cosine of last hidden state to float"],
+           [[r["variant"], f"{r['ms']:.1f}", f"{r['vs_eager']:.2f}x", f"{r['vs_fxpress_float']:.2f}x",
+             f"{r['cosine']:.5f}"] for r in rows])
     return rows
 
 
@@ -220,11 +225,10 @@ def smollm2_table() -> list[dict]:
         times = interleaved_medians(calls, 7, burst=1)
     rows = [{"variant": k, "perplexity": values[k], "vs_fp32": values[k] / values["eager"], "prefill_ms": times[k] * 1e3,
              "vs_eager": times[k] / times["eager"]} for k in calls]
-    print(f"CPU: {cpu_model()}; SmolLM2-135M, perplexity of 1024 tokens, prefill of 512\n")
-    print("| variant | perplexity | vs fp32 | 512-token prefill ms | / eager |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['variant']} | {r['perplexity']:.3f} | {r['vs_fp32']:.3f} | {r['prefill_ms']:.0f} | {r['vs_eager']:.2f}x |")
+    _table(f"CPU: {cpu_model()}; SmolLM2-135M, perplexity of 1024 tokens, prefill of 512",
+           ["variant", "perplexity", "vs fp32", "512-token prefill ms", "/ eager"],
+           [[r["variant"], f"{r['perplexity']:.3f}", f"{r['vs_fp32']:.3f}", f"{r['prefill_ms']:.0f}",
+             f"{r['vs_eager']:.2f}x"] for r in rows])
     return rows
 
 
