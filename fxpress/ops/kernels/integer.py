@@ -100,6 +100,27 @@ def _shift_exp(d, pre, x0, b, c, norm, low, POLY: tl.constexpr):
 
 
 @triton.jit
+def _kept_exp(v, m, pre, x0, b, c, norm, low, POLY: tl.constexpr):
+    """A softmax row's exp values of codes ``v`` under its maximum code ``m``: 0 at masked codes
+    (-128) unless the whole row is masked (then it is uniform, as eager's)."""
+    return tl.where((v != -128) | (m == -128), _shift_exp(v - m, pre, x0, b, c, norm, low, POLY), 0)
+
+
+@triton.jit
+def _normalising_factor(total, OUT_BITS: tl.constexpr):
+    """Per row, what turns exp values into probabilities at 2**-OUT_BITS (arith.normalise)."""
+    HALF: tl.constexpr = 1 << (30 - OUT_BITS)
+    return (2147483647 - HALF) // tl.sum(total, 1)[:, None]
+
+
+@triton.jit
+def _probability(e, factor, OUT_BITS: tl.constexpr):
+    SHIFT: tl.constexpr = 31 - OUT_BITS
+    HALF: tl.constexpr = 1 << (SHIFT - 1)
+    return tl.minimum((e * factor + HALF) >> SHIFT, (1 << OUT_BITS) - 1)
+
+
+@triton.jit
 def _row_block(rows, width, start, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """This program's rows (``[ROWS]``, their offsets ``[ROWS, 1]``, which exist) and, from
     ``start``, one block of columns (``[1, BLOCK]``) with the mask of the elements that exist."""
@@ -171,16 +192,12 @@ def int_softmax_kernel(q, scale, coef, out, rows, width, s_stride, POLY: tl.cons
     for start in range(0, width, BLOCK):
         _, _, _, cols, inside = _row_block(rows, width, start, ROWS, BLOCK)
         v = tl.load(q + base + cols, mask=inside, other=-128).to(tl.int32)
-        e = _shift_exp(v - m, pre, x0, b, c, norm, low, POLY)
-        total += tl.where((cols < width) & ((v != -128) | (m == -128)), e, 0)
-    SHIFT: tl.constexpr = 31 - OUT_BITS
-    HALF: tl.constexpr = 1 << (SHIFT - 1)
-    factor = (2147483647 - HALF) // tl.sum(total, 1)[:, None]
+        total += tl.where(cols < width, _kept_exp(v, m, pre, x0, b, c, norm, low, POLY), 0)
+    factor = _normalising_factor(total, OUT_BITS)
     for start in range(0, width, BLOCK):
         _, _, _, cols, inside = _row_block(rows, width, start, ROWS, BLOCK)
         v = tl.load(q + base + cols, mask=inside, other=-128).to(tl.int32)
-        e = tl.where((v != -128) | (m == -128), _shift_exp(v - m, pre, x0, b, c, norm, low, POLY), 0)
-        p = tl.minimum((e * factor + HALF) >> SHIFT, (1 << OUT_BITS) - 1)
+        p = _probability(_kept_exp(v, m, pre, x0, b, c, norm, low, POLY), factor, OUT_BITS)
         tl.store(out + base + cols, p.to(out.dtype.element_ty), mask=inside)
 
 
@@ -219,17 +236,13 @@ def int_softmax_dynamic_kernel(x, coef, out, rows, width, limit, INV_LIMIT: tl.c
         _, _, _, cols, inside = _row_block(rows, width, start, ROWS, BLOCK)
         v = tl.where(inside, _masked_codes(tl.load(x + base + cols, mask=inside, other=0.0).to(tl.float32),
                                            reciprocal, limit), -128)
-        e = _shift_exp(v - mq, pre, x0, b, c, norm, low, POLY)
-        total += tl.where((cols < width) & ((v != -128) | (mq == -128)), e, 0)
-    SHIFT: tl.constexpr = 31 - OUT_BITS
-    HALF: tl.constexpr = 1 << (SHIFT - 1)
-    factor = (2147483647 - HALF) // tl.sum(total, 1)[:, None]
+        total += tl.where(cols < width, _kept_exp(v, mq, pre, x0, b, c, norm, low, POLY), 0)
+    factor = _normalising_factor(total, OUT_BITS)
     for start in range(0, width, BLOCK):
         _, _, _, cols, inside = _row_block(rows, width, start, ROWS, BLOCK)
         v = tl.where(inside, _masked_codes(tl.load(x + base + cols, mask=inside, other=0.0).to(tl.float32),
                                            reciprocal, limit), -128)
-        e = tl.where((v != -128) | (mq == -128), _shift_exp(v - mq, pre, x0, b, c, norm, low, POLY), 0)
-        p = tl.minimum((e * factor + HALF) >> SHIFT, (1 << OUT_BITS) - 1)
+        p = _probability(_kept_exp(v, mq, pre, x0, b, c, norm, low, POLY), factor, OUT_BITS)
         tl.store(out + base + cols, p.to(out.dtype.element_ty), mask=inside)
 
 
