@@ -13,8 +13,8 @@ pytestmark = pytest.mark.real_model
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def _run(script: str) -> str:
-    done = subprocess.run([sys.executable, str(EXAMPLES / script)], capture_output=True, text=True,
+def _run(script: str, launcher: tuple[str, ...] = ()) -> str:
+    done = subprocess.run([sys.executable, *launcher, str(EXAMPLES / script)], capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
@@ -58,3 +58,16 @@ def test_aot():
     out = _run("aot_artifact.py")
     assert "'fxpress.lut_linear.default': 210" in out and "'fxpress.kv_attend.default': 30" in out
     assert "identical to the in-process compile: True" in out
+
+
+def test_tensor_parallel():
+    out = _run("tensor_parallel.py", ("-m", "torch.distributed.run", "--nproc-per-node", "2"))
+    for rank in (0, 1):
+        lines = [line for line in out.splitlines() if line.startswith(f"rank {rank}: ")]
+        text = "\n".join(lines)
+        assert "dense, compiled: graphs left to eager 0" in text, out
+        assert "'all_reduce': 30" in text and "'lut_linear': 210" in text, out
+        assert "16 greedy tokens identical to the unsharded model: True" in text, out
+        assert "greedy agreement with the unsharded 4-bit model 1.00" in text, out
+        diffs = [float(d) for d in re.findall(r"max \|compiled - eager\| ([0-9.e+-]+)", text)]
+        assert len(diffs) == 2 and max(diffs) <= 1e-3, text

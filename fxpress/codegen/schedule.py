@@ -10,6 +10,10 @@ Kernel kinds:
 - ``extern``: anything left to torch (mm/addmm/bmm, SDPA, embedding, cat, ...);
 - ``view``: a view of a buffer; no data moves, the result aliases the buffer it views.
 
+A functional collective (``ir/collectives.py``) is an extern call whose output stays torch's
+memory (role ``collective``) until its ``wait_tensor``, a view of it; the wait reads the
+collective's inputs too, so they stay live until the communication is over.
+
 Fusion only joins nodes that are consecutive in graph order (views aside), so kernels keep the
 graph's topological order and a fused kernel can never depend on itself through another kernel.
 """
@@ -25,6 +29,7 @@ import torch
 import torch.fx as fx
 
 from fxpress.codegen.reductions import is_row_reduction
+from fxpress.ir.collectives import held_until_wait, is_collective, is_wait
 from fxpress.ir.match import aten, is_op, same_size, val
 
 # Elementwise copies: fusible like pointwise ops although ATen does not tag them so.
@@ -35,7 +40,8 @@ _COPIES = (aten._to_copy, aten.clone)
 class Buffer:
     """A value some kernel writes to memory. ``nbytes`` is a sympy expression in the graph's
     size symbols; ``role`` says who owns the memory: ``arena`` (planned), ``output`` (returned to
-    the caller, allocated per call), ``input``/``constant`` (owned by the caller or the graph)."""
+    the caller, allocated per call), ``input``/``constant`` (owned by the caller or the graph),
+    ``collective`` (allocated by a functional collective, per call)."""
 
     name: str
     nbytes: sympy.Expr
@@ -75,8 +81,8 @@ class Schedule:
 
 def classify(node: fx.Node) -> str:
     target = node.target
-    if is_op(node, aten._unsafe_view) or getattr(target, "is_view", False):
-        return "view"
+    if is_op(node, aten._unsafe_view) or getattr(target, "is_view", False) or is_wait(node):
+        return "view"  # a wait returns the collective's own output tensor
     if isinstance(target, torch._ops.OpOverload) and target.namespace == "fxpress":
         return "op"
     if is_row_reduction(node):
@@ -212,7 +218,9 @@ def build_schedule(gm: fx.GraphModule) -> Schedule:
     kernels = []
     for index, (kind, nodes) in enumerate(groups):
         members = set(nodes)
-        reads = sorted({i.name for n in nodes for i in _tensor_inputs(n) if i not in members and i.name in buffers})
+        held = [i for n in nodes if is_wait(n) for i in held_until_wait(n)]
+        reads = sorted({i.name for n in nodes for i in [*_tensor_inputs(n), *held]
+                        if i not in members and i.name in buffers})
         writes = []
         for n in nodes:
             value = val(n)
@@ -227,7 +235,8 @@ def build_schedule(gm: fx.GraphModule) -> Schedule:
                 buffers[n.name] = Buffer(n.name, storage_nbytes(value), value.dtype, "view",
                                          alias_of=base_of(source) if isinstance(source, fx.Node) else None)
             else:
-                buffers[n.name] = Buffer(n.name, storage_nbytes(value), value.dtype, "arena")
+                role = "collective" if is_collective(_producer(n)) else "arena"
+                buffers[n.name] = Buffer(n.name, storage_nbytes(value), value.dtype, role)
             writes.append(n.name)
         mutates = any(isinstance(n.target, torch._ops.OpOverload) and _writes_an_argument(n.target)
                       for n in nodes)
@@ -275,6 +284,11 @@ def _overwritable(kind: str, nodes: list[fx.Node], reads: list[str], writes: lis
     else:
         candidates = [r for r in reads if r in by_name and _same_layout(val(by_name[r]), out)]
     return tuple(c for c in candidates if buffers[c].role == "arena" and c not in bases)
+
+
+def _producer(node: fx.Node) -> fx.Node:
+    """The node that made ``node``'s value: itself, or the op whose tuple it is an element of."""
+    return node.args[0] if node.target is operator.getitem else node
 
 
 def _same_layout(a: Any, b: torch.Tensor) -> bool:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
@@ -66,6 +67,7 @@ def _compile(model: torch.nn.Module, example_args: tuple[Any, ...], folder: Path
              example_kwargs: dict[str, Any] | None, step: Progress, opts: Options,
              passes: tuple[tuple[str, Callable[..., Any]], ...]) -> Path:
     step("export")
+    _refuse_sharded(model)
     exported = export_model(model, example_args, example_kwargs, dynamic_shapes)
     for name, value in zip(exported.input_names, exported.user_inputs):
         if not isinstance(value, torch.Tensor):
@@ -86,6 +88,17 @@ def _compile(model: torch.nn.Module, example_args: tuple[Any, ...], folder: Path
     _write(folder, exported, lowered["captured"], lowered["lowered"], report, opts, passes, state_names,
            list(example_kwargs or {}), dynamic_shapes)
     return folder
+
+
+def _refuse_sharded(model: torch.nn.Module) -> None:
+    """An artifact holds one process's program and weights: a tensor-parallel model (DTensor
+    state, its collectives bound to this run's process group) cannot be one."""
+    for name, value in [*model.named_parameters(), *model.named_buffers()]:
+        if is_traceable_wrapper_subclass(value):
+            raise UnsupportedGraphError(
+                f"fxpress.aot_compile: {name} is a {type(value).__name__}: tensor-parallel (or other "
+                "tensor-subclass) models compile with torch.compile(backend='fxpress') on each rank, "
+                "but cannot be saved as artifacts")
 
 
 def _jsonable(value: Any) -> Any:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 from torch._functorch.aot_autograd import aot_module_simplified
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from fxpress.compiler.decompositions import DECOMPOSITIONS
 
@@ -76,6 +77,29 @@ def _dynamo_state_paths(dynamo_gm: fx.GraphModule, example_inputs: Sequence[Any]
     return paths
 
 
+def _flatten_subclasses(paths: Sequence[str | None], values: Sequence[Any]) -> tuple[list[str | None], list[Any]]:
+    """Each tensor subclass input (a DTensor parameter) in the order AOTAutograd desugars it: its
+    inner values by ``__tensor_flatten__``, recursively. The first inner tensor keeps the state
+    path, so a DTensor weight freezes as its local shard; the others (its DeviceMesh) stay inputs."""
+    flat_paths: list[str | None] = []
+    flat_values: list[Any] = []
+
+    def visit(path: str | None, value: Any) -> None:
+        if not is_traceable_wrapper_subclass(value):
+            flat_paths.append(path)
+            flat_values.append(value)
+            return
+        attrs, _ = value.__tensor_flatten__()
+        for attr in attrs:
+            inner = getattr(value, attr)
+            visit(path if isinstance(inner, torch.Tensor) else None, inner)
+            path = None
+
+    for path, value in zip(paths, values):
+        visit(path, value)
+    return flat_paths, flat_values
+
+
 def _freeze(aten_gm: fx.GraphModule, paths: Sequence[str | None], detached: Sequence[Any]) -> CapturedGraph:
     """Inputs with a state path become ``get_attr`` constants, unless the graph writes them."""
     aten_inputs = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
@@ -122,6 +146,7 @@ def capture_and_compile(
     paths = _dynamo_state_paths(dynamo_gm, example_inputs)
     if len(paths) != len(example_inputs):
         raise RuntimeError(f"capture: {len(paths)} graph inputs for {len(example_inputs)} example inputs")
+    paths, detached = _flatten_subclasses(paths, detached)
 
     def forward_compiler(aten_gm: fx.GraphModule, fake_inputs: Sequence[Any]) -> Callable:
         return lower(_freeze(aten_gm, paths, detached))

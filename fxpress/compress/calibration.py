@@ -11,6 +11,7 @@ from torch import nn
 
 from fxpress.core.model_inputs import call_with
 from fxpress.core.progress import progress
+from fxpress.compress.sharded_linear import local_tensor
 
 
 @torch.no_grad()
@@ -22,7 +23,8 @@ def input_grams(model: nn.Module, linears: dict[str, nn.Linear], batches: Iterab
 
     def hook(name: str):
         def accumulate(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, module.in_features).to(torch.float64)
+            x = local_tensor(args[0]).detach()  # a tensor-parallel layer's input: this rank's part
+            x = x.reshape(-1, x.shape[-1]).to(torch.float64)
             grams[name] = grams.get(name, 0) + x.T @ x
         return accumulate
 

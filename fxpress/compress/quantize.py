@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from fxpress.compress.gptq import gptq
 from fxpress.compress.layer_records import record as record_layers
 from fxpress.compress.linear_layers import matching_linears, set_submodule
 from fxpress.compress.quantized_linear import QuantizedLinear
+from fxpress.compress.sharded_linear import local_shard
 
 METHODS = {"rtn": lowbit.rtn, "bcq": lowbit.bcq}
 
@@ -81,14 +82,15 @@ def quantize(model: nn.Module, bits: int = 4, group_size: int = 128, method: str
     result = QuantizeResult(out)
     layers = matching_linears(out, patterns, skipped)
     grams = input_grams(out, layers, calibration, "fxpress.compress.quantize") if calibration is not None else {}
-    for name, module in progress(layers.items(), f"quantize ({method}, {bits}-bit)", total=len(layers)):
+    for name, layer in progress(layers.items(), f"quantize ({method}, {bits}-bit)", total=len(layers)):
+        module, wrap = local_shard(layer, name)  # a tensor-parallel layer: this rank's shard
         if method == "gptq":
             weight = gptq(module.weight, grams[name], bits, group_size)
         elif name in grams:  # BCQ fitted to the columns the calibration inputs use most
             weight = lowbit.bcq(module.weight, bits, group_size, importance=torch.diagonal(grams[name]))
         else:
             weight = METHODS[method](module.weight, bits, group_size)
-        _replace(result, name, module, weight, grams.get(name))
+        _replace(result, name, module, weight, grams.get(name), wrap)
     if not result.layers:
         raise lowbit.QuantizeError(f"no nn.Linear layer matches targets={patterns} outside skip={skipped}")
     record_layers(out)
@@ -96,7 +98,7 @@ def quantize(model: nn.Module, bits: int = 4, group_size: int = 128, method: str
 
 
 def _replace(result: QuantizeResult, name: str, linear: nn.Linear, weight: lowbit.BitPlaneWeight,
-             gram: torch.Tensor | None = None) -> None:
+             gram: torch.Tensor | None = None, wrap: Callable[[nn.Module], nn.Module] | None = None) -> None:
     w = linear.weight.detach().float()
     approx = weight.dequantize()
     result.layers[name] = float((approx - w).norm() / w.norm().clamp(min=1e-30))
@@ -107,7 +109,8 @@ def _replace(result: QuantizeResult, name: str, linear: nn.Linear, weight: lowbi
         result.output_errors[name] = float(((error @ gram * error).sum() / max(energy, 1e-300)) ** 0.5)
     result.weight_bytes += weight.nbytes()
     result.fp32_bytes += w.numel() * 4
-    set_submodule(result.model, name, QuantizedLinear(weight, linear.bias, linear.out_features))
+    quantized = QuantizedLinear(weight, linear.bias, linear.out_features)
+    set_submodule(result.model, name, quantized if wrap is None else wrap(quantized))
 
 
 def load_gguf(model: nn.Module, gguf_path: str | Path) -> QuantizeResult:

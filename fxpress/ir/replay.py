@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from fxpress.ir.collectives import is_collective
+
 # Ops whose launchers keep state on the host (the compressed KV stores, found through handle tensors
 # or keyed by a buffer's storage): a replay would skip their Python and leave that state behind.
 HOST_STATE_OPS = frozenset({"fxpress::cache_bind", "fxpress::cache_attend", "fxpress::kv_attend"})
@@ -20,6 +22,10 @@ def replay_refusal(gm: fx.GraphModule) -> str | None:
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
             continue
         schema = node.target._schema
+        if is_collective(node):
+            # Replaying a collective needs every rank to capture and replay in step, and a
+            # communicator that allows capture; fxpress does not arrange either.
+            return f"{node.name} ({schema.name}) is a collective"
         if schema.name in HOST_STATE_OPS:
             return f"{node.name} ({schema.name}) keeps KV state on the host"
         written = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]

@@ -2,7 +2,7 @@
 
 fx's CSEPass assumes a functional graph; ours ends with in-place updates of user state (``copy_``
 into a StaticCache buffer) and may hold random ops, so every op whose schema writes an argument,
-or that is seeded-random, is banned from merging. Before/after::
+or that is seeded-random, or a collective, is banned from merging. Before/after::
 
     %a = aten.view(%x, [1, 576]); %b = aten.view(%x, [1, 576])
     %q = aten.mm(%a, %wq); %k = aten.mm(%b, %wk)   ->   %q = aten.mm(%a, %wq); %k = aten.mm(%a, %wk)
@@ -16,12 +16,15 @@ from torch.fx.passes.dialect.common.cse_pass import CSEPass, get_CSE_banned_ops
 from torch.fx.passes.infra.pass_base import PassResult
 
 from fxpress.core.counters import counters
+from fxpress.ir.collectives import NAMESPACE as COLLECTIVES
 from fxpress.ir.options import Options
 
 
 def _must_not_merge(node: fx.Node) -> bool:
     target = node.target
     if isinstance(target, torch._ops.OpOverload):
+        if target.namespace == COLLECTIVES:  # each one is a communication all ranks take part in
+            return True
         writes = any(a.alias_info is not None and a.alias_info.is_write for a in target._schema.arguments)
         return writes or torch.Tag.nondeterministic_seeded in target.tags
     return node.is_impure()
