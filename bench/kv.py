@@ -89,19 +89,24 @@ def accuracy(model: Any, tokenizer: Any) -> list[dict[str, Any]]:
     rows = [{"target": "none", "policy": "uncompressed (HF DynamicCache, fp32)", "kv_fraction": None,
              "ppl": reference_ppl, "greedy_agreement": 1.0}]
     for target, name, policy in runs:
-        measured = kv_cache(model, PREFIX, policy)
-        model(ids[:, :PREFIX], **cache_argument(measured), logits_to_keep=1)
-        fraction = measured.nbytes() / (FP16_BYTES_PER_TOKEN_LAYER * LAYERS * PREFIX)
-        ppl = perplexity(model, ids, PREFIX, kv_cache(model, PREFIX + SCORED, policy))
-        out = model.generate(ids[:, :PREFIX], **cache_argument(kv_cache(model, PREFIX + GENERATED, policy)),
-                             max_new_tokens=GENERATED, min_new_tokens=GENERATED, do_sample=False)[:, PREFIX:]
-        agreement = (out == reference).float().mean().item()
-        rows.append({"target": target, "policy": name, "detail": policy.describe(), "kv_fraction": fraction,
-                     "ppl": ppl, "greedy_agreement": agreement})
-        print(f"  {name:28s} {policy.describe():60s} kv {fraction:.3f} ppl {ppl:.2f} agree {agreement:.3f}",
-              flush=True)
+        rows.append({"target": target, **measure_policy(model, ids, reference, name, policy)})
     model.set_attn_implementation("sdpa")
     return rows
+
+
+def measure_policy(model: Any, ids: torch.Tensor, reference: torch.Tensor, name: str, policy: Any) -> dict[str, Any]:
+    """One policy on the accuracy protocol: its KV bytes after the prefix, the perplexity of the
+    scored tokens, and its greedy continuation's agreement with ``reference``."""
+    measured = kv_cache(model, PREFIX, policy)
+    model(ids[:, :PREFIX], **cache_argument(measured), logits_to_keep=1)
+    fraction = measured.nbytes() / (FP16_BYTES_PER_TOKEN_LAYER * LAYERS * PREFIX)
+    ppl = perplexity(model, ids, PREFIX, kv_cache(model, PREFIX + SCORED, policy))
+    out = model.generate(ids[:, :PREFIX], **cache_argument(kv_cache(model, PREFIX + GENERATED, policy)),
+                         max_new_tokens=GENERATED, min_new_tokens=GENERATED, do_sample=False)[:, PREFIX:]
+    agreement = (out == reference).float().mean().item()
+    print(f"  {name:28s} {policy.describe():60s} kv {fraction:.3f} ppl {ppl:.2f} agree {agreement:.3f}", flush=True)
+    return {"policy": name, "detail": policy.describe(), "kv_fraction": fraction, "ppl": ppl,
+            "greedy_agreement": agreement}
 
 
 def _memory_child(policy_name: str, context: int) -> dict[str, Any]:

@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--text", type=Path, required=True)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--think", action="store_true",
+                        help="ThinKPress alone at key-channel ratios 0.4, 0.5, 0.75 (bench/kv_think.py's rows)")
     args = parser.parse_args()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     ids = tokenizer(args.text.read_text(), return_tensors="pt").input_ids[:, :PREFIX + SCORED]
@@ -68,6 +70,14 @@ def main() -> None:
         "ExpectedAttentionPress": lambda r: kvpress.ExpectedAttentionPress(compression_ratio=r),
         "TOVAPress": lambda r: kvpress.TOVAPress(compression_ratio=r),
     }
+    if args.think:
+        for ratio in (0.4, 0.5, 0.75):
+            ppl, out = run(model, ids, kvpress.ThinKPress(key_channel_compression_ratio=ratio))
+            agreement = (out == reference).float().mean().item()
+            rows.append({"press": f"ThinKPress({ratio})", "key_channel_ratio": ratio, "ppl": ppl,
+                         "greedy_agreement": agreement})
+            print(f"ThinKPress {ratio:.2f} ppl {ppl:.2f} agree {agreement:.3f}", flush=True)
+        presses = {}
     for ratio in (0.5, 0.75):
         for name, make in presses.items():
             target = eager if "Observed" in name else model  # it needs attention probabilities

@@ -76,9 +76,7 @@ def random_input(dtype: torch.dtype, sizes: Sequence[int], int_high: int) -> tor
 
 def parse_option(text: str) -> tuple[str, Any]:
     """``key=value``: a Python literal, a bare word (a string), or a call of one of fxpress's policy
-    or config classes with literal arguments. Nothing else is evaluated."""
-    import fxpress
-
+    or config classes with literal arguments (or such calls). Nothing else is evaluated."""
     key, sep, value = text.partition("=")
     if not sep or not key.isidentifier():
         raise CliError(f"--option {text!r}: expected key=value")
@@ -87,22 +85,35 @@ def parse_option(text: str) -> tuple[str, Any]:
     except SyntaxError:
         return key, value
     if isinstance(tree, ast.Call) and isinstance(tree.func, ast.Name):
-        allowed = {name: getattr(fxpress, name) for name in
-                   ("KIVI", "FullKV", "StreamingKV", "DuoAttentionKV", "HeavyHitterKV", "IntegerOnly")}
-        if tree.func.id not in allowed:
-            raise CliError(f"--option {text!r}: {tree.func.id} is not one of {sorted(allowed)}")
-        try:
-            args = [ast.literal_eval(a) for a in tree.args]
-            kwargs = {k.arg: ast.literal_eval(k.value) for k in tree.keywords}
-        except ValueError:
-            raise CliError(f"--option {text!r}: arguments must be literals") from None
-        return key, allowed[tree.func.id](*args, **kwargs)
+        return key, _construct(tree, text)
     if isinstance(tree, ast.Name):
         return key, value
     try:
         return key, ast.literal_eval(tree)
     except ValueError:
         raise CliError(f"--option {text!r}: {value!r} is not a literal") from None
+
+
+_CONSTRUCTIBLE = ("KIVI", "FullKV", "StreamingKV", "DuoAttentionKV", "HeavyHitterKV", "ThinKV", "IntegerOnly")
+
+
+def _construct(call: ast.Call, text: str) -> Any:
+    """One of fxpress's policy or config classes, called with literals or with such calls
+    (``ThinKV(kivi=KIVI(bits=2))``)."""
+    import fxpress
+
+    name = call.func.id if isinstance(call.func, ast.Name) else ast.unparse(call.func)
+    if name not in _CONSTRUCTIBLE:
+        raise CliError(f"--option {text!r}: {name} is not one of {sorted(_CONSTRUCTIBLE)}")
+
+    def value(node: ast.expr) -> Any:
+        if isinstance(node, ast.Call):
+            return _construct(node, text)
+        try:
+            return ast.literal_eval(node)
+        except ValueError:
+            raise CliError(f"--option {text!r}: arguments must be literals") from None
+    return getattr(fxpress, name)(*[value(a) for a in call.args], **{k.arg: value(k.value) for k in call.keywords})
 
 
 class Progress:

@@ -121,10 +121,12 @@ def _policy(record: dict[str, Any]) -> Any:
     if cls is None:
         raise ArtifactError(f"unknown KV policy {record.get('class')!r} in meta.json")
 
-    def tuples(v: Any) -> Any:
-        return tuple(tuples(x) for x in v) if isinstance(v, list) else v
+    def value(v: Any) -> Any:
+        if isinstance(v, dict) and set(v) == {"class", "fields"}:  # a policy inside a policy (ThinKV's kivi)
+            return _policy(v)
+        return tuple(value(x) for x in v) if isinstance(v, list) else v
     try:
-        return cls(**{k: tuples(v) for k, v in record["fields"].items()})
+        return cls(**{k: value(v) for k, v in record["fields"].items()})
     except (TypeError, ValueError) as e:  # OptionError is a ValueError
         raise ArtifactError(f"meta.json: field kv_states[].policy cannot make a {cls.__name__}: {e}") from None
 

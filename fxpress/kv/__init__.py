@@ -8,6 +8,6 @@ Nothing here imports transformers or the compiler. A policy is a plug-in (``fxpr
 """
 
 from fxpress.core.errors import KVCacheError
-from fxpress.kv.policies import KIVI, DuoAttentionKV, FullKV, HeavyHitterKV, StreamingKV
+from fxpress.kv.policies import KIVI, DuoAttentionKV, FullKV, HeavyHitterKV, StreamingKV, ThinKV
 
-__all__ = ["KIVI", "DuoAttentionKV", "FullKV", "HeavyHitterKV", "KVCacheError", "StreamingKV"]
+__all__ = ["KIVI", "DuoAttentionKV", "FullKV", "HeavyHitterKV", "KVCacheError", "StreamingKV", "ThinKV"]

@@ -11,6 +11,7 @@ import torch
 
 import fxpress.kv.quant as quant
 from fxpress.kv.attention import ScoreRule
+from fxpress.kv.channel_pruning import ChannelPruner
 from fxpress.kv.policy_checks import QUANT_BITS, check_positive, check_sink, is_int, require
 from fxpress.kv.registry import StoreShape, register_policy
 from fxpress.kv.rotation import hadamard_rotation, is_power_of_two, rotate
@@ -66,7 +67,7 @@ class KIVIStore(Store):
 
     keeps_positions = True
 
-    def __init__(self, policy: KIVI, max_len: int, **kw) -> None:
+    def __init__(self, policy: KIVI, max_len: int, prune=None, **kw) -> None:
         super().__init__(**kw)
         self.policy = policy
         bits, g, d = policy.bits, policy.group_size, self.head_dim
@@ -78,11 +79,16 @@ class KIVIStore(Store):
             raise ValueError(f"{policy.describe()} needs head_dim ({d}) to be a power of two: the keys' rotation "
                              "is a Hadamard matrix")
         self.rotation = hadamard_rotation(d, self.device, torch.float32) if policy.rotate else None
+        # ThinK (``prune``: a ThinKV): quantised keys hold only the channels it keeps.
+        self.pruner = None if prune is None else \
+            ChannelPruner(prune.kept_channels(d), prune.window, self.batch, self.heads, d, self.device)
+        self.wants_queries = self.pruner is not None
+        kd = d if self.pruner is None else self.pruner.kept
         # The newest `residual` tokens are never quantised, so codes are needed for at most this many.
         quantised = max(max_len - policy.sink - policy.residual, 0) // g * g
         b, h, dt, dev = self.batch, self.heads, self.dtype, self.device
-        self.k_codes = torch.zeros(b, h, quantised // per, d, dtype=torch.int32, device=dev)
-        self.k_scale = torch.zeros(b, h, quantised // g, d, dtype=dt, device=dev)
+        self.k_codes = torch.zeros(b, h, quantised // per, kd, dtype=torch.int32, device=dev)
+        self.k_scale = torch.zeros(b, h, quantised // g, kd, dtype=dt, device=dev)
         self.k_lo = torch.zeros_like(self.k_scale)
         self.v_codes = torch.zeros(b, h, quantised, d // per, dtype=torch.int32, device=dev)
         self.v_scale = torch.zeros(b, h, quantised, d // g, dtype=dt, device=dev)
@@ -118,12 +124,17 @@ class KIVIStore(Store):
                                               "k_residual", "v_residual", "k_sink", "v_sink")}
 
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.state().values())
+        return sum(t.nbytes for t in self.state().values()) + (0 if self.pruner is None else self.pruner.nbytes())
+
+    def observe_queries(self, q: torch.Tensor) -> None:
+        self.pruner.observe(q)
 
     def quantize_block(self, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
         """Codes, scales and mins of ``n`` tokens (``n`` a multiple of the group size)."""
         bits, g = self.policy.bits, self.policy.group_size
-        if k.is_cuda:  # the Triton kernels: the same codes, bit for bit
+        if self.pruner is not None:
+            k = self.pruner.gather(k)
+        elif k.is_cuda:  # the Triton kernels: the same codes, bit for bit
             from fxpress.kv.kernels import kivi
 
             return {**kivi.quantize_keys(k.contiguous(), bits, g, self.dtype, clip=self.policy.clip_keys),
@@ -140,7 +151,8 @@ class KIVIStore(Store):
         k = quant.dequantize(kc, self.k_scale[:, :, start // g: stop // g, None], self.k_lo[:, :, start // g: stop // g, None])
         vc = quant.unpack(self.v_codes[:, :, start:stop], bits, 3).unflatten(3, (-1, g))
         v = quant.dequantize(vc, self.v_scale[:, :, start:stop, :, None], self.v_lo[:, :, start:stop, :, None])
-        return k.flatten(2, 3), v.flatten(3)
+        k = k.flatten(2, 3)
+        return (k if self.pruner is None else self.pruner.scatter(k, self.head_dim)), v.flatten(3)
 
     def segments(self):
         if self.sunk:
@@ -172,6 +184,8 @@ class KIVIStore(Store):
         pending_k = torch.cat([self.k_residual[:, :, :waiting].float(), k.float()], 2)
         pending_v = torch.cat([self.v_residual[:, :, :waiting].float(), v.float()], 2)
         per, start = quant.codes_per_word(self.policy.bits), self.quantised
+        if self.pruner is not None and self.pruner.channels is None:  # ThinK: choose on every key seen
+            self.pruner.choose(pending_k)
         for name, block in self.quantize_block(pending_k[:, :, :flush], pending_v[:, :, :flush]).items():
             tensor = getattr(self, name)
             at = {"k_codes": start // per, "k_scale": start // g, "k_lo": start // g}.get(name, start)

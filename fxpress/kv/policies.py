@@ -12,6 +12,8 @@ builds its store (``fxpress.kv.registry``). A new policy is one such file.
   pattern is data.
 - ``HeavyHitterKV``: a fixed budget of tokens per head, chosen by accumulated attention, the most
   recent ones protected (H2O / Scissorhands).
+- ``ThinKV``: older keys keep only the channels the queries use most (ThinK); with ``kivi=``,
+  those channels quantised KIVI's way.
 
 The eviction policies compose with quantisation: ``bits=4`` stores the kept tokens as 4-bit codes,
 quantised per token (a token can be evicted on its own, so its codes may not share a group with
@@ -25,6 +27,7 @@ from fxpress.kv.kivi import KIVI
 from fxpress.kv.policy_checks import check_head_dim
 from fxpress.kv.registry import Policy, check_policy
 from fxpress.kv.streaming import StreamingKV
+from fxpress.kv.think import ThinKV
 
-__all__ = ["KIVI", "DuoAttentionKV", "FullKV", "HeavyHitterKV", "Policy", "StreamingKV", "check_head_dim",
+__all__ = ["KIVI", "DuoAttentionKV", "FullKV", "HeavyHitterKV", "Policy", "StreamingKV", "ThinKV", "check_head_dim",
            "check_policy"]

@@ -40,6 +40,8 @@ class KVSequence:
 
     def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
              rule: ScoreRule = PLAIN) -> torch.Tensor:
+        if self.store.wants_queries:
+            self.store.observe_queries(q)
         out, mass = attend(self.store, q, k, v, scale, rule)
         self.store.append(k, v, self.seen, mass)
         self.seen += k.shape[2]

@@ -30,6 +30,9 @@ SEGMENT_TOKENS = 1024
 
 class Store:
     needs_mass = False
+    # Whether the store reads the queries of each call (``observe_queries``) before its attention:
+    # ThinK chooses key channels by them.
+    wants_queries = False
     # Whether stored token i is the token at position i (no eviction, no reordering): what a
     # sliding window needs to know which stored tokens it hides.
     keeps_positions = False
@@ -41,6 +44,9 @@ class Store:
 
     def nbytes(self) -> int:
         raise NotImplementedError
+
+    def observe_queries(self, q: torch.Tensor) -> None:
+        """The queries ``[B, Hq, T, d]`` of a call, before it attends (for ``wants_queries`` stores)."""
 
     def segments(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError

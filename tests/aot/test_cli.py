@@ -97,6 +97,10 @@ def test_spec_and_option_parsing():
     assert parse_option("target=triton") == ("target", "triton")
     key, policy = parse_option("kv=KIVI(bits=2, residual=64)")
     assert key == "kv" and (policy.bits, policy.residual) == (2, 64)
+    _, policy = parse_option("kv=ThinKV(ratio=0.5, kivi=KIVI(bits=2))")
+    assert policy.ratio == 0.5 and policy.kivi.bits == 2
+    with pytest.raises(CliError, match="is not one of"):
+        parse_option("kv=ThinKV(kivi=exec('x'))")
     with pytest.raises(CliError, match="is not one of"):
         parse_option("kv=exec('x')")
     with pytest.raises(CliError, match="is not a literal"):

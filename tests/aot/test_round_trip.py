@@ -105,8 +105,10 @@ def test_packed_forms_are_stored_not_recomputed(tmp_path):
         assert_same(run_fresh(path, ids, tmp_path), compiled_here(model, ids))
 
 
-@pytest.mark.parametrize("policy", [fxpress.FullKV(), fxpress.KIVI(bits=4, group_size=16, residual=16)],
-                         ids=["full", "kivi4"])
+@pytest.mark.parametrize("policy", [fxpress.FullKV(), fxpress.KIVI(bits=4, group_size=16, residual=16),
+                                    fxpress.ThinKV(ratio=0.5, window=4, kivi=fxpress.KIVI(bits=4, group_size=8,
+                                                                                          residual=4))],
+                         ids=["full", "kivi4", "think_kivi4"])
 def test_kv_compressed_decoder_loads_and_generates(policy, tmp_path):
     model = tiny_llama()
     path = fxpress.aot_compile(decode_step(model), (), tmp_path / "step", kv=policy,

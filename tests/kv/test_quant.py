@@ -133,6 +133,27 @@ def test_decode_kernel_matches_reference_attention(bits, sink, split, device):
     assert (got.cpu() - expected).abs().max() <= 2e-5
 
 
+@pytest.mark.parametrize("bits,ratio,gq", [(2, 0.4, 3), (4, 0.75, 1)])
+def test_decode_kernel_matches_reference_attention_over_think_pruned_keys(bits, ratio, gq, device):
+    """The Triton kernel with ThinK-pruned quantised keys (kept channels not a power of two)."""
+    from fxpress.kv.kernels import kivi
+    from fxpress.kv.think import ThinKV
+
+    g = torch.Generator().manual_seed(5)
+    think = ThinKV(ratio=ratio, window=8, kivi=KIVI(bits=bits, group_size=32, residual=32, sink=2))
+    stores = [KIVIStore(think.kivi, 128, prune=think, batch=2, heads=3, head_dim=64, dtype=torch.float16,
+                        device=torch.device(where)) for where in ("cpu", device)]
+    k, v, queries = _kv(n=107) + (torch.randn(2, 3 * gq, 107, 64, generator=g),)
+    for store in stores:
+        store.observe_queries(queries.to(store.device))
+        store.append(k.to(store.device), v.to(store.device), 0)
+    assert stores[0].quantised > 0 and stores[0].k_codes.shape[-1] == think.kept_channels(64)
+    q, kn, vn = (torch.randn(*s, generator=g) for s in ((2, 3 * gq, 1, 64), (2, 3, 1, 64), (2, 3, 1, 64)))
+    expected, _ = reference_attend(stores[0], q, kn, vn, 0.125)
+    got = kivi.decode_attention(q.to(device), stores[1], kn.to(device), vn.to(device), 0.125, tokens_per_split=32)
+    assert (got.cpu() - expected).abs().max() <= 2e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits,group,d,gq,sink,split,filled", [
     (2, 32, 64, 3, 0, 1024, 107), (4, 32, 64, 3, 3, 32, 300), (2, 64, 64, 3, 4, 128, 517), (2, 48, 96, 3, 1, 96, 250),
@@ -159,3 +180,31 @@ def test_cpp_decode_kernel_matches_reference_attention(dtype, bits, group, d, gq
     assert (got - expected).abs().max() <= 2e-5
     assert store.attend(q, kn, vn, d ** -0.5, PLAIN)[0].equal(
         kivi_cpu.decode_attention(q, store, kn, vn, d ** -0.5))  # what the store runs on the CPU
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bits,group,d,gq,ratio,filled", [
+    (2, 32, 64, 3, 0.4, 300), (4, 32, 128, 2, 0.5, 200), (8, 16, 48, 1, 0.25, 90), (2, 32, 64, 2, 0.75, 77)])
+def test_cpp_decode_kernel_matches_reference_attention_over_think_pruned_keys(dtype, bits, group, d, gq, ratio,
+                                                                              filled):
+    """KIVI with ThinK-pruned keys (``ThinKV(kivi=...)``): the C++ kernel meets the quantised keys'
+    kept channels with the query's, run-time widths, against the reference (dropped channels zero)."""
+    from fxpress.kv.kernels import kivi_cpu
+    from fxpress.kv.think import ThinKV
+    from fxpress.native import build
+
+    if build.compiler_refusal() is not None:
+        pytest.skip("no working C++ compiler")
+    g = torch.Generator().manual_seed(filled)
+    think = ThinKV(ratio=ratio, window=8, kivi=KIVI(bits=bits, group_size=group, residual=32, sink=2))
+    store = KIVIStore(think.kivi, filled + 1, prune=think, batch=2, heads=2, head_dim=d, dtype=dtype,
+                      device=torch.device("cpu"))
+    k, v = torch.randn(2, 2, filled, d, generator=g), torch.randn(2, 2, filled, d, generator=g)
+    store.observe_queries(torch.randn(2, 2 * gq, filled, d, generator=g))
+    store.append(k.to(dtype), v.to(dtype), 0)
+    assert store.quantised and store.k_codes.shape[-1] == think.kept_channels(d) < d
+    q, kn, vn = (torch.randn(*shape, generator=g).to(dtype) for shape in ((2, 2 * gq, 1, d), (2, 2, 1, d), (2, 2, 1, d)))
+    expected, _ = reference_attend(store, q, kn, vn, d ** -0.5, PLAIN)
+    got = kivi_cpu.decode_attention(q, store, kn, vn, d ** -0.5, tokens_per_split=64)
+    assert (got - expected).abs().max() <= 2e-5
+    assert store.attend(q, kn, vn, d ** -0.5, PLAIN)[0].equal(kivi_cpu.decode_attention(q, store, kn, vn, d ** -0.5))

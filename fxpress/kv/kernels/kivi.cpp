@@ -69,6 +69,10 @@ inline float load(int dtype, const void* p, int64_t i) {
 
 struct Args {
   const float* q;
+  // ThinK: quantised keys hold `kd` of the `d` channels, met by the query's matching channels
+  // (q_keys [B, H * gq, kd], scaled like q); without pruning q_keys is q and kd is d.
+  const float* q_keys;
+  int64_t kd;
   const int32_t* k_codes;
   const void *k_scale, *k_min;
   const int32_t* v_codes;
@@ -217,6 +221,7 @@ template <int BITS, int GC, int DC>
 void decode(const Args& a) {
   constexpr int32_t PER = 32 / BITS;
   const int64_t group = GC ? GC : a.group, d = DC ? DC : a.d, gq = a.gq;
+  const int64_t kd = DC ? DC : a.kd;  // decode_dim sends pruned keys (kd < d) to DC = 0
   const int dt = a.dtype;
   const int64_t splits = (a.quantised + a.tokens_per_split - 1) / a.tokens_per_split;
   const int64_t items_per_head = splits + 1;  // the last item of a head: its exact tokens
@@ -228,36 +233,37 @@ void decode(const Args& a) {
   {
     const int64_t n_max = std::max(block, sunk + waiting + 1);  // tokens per fold: a block, or the exact ones
     std::vector<float> s(gq * n_max), p(gq * n_max), rows(n_max * d), tile(d * group), qs(gq * d), base(gq),
-        k_scale(d), k_min(d);
+        k_scale(kd), k_min(kd);
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t bh = item / items_per_head, split = item % items_per_head;
       const float* qh = a.q + bh * gq * d;
+      const float* qk = a.q_keys + bh * gq * kd;
       Partial& part = parts[item];
       if (split < splits) {
         const int64_t t0 = split * a.tokens_per_split, t1 = std::min(a.quantised, t0 + a.tokens_per_split);
         for (int64_t b0 = t0; b0 < t1; b0 += block) {
           const int64_t n = std::min(block, t1 - b0);
           for (int64_t g0 = b0; g0 < b0 + n; g0 += group) {
-            const int64_t ko = (bh * a.k_groups + g0 / group) * d;
-            for (int64_t c = 0; c < d; ++c) {  // the group's scales and mins, converted once
+            const int64_t ko = (bh * a.k_groups + g0 / group) * kd;
+            for (int64_t c = 0; c < kd; ++c) {  // the group's scales and mins, converted once
               k_scale[c] = load(dt, a.k_scale, ko + c);
               k_min[c] = load(dt, a.k_min, ko + c);
             }
             for (int64_t j = 0; j < gq; ++j) {
               float b = 0.f;
 #pragma omp simd reduction(+ : b)
-              for (int64_t c = 0; c < d; ++c) {
-                qs[j * d + c] = qh[j * d + c] * k_scale[c];
-                b += qh[j * d + c] * k_min[c];
+              for (int64_t c = 0; c < kd; ++c) {
+                qs[j * kd + c] = qk[j * kd + c] * k_scale[c];
+                b += qk[j * kd + c] * k_min[c];
               }
               base[j] = b;
             }
             // The group's key codes as floats, channel-major: tile[c][t].
-            const int32_t* words = a.k_codes + (bh * a.k_words + g0 / PER) * d;
-            for (int64_t c = 0; c < d; ++c)
-              for (int64_t w = 0; w < group / PER; ++w) unpack<BITS>((uint32_t)words[w * d + c], tile.data() + c * group + w * PER);
-            block_scores(gq, d, group, qs.data(), base.data(), tile.data(), group, s.data() + (g0 - b0), block);
+            const int32_t* words = a.k_codes + (bh * a.k_words + g0 / PER) * kd;
+            for (int64_t c = 0; c < kd; ++c)
+              for (int64_t w = 0; w < group / PER; ++w) unpack<BITS>((uint32_t)words[w * kd + c], tile.data() + c * group + w * PER);
+            block_scores(gq, kd, group, qs.data(), base.data(), tile.data(), group, s.data() + (g0 - b0), block);
             // The group's values, dequantised token by token: rows[t][c].
             for (int64_t t = 0; t < group; ++t) {
               const int64_t token = bh * a.v_tokens + g0 + t;
@@ -320,6 +326,7 @@ void decode(const Args& a) {
 
 template <int BITS, int GC>
 void decode_dim(const Args& a) {
+  if (a.kd != a.d) return decode<BITS, GC, 0>(a);  // ThinK-pruned keys: run-time widths
   switch (a.d) {
     case 64: return decode<BITS, GC, 64>(a);
     case 128: return decode<BITS, GC, 128>(a);
@@ -344,14 +351,16 @@ extern "C" {
 // Store tensors (dtype: 0 float32, 1 float16, 2 bfloat16 for the float ones) at their allocated
 // sizes: k_codes [B, H, k_words, d], k_scale/k_min [B, H, k_groups, d], v_codes [B, H, v_tokens, d/per],
 // v_scale/v_min [B, H, v_tokens, d/G], k_res/v_res [B, H, res_cap, d], k_sink/v_sink [B, H, sink_cap, d].
-void fxpress_kivi_decode(const float* q, const int32_t* k_codes, const void* k_scale, const void* k_min,
+// With ThinK-pruned keys the quantised ones are `kd` channels wide (k_codes [B, H, k_words, kd],
+// k_scale/k_min [B, H, k_groups, kd]) and q_keys [B, H * gq, kd] holds the query's kept channels.
+void fxpress_kivi_decode(const float* q, const float* q_keys, int64_t kd, const int32_t* k_codes, const void* k_scale, const void* k_min,
                          const int32_t* v_codes, const void* v_scale, const void* v_min, const void* k_res,
                          const void* v_res, const void* k_sink, const void* v_sink, const float* k_new,
                          const float* v_new, int dtype, int64_t batch, int64_t heads, int64_t gq, int64_t d,
                          int64_t group, int bits, int64_t quantised, int64_t k_words, int64_t k_groups,
                          int64_t v_tokens, int64_t waiting, int64_t res_cap, int64_t sunk, int64_t sink_cap,
                          int64_t tokens_per_split, float* out, int threads) {
-  const Args a{q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_res, v_res, k_sink, v_sink, k_new, v_new,
+  const Args a{q, q_keys, kd, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_res, v_res, k_sink, v_sink, k_new, v_new,
                dtype, batch, heads, gq, d, group, bits, quantised, k_words, k_groups, v_tokens, waiting, res_cap, sunk,
                sink_cap, tokens_per_split, out, threads};
   if (bits == 2) decode_group<2>(a);

@@ -181,12 +181,14 @@ def _exact_block(qt, kp, vp, seq, n, cap, m, l, acc, scale, D: tl.constexpr):
 
 
 @triton.jit
-def _decode_kernel(q, kc, ks, kl, vc, vs, vl, kr, vr, ksk, vsk, kn, vn, part_acc, part_m, part_l, n_quant, n_res,
+def _decode_kernel(q, qk, kc, ks, kl, vc, vs, vl, kr, vr, ksk, vsk, kn, vn, part_acc, part_m, part_l, n_quant, n_res,
                    n_sink, cap_quant, cap_res, cap_sink, tokens_per_split, n_splits, scale, GQ: tl.constexpr,
-                   GQ_PAD: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, PW: tl.constexpr):
+                   GQ_PAD: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, PW: tl.constexpr,
+                   KD: tl.constexpr, KD_PAD: tl.constexpr):
     # Split-K over the quantised tokens (flash-decoding): program (seq, split) folds its share into
     # a partial (max, sum, acc); the last split also takes the residual window, the sinks and the
-    # new token. decode_attention() combines the partials.
+    # new token. decode_attention() combines the partials. The quantised keys hold KD of the D
+    # channels (ThinK; KD = D without pruning), met by the query's kept channels `qk`.
     seq, split = tl.program_id(0), tl.program_id(1)
     ch = tl.arange(0, D)
     rows = tl.arange(0, GQ_PAD)
@@ -196,16 +198,21 @@ def _decode_kernel(q, kc, ks, kl, vc, vs, vl, kr, vr, ksk, vsk, kn, vn, part_acc
     m = tl.full([GQ_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GQ_PAD], tl.float32)
     acc = tl.zeros([GQ_PAD, D], tl.float32)
+    kch = tl.arange(0, KD_PAD)
+    kok = kch < KD
+    qkt = tl.load(qk + (seq * GQ + rows[:, None]) * KD + kch[None, :], mask=row_ok[:, None] & kok[None, :],
+                  other=0.0).to(tl.float32)
     shifts = tl.arange(0, PW) * BITS
     mask_bits = (1 << BITS) - 1
     tok = tl.arange(0, G)
     first = split * tokens_per_split
     for start in range(first, tl.minimum(first + tokens_per_split, n_quant), G):
         group = start // G
-        words = tl.load(kc + (seq * (cap_quant // PW) + start // PW + tl.arange(0, G // PW)[:, None]) * D + ch[None, :])
-        codes = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & mask_bits, [G, D]).to(tl.float32)
-        k_scale = tl.load(ks + (seq * (cap_quant // G) + group) * D + ch).to(tl.float32)
-        k_lo = tl.load(kl + (seq * (cap_quant // G) + group) * D + ch).to(tl.float32)
+        words = tl.load(kc + (seq * (cap_quant // PW) + start // PW + tl.arange(0, G // PW)[:, None]) * KD + kch[None, :],
+                        mask=kok[None, :], other=0)
+        codes = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & mask_bits, [G, KD_PAD]).to(tl.float32)
+        k_scale = tl.load(ks + (seq * (cap_quant // G) + group) * KD + kch, mask=kok, other=0.0).to(tl.float32)
+        k_lo = tl.load(kl + (seq * (cap_quant // G) + group) * KD + kch, mask=kok, other=0.0).to(tl.float32)
         k = codes * k_scale[None, :] + k_lo[None, :]
         vw = tl.load(vc + (seq * cap_quant + start + tok[:, None]) * (D // PW) + tl.arange(0, D // PW)[None, :])
         vcodes = tl.reshape((vw[:, :, None] >> shifts[None, None, :]) & mask_bits, [G, D // G, G]).to(tl.float32)
@@ -213,7 +220,7 @@ def _decode_kernel(q, kc, ks, kl, vc, vs, vl, kr, vr, ksk, vsk, kn, vn, part_acc
         v_scale = tl.load(vs + v_at).to(tl.float32)
         v_lo = tl.load(vl + v_at).to(tl.float32)
         v = tl.reshape(vcodes * v_scale[:, :, None] + v_lo[:, :, None], [G, D])
-        m, l, acc = _online_update(qt, k, v, tok < G, m, l, acc, scale)
+        m, l, acc = _online_update(qkt, k, v, tok < G, m, l, acc, scale)
     if split == n_splits - 1:
         m, l, acc = _exact_block(qt, kr, vr, seq, n_res, cap_res, m, l, acc, scale, D)
         m, l, acc = _exact_block(qt, ksk, vsk, seq, n_sink, cap_sink, m, l, acc, scale, D)
@@ -237,12 +244,17 @@ def decode_attention(q: torch.Tensor, store, k_new: torch.Tensor, v_new: torch.T
     part_acc = torch.empty(b * hkv, splits, gq_pad, d, dtype=torch.float32, device=q.device)
     part_m = torch.empty(b * hkv, splits, gq_pad, dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
+    q = q.contiguous()
+    q_keys, kd = q, d
+    if store.pruner is not None and store.pruner.channels is not None:  # ThinK: the query's kept channels
+        channels = store.pruner.channels.repeat_interleave(gq, 1)[:, :, None, :]
+        q_keys, kd = q.gather(3, channels).contiguous(), store.pruner.kept
     _decode_kernel[(b * hkv, splits)](
-        q.contiguous(), store.k_codes, store.k_scale, store.k_lo, store.v_codes, store.v_scale, store.v_lo,
+        q, q_keys, store.k_codes, store.k_scale, store.k_lo, store.v_codes, store.v_scale, store.v_lo,
         store.k_residual, store.v_residual, store.k_sink, store.v_sink, k_new.contiguous(), v_new.contiguous(),
         part_acc, part_m, part_l, store.quantised, store.waiting, store.sunk, store.v_codes.shape[2],
         store.k_residual.shape[2], store.k_sink.shape[2], tokens_per_split, splits, scale, GQ=gq, GQ_PAD=gq_pad,
-        D=d, G=g, BITS=policy.bits, PW=quant.codes_per_word(policy.bits))
+        D=d, G=g, BITS=policy.bits, PW=quant.codes_per_word(policy.bits), KD=kd, KD_PAD=_pad(kd))
     # Combine the splits' partial softmaxes (a split with no tokens has max -inf and weight 0).
     top = part_m.amax(1, keepdim=True)
     weight = torch.exp(part_m - top)

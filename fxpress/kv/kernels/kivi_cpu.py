@@ -20,7 +20,7 @@ _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 @functools.cache
 def _lib() -> ctypes.CDLL:
     return library_beside(__file__, "kivi", {"fxpress_kivi_decode": (
-        None, [POINTER] * 13 + [INT] + [LONG] * 5 + [INT] + [LONG] * 9 + [POINTER, INT])})
+        None, [POINTER, POINTER, LONG] + [POINTER] * 12 + [INT] + [LONG] * 5 + [INT] + [LONG] * 9 + [POINTER, INT])})
 
 
 def refusal(store) -> str | None:
@@ -41,9 +41,13 @@ def decode_attention(q: torch.Tensor, store, k_new: torch.Tensor, v_new: torch.T
     v1 = v_new.reshape(b, hkv, d).to(torch.float32).contiguous()
     out = torch.empty(b, hq, d, dtype=torch.float32)
     s = store
+    q_keys, kd = qs, d
+    if s.pruner is not None and s.pruner.channels is not None:  # ThinK: the query's kept channels
+        channels = s.pruner.channels.repeat_interleave(hq // hkv, 1)
+        q_keys, kd = qs.gather(2, channels).contiguous(), s.pruner.kept
     _lib().fxpress_kivi_decode(
-        qs.data_ptr(), s.k_codes.data_ptr(), s.k_scale.data_ptr(), s.k_lo.data_ptr(), s.v_codes.data_ptr(),
-        s.v_scale.data_ptr(), s.v_lo.data_ptr(), s.k_residual.data_ptr(), s.v_residual.data_ptr(),
+        qs.data_ptr(), q_keys.data_ptr(), kd, s.k_codes.data_ptr(), s.k_scale.data_ptr(), s.k_lo.data_ptr(),
+        s.v_codes.data_ptr(), s.v_scale.data_ptr(), s.v_lo.data_ptr(), s.k_residual.data_ptr(), s.v_residual.data_ptr(),
         s.k_sink.data_ptr(), s.v_sink.data_ptr(), k1.data_ptr(), v1.data_ptr(), _DTYPES[s.dtype], b, hkv, hq // hkv,
         d, g, policy.bits, s.quantised, s.k_codes.shape[2], s.k_scale.shape[2], s.v_codes.shape[2], s.waiting,
         s.k_residual.shape[2], s.sunk, s.k_sink.shape[2], tokens_per_split, out.data_ptr(), threads())
