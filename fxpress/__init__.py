@@ -56,6 +56,8 @@ _EXPORTS = {
     "FullKV": ("fxpress.kv.policies", "FullKV"),
     "HeavyHitterKV": ("fxpress.kv.policies", "HeavyHitterKV"),
     "StreamingKV": ("fxpress.kv.policies", "StreamingKV"),
+    "ThinKV": ("fxpress.kv.policies", "ThinKV"),
+    "fit": ("fxpress.hf.fit", "fit"),
 }
 
 
@@ -97,6 +99,7 @@ __all__ = [
     "PassError",
     "Report",
     "StreamingKV",
+    "ThinKV",
     "UnsupportedGraphError",
     "aot_compile",
     "backend",
@@ -104,6 +107,7 @@ __all__ = [
     "compress",
     "counters",
     "explain",
+    "fit",
     "kv",
     "kv_cache",
     "load",

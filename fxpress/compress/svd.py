@@ -23,6 +23,7 @@ from fxpress.compress.calibration import input_grams
 from fxpress.compress.layer_records import record as record_layers
 from fxpress.compress.linear_layers import matching_linears, set_submodule
 from fxpress.compress.low_rank_linear import LowRankLinear
+from fxpress.compress.sharded_linear import local_shard
 from fxpress.core.progress import progress
 
 
@@ -116,13 +117,14 @@ def svd(
     grams = input_grams(compressed, linears, calibration, "fxpress.compress.svd") if calibration is not None else {}
 
     result = SVDResult(compressed, params_before=sum(p.numel() for p in model.parameters()))
-    for name, linear in progress(linears.items(), "svd", total=len(linears)):
+    for name, layer in progress(linears.items(), "svd", total=len(linears)):
+        linear, wrap = local_shard(layer, name)  # a tensor-parallel layer: this rank's shard
         r = _rank_for(name, linear, rank, rank_ratio)
         if isinstance(r, str):
             result.layers.append(LayerReport(name, linear.in_features, linear.out_features, None, None, None, r))
             continue
-        low_rank, weight_error, output_error = _factor(linear, r, grams.get(name))
-        set_submodule(compressed, name, low_rank)
+        low_rank, weight_error, output_error = factor(linear, r, grams.get(name))
+        set_submodule(compressed, name, wrap(low_rank))
         result.layers.append(LayerReport(name, linear.in_features, linear.out_features, r,
                                          weight_error, output_error))
     result.params_after = sum(p.numel() for p in compressed.parameters())
@@ -163,7 +165,9 @@ def _rank_for(name: str, linear: nn.Linear, rank: Any, rank_ratio: float | None)
 
 
 @torch.no_grad()
-def _factor(linear: nn.Linear, r: int, gram: torch.Tensor | None) -> tuple[LowRankLinear, float, float | None]:
+def factor(linear: nn.Linear, r: int, gram: torch.Tensor | None) -> tuple[LowRankLinear, float, float | None]:
+    """``linear`` as a rank-``r`` ``LowRankLinear`` (whitened by ``gram = X^T X`` when given), its
+    relative weight error, and its relative output error on the Gram's inputs (with a Gram only)."""
     w = linear.weight.detach().to(torch.float64)
     if gram is None:
         u, s, vh = torch.linalg.svd(w, full_matrices=False)

@@ -1,0 +1,304 @@
+"""``fxpress.fit``: compress a causal language model to a byte budget, choosing per layer.
+
+    result = fxpress.fit(model, budget_bytes=120e6, calibration=batches, kv_tokens=4096)
+    print(result)                                     # the plan: a row per layer, bytes and error
+    cache = fxpress.kv_cache(result.model, 4096, result.kv)
+    compiled = torch.compile(result.model, backend="fxpress")
+
+What counts is what a deployment holds: every parameter the fit leaves dense at 2 bytes (fp16),
+each quantised layer's bit-planes and scales, each factored layer's two factors at 2 bytes a
+parameter, and the KV state one sequence of ``kv_tokens`` tokens takes under the chosen policy
+(every byte its stores allocate).
+
+How it chooses:
+
+1. Each targeted Linear's input Gram ``X^T X`` is measured once on the calibration batches, and
+   each option (dense; ``bits`` by round-to-nearest or BCQ; a whitened SVD at each ``rank_ratio``)
+   is made once and scored by its relative output error ``||(W' - W) X^T||^2 / ||W X^T||^2``.
+2. For each candidate KV policy, the bytes left after the dense parts and the KV state go to the
+   layers greedily: every layer starts at its smallest option, and the upgrade that removes the
+   most error per byte is taken while it fits (on each layer's lower convex hull of bytes and error).
+3. Each candidate's model is assembled and run on the calibration tokens (concatenated, at most
+   ``kv_tokens``): the first three quarters go through its compressed cache, the last quarter is
+   scored. The candidate with the lowest perplexity is the plan.
+"""
+
+from __future__ import annotations
+
+import copy
+import heapq
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+import fxpress.lowbit as lowbit
+from fxpress.compress.calibration import input_grams
+from fxpress.compress.layer_records import record as record_layers
+from fxpress.compress.linear_layers import matching_linears, set_submodule
+from fxpress.compress.quantized_linear import QuantizedLinear
+from fxpress.compress.svd import factor
+from fxpress.core.errors import OptionError
+from fxpress.core.progress import progress
+from fxpress.hf.kv_cache import kv_cache
+from fxpress.hf.perplexity import perplexity
+from fxpress.kv import KIVI, FullKV, StreamingKV, ThinKV
+from fxpress.kv.registry import check_policy, make_store
+
+BITS = (8, 4, 3, 2)
+RANK_RATIOS = (0.5, 0.25)
+FP16 = 2  # bytes a dense parameter takes in the deployment the budget describes
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to store a layer: ``kind`` "dense", "bits" (``value`` bits) or "rank" (``value`` the rank)."""
+
+    kind: str
+    value: int | None
+    nbytes: int
+    error: float  # relative output error on the calibration inputs (squared)
+
+    def describe(self) -> str:
+        return {"dense": "dense fp16", "bits": f"{self.value}-bit", "rank": f"rank {self.value}"}[self.kind]
+
+
+@dataclass
+class FitResult:
+    """The fitted model, its KV policy, the option chosen per layer, and what the other KV
+    candidates scored."""
+
+    model: nn.Module
+    kv: Any
+    plan: dict[str, Option]
+    shapes: dict[str, tuple[int, int]]
+    budget_bytes: int
+    fixed_bytes: int  # the parameters no option touches (embeddings, norms, skipped layers), fp16
+    kv_bytes: int
+    calibration_perplexity: float
+    candidates: list[dict[str, Any]] = field(default_factory=list)  # per KV policy tried
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.fixed_bytes + sum(o.nbytes for o in self.plan.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.kv_bytes
+
+    def __str__(self) -> str:
+        mib = 2 ** 20
+        lines = [f"fxpress.fit: {self.total_bytes / mib:.1f} MiB of {self.budget_bytes / mib:.1f} MiB "
+                 f"(weights {self.weight_bytes / mib:.1f}, of which untouched {self.fixed_bytes / mib:.1f}; "
+                 f"KV {self.kv_bytes / mib:.1f} under {self.kv.describe()}); calibration perplexity "
+                 f"{self.calibration_perplexity:.3f}",
+                 f"{'layer':<44} {'shape':>11} {'stored as':>12} {'MiB':>8} {'output err':>10}"]
+        for name, option in self.plan.items():
+            shape = "x".join(map(str, self.shapes[name]))
+            lines.append(f"{name:<44} {shape:>11} {option.describe():>12} {option.nbytes / mib:8.3f} "
+                         f"{math.sqrt(option.error):10.4f}")
+        lines.append("KV policies tried:")
+        for c in self.candidates:
+            outcome = f"perplexity {c['perplexity']:.3f}" if "perplexity" in c else c["refused"]
+            lines.append(f"  {c['policy']:<60} KV {c['kv_bytes'] / mib:7.1f} MiB  {outcome}")
+        return "\n".join(lines)
+
+
+def default_kv_policies(kv_tokens: int) -> list[Any]:
+    """From exact to small: full, KIVI-4, KIVI-2, ThinK + KIVI-2, and windows of half and a quarter
+    of the tokens (their kept tokens as 4-bit codes)."""
+    return [FullKV(), KIVI(bits=4), KIVI(bits=2), ThinKV(ratio=0.5, kivi=KIVI(bits=2)),
+            StreamingKV(sink=4, recent=max(kv_tokens // 2 - 4, 1), bits=4),
+            StreamingKV(sink=4, recent=max(kv_tokens // 4 - 4, 1), bits=4)]
+
+
+def kv_bytes(model: nn.Module, policy: Any, kv_tokens: int) -> int:
+    """Bytes one sequence of ``kv_tokens`` tokens holds under ``policy`` (fp16 storage), every layer."""
+    config = model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return sum(make_store(policy, layer, batch=1, kv_heads=heads, head_dim=head_dim, max_len=kv_tokens,
+                          dtype=torch.float16, device=torch.device("meta")).nbytes()
+               for layer in range(config.num_hidden_layers))
+
+
+@dataclass
+class Measured:
+    """Every targeted layer's options, made and scored once: reusable for several budgets."""
+
+    model: nn.Module  # fxpress.fit's own copy of the model, every targeted layer dense
+    layers: dict[str, nn.Linear]
+    options: dict[str, list[Option]]
+    made: dict[tuple[str, str, int], nn.Module]
+    fixed_bytes: int
+    ids: torch.Tensor  # [1, <= kv_tokens] calibration tokens that judge a KV policy
+    kv_tokens: int
+
+
+def measure(model: nn.Module, calibration: Iterable[Any], kv_tokens: int, *, targets: str | Iterable[str] = "*",
+            skip: Iterable[str] = ("lm_head",), bits: Sequence[int] = BITS,
+            rank_ratios: Sequence[float] = RANK_RATIOS, group_size: int = 128, method: str = "rtn") -> Measured:
+    """Step 1 of :func:`fit` (its arguments): each targeted layer's options and their errors."""
+    batches = list(calibration)
+    if method not in ("rtn", "bcq"):
+        raise OptionError(f"fxpress.fit: method={method!r} is not 'rtn' or 'bcq'")
+    for b in bits:
+        lowbit.check_format(b, group_size)
+    work = copy.deepcopy(model)
+    layers = matching_linears(work, [targets] if isinstance(targets, str) else list(targets), list(skip))
+    if not layers:
+        raise OptionError(f"fxpress.fit: no nn.Linear layer matches targets={targets!r} outside skip={list(skip)}")
+    grams = input_grams(work, layers, batches, "fxpress.fit")
+    options, made = _options(layers, grams, bits, rank_ratios, group_size, method)
+    fixed = FP16 * (sum(p.numel() for p in work.parameters())
+                    - sum(p.numel() for layer in layers.values() for p in layer.parameters()))
+    ids = torch.cat([_ids(b) for b in batches], 1)[:, :kv_tokens]
+    return Measured(work, layers, options, made, fixed, ids, kv_tokens)
+
+
+def fit(model: nn.Module, budget_bytes: float, calibration: Iterable[Any], kv_tokens: int, *,
+        targets: str | Iterable[str] = "*", skip: Iterable[str] = ("lm_head",), bits: Sequence[int] = BITS,
+        rank_ratios: Sequence[float] = RANK_RATIOS, group_size: int = 128, method: str = "rtn",
+        kv_policies: Sequence[Any] | None = None, measured: Measured | None = None) -> FitResult:
+    """A copy of causal LM ``model`` whose Linear layers matching ``targets`` (and not ``skip``) are
+    each stored dense, at one of ``bits`` (``method``: "rtn", or "bcq" weighted by the calibration
+    inputs, slower) or at one of ``rank_ratios`` (activation-aware SVD), with one of
+    ``kv_policies``, so that weights plus the KV state at ``kv_tokens`` fit ``budget_bytes`` with the
+    least measured error (module docstring). ``calibration``: model inputs as ``compress.svd``
+    takes them, token ids under ``input_ids``. ``measured``: :func:`measure`'s result for this
+    model, to skip step 1 (then the options' arguments are not used)."""
+    if measured is None:
+        measured = measure(model, calibration, kv_tokens, targets=targets, skip=skip, bits=bits,
+                           rank_ratios=rank_ratios, group_size=group_size, method=method)
+    return best_plan(measured, budget_bytes, lambda weight_budget: _allocate(measured.options, weight_budget),
+                     kv_policies)
+
+
+def best_plan(measured: Measured, budget_bytes: float, planner: Callable[[int], dict[str, Option] | None],
+              kv_policies: Sequence[Any] | None = None) -> FitResult:
+    """Steps 2 and 3 of :func:`fit` for any ``planner``: given the bytes left for the targeted
+    layers, their options (or None when it cannot fit them). A benchmark's uniform choices go
+    through the same KV choice as the fit."""
+    policies = [check_policy(p, "fxpress.fit") for p in (kv_policies or default_kv_policies(measured.kv_tokens))]
+    candidates, best = [], None
+    for policy in progress(policies, "fit: KV policies"):
+        try:
+            held = kv_bytes(measured.model, policy, measured.kv_tokens)
+        except ValueError as e:  # the policy cannot hold this model's heads (KVCacheError is one too)
+            candidates.append({"policy": policy.describe(), "kv_bytes": 0, "refused": str(e)})
+            continue
+        plan = planner(int(budget_bytes) - measured.fixed_bytes - held)
+        if plan is None:
+            candidates.append({"policy": policy.describe(), "kv_bytes": held,
+                               "refused": "the smallest option of every layer does not fit beside it"})
+            continue
+        fitted = _assemble(measured, plan)
+        ids = measured.ids
+        ppl = perplexity(fitted, ids, ids.shape[1] * 3 // 4, kv_cache(fitted, ids.shape[1], policy))
+        candidates.append({"policy": policy.describe(), "kv_bytes": held, "perplexity": ppl})
+        if best is None or ppl < best[0]:
+            best = (ppl, policy, plan, fitted, held)
+    if best is None:
+        smallest = measured.fixed_bytes + sum(min(o.nbytes for o in opts) for opts in measured.options.values())
+        tried = "; ".join(f"{c['policy']}: {c.get('refused')} ({c['kv_bytes']} bytes)" for c in candidates)
+        raise OptionError(f"fxpress.fit: budget_bytes={int(budget_bytes)} fits no plan: the smallest weights it can make "
+                          f"take {smallest} bytes, and no KV policy fits beside them ({tried})")
+    ppl, policy, plan, fitted, held = best
+    record_layers(fitted)
+    shapes = {name: (layer.in_features, layer.out_features) for name, layer in measured.layers.items()}
+    return FitResult(fitted, policy, plan, shapes, int(budget_bytes), measured.fixed_bytes, held, ppl, candidates)
+
+
+def _ids(batch: Any) -> torch.Tensor:
+    ids = batch.get("input_ids") if isinstance(batch, dict) else batch[0] if isinstance(batch, (tuple, list)) else batch
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise OptionError("fxpress.fit: calibration batches must hold token ids [batch, tokens] "
+                          "(a tensor, its first positional argument or input_ids=)")
+    return ids[:1]
+
+
+def _relative_error(approx: torch.Tensor, weight: torch.Tensor, gram: torch.Tensor) -> float:
+    """``||(W' - W) X^T||^2 / ||W X^T||^2`` from ``G = X^T X``: ``trace(E G E^T) / trace(W G W^T)``."""
+    error, exact = (approx.double() - weight.double()), weight.double()
+    return float((error @ gram * error).sum() / (exact @ gram * exact).sum().clamp_min(1e-300))
+
+
+@torch.no_grad()
+def _options(layers: dict[str, nn.Linear], grams: dict[str, torch.Tensor], bits: Sequence[int],
+             rank_ratios: Sequence[float], group_size: int, method: str):
+    """Per layer, its options (bytes and error), and the compressed layers made on the way."""
+    options: dict[str, list[Option]] = {}
+    made: dict[tuple[str, str, int], nn.Module] = {}
+    for name, layer in progress(layers.items(), "fit: options per layer", total=len(layers)):
+        w, gram = layer.weight.detach().float(), grams[name]
+        bias = FP16 * (layer.bias.numel() if layer.bias is not None else 0)
+        found = [Option("dense", None, FP16 * w.numel() + bias, 0.0)]
+        for b in bits:
+            weight = lowbit.rtn(w, b, group_size) if method == "rtn" else \
+                lowbit.bcq(w, b, group_size, importance=torch.diagonal(gram))
+            made[(name, "bits", b)] = QuantizedLinear(weight, layer.bias, layer.out_features)
+            found.append(Option("bits", b, weight.nbytes() + bias, _relative_error(weight.dequantize(), w, gram)))
+        for ratio in rank_ratios:
+            r = int(ratio * w.shape[0] * w.shape[1] / sum(w.shape))
+            if r < 1:
+                continue
+            low_rank, _, output_error = factor(layer, r, gram)
+            made[(name, "rank", r)] = low_rank
+            found.append(Option("rank", r, FP16 * r * sum(w.shape) + bias, output_error ** 2))
+        options[name] = found
+    return options, made
+
+
+def _hull(options: list[Option]) -> list[Option]:
+    """The options on the lower convex hull of (bytes, error), by bytes: each one buys less error
+    per byte than the one before."""
+    points: list[Option] = []
+    for o in sorted(options, key=lambda o: (o.nbytes, o.error)):
+        if points and o.error >= points[-1].error:
+            continue  # more bytes, no less error
+        while len(points) >= 2:
+            a, b = points[-2], points[-1]
+            if (b.error - a.error) * (o.nbytes - a.nbytes) >= (o.error - a.error) * (b.nbytes - a.nbytes):
+                points.pop()  # b lies on or above the line from a to o
+            else:
+                break
+        points.append(o)
+    return points
+
+
+def _allocate(options: dict[str, list[Option]], budget: int) -> dict[str, Option] | None:
+    """Greedy by error removed per byte over each layer's hull; None when nothing fits."""
+    hulls = {name: _hull(opts) for name, opts in options.items()}
+    at = {name: 0 for name in hulls}
+    spent = sum(h[0].nbytes for h in hulls.values())
+    if spent > budget:
+        return None
+    heap = []
+
+    def push(name: str) -> None:
+        i = at[name]
+        if i + 1 < len(hulls[name]):
+            a, b = hulls[name][i], hulls[name][i + 1]
+            heapq.heappush(heap, (-(a.error - b.error) / max(b.nbytes - a.nbytes, 1), name))
+
+    for name in hulls:
+        push(name)
+    while heap:
+        _, name = heapq.heappop(heap)
+        a, b = hulls[name][at[name]], hulls[name][at[name] + 1]
+        if spent + b.nbytes - a.nbytes > budget:
+            continue  # this layer's next step does not fit; smaller steps of others may
+        spent += b.nbytes - a.nbytes
+        at[name] += 1
+        push(name)
+    return {name: hulls[name][i] for name, i in at.items()}
+
+
+def _assemble(measured: Measured, plan: dict[str, Option]) -> nn.Module:
+    fitted = copy.deepcopy(measured.model)
+    for name, option in plan.items():
+        if option.kind != "dense":
+            set_submodule(fitted, name, copy.deepcopy(measured.made[(name, option.kind, option.value)]))
+    return fitted
