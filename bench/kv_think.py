@@ -8,7 +8,8 @@ are scored in one forward (perplexity), and 64 tokens are generated greedily fro
 full-width cache, so its bytes are nominal: ``1 - ratio / 2`` of fp16, the figure the table puts
 it at. fxpress stores only the kept channels, so its bytes are measured.
 
-Run: ``python bench/kv_think.py --json PATH --markdown PATH [--kvpress PATH]``, the kvpress side
+Run: ``python bench/kv_think.py --json PATH --markdown PATH [--kvpress PATH]`` (``--merge OLD.json
+--only NAME ...`` measures those policies again or anew beside the old rows), the kvpress side
 ``kvpress-venv/bin/python bench/kv_kvpress.py --think ... --json PATH`` (see that file).
 """
 
@@ -24,7 +25,7 @@ import torch
 import fxpress
 from fxpress import workloads
 from fxpress.hf.perplexity import perplexity
-from fxpress.kv import KIVI, FullKV, ThinKV
+from fxpress.kv import KIVI, FullKV, HeavyHitterKV, ThinKV
 
 from kv import GENERATED, PREFIX, SCORED, corpus_ids, measure_policy
 
@@ -37,11 +38,15 @@ def policies() -> dict[str, Any]:
     for bits in (4, 2):
         runs[f"KIVI-{bits}"] = KIVI(bits=bits)
         runs[f"ThinK 0.5 + KIVI-{bits}"] = ThinKV(ratio=0.5, kivi=KIVI(bits=bits))
+    h2o = HeavyHitterKV(budget=496, recent=248)  # bench/kv.py's 50 % H2O
+    runs["H2O"] = h2o
+    runs["ThinK 0.5 + H2O"] = ThinKV(ratio=0.5, evict=h2o)
     return runs
 
 
 @torch.no_grad()
-def measure(model: Any, tokenizer: Any) -> list[dict[str, Any]]:
+def measure(model: Any, tokenizer: Any, only: list[str] | None = None) -> list[dict[str, Any]]:
+    """The uncompressed reference row, then a row per policy (those named in ``only``, if given)."""
     ids = corpus_ids(tokenizer, 0, PREFIX + SCORED)
     model.set_attn_implementation("sdpa")
     from transformers import DynamicCache
@@ -51,7 +56,8 @@ def measure(model: Any, tokenizer: Any) -> list[dict[str, Any]]:
                                do_sample=False)[:, PREFIX:]
     rows = [{"policy": "uncompressed (HF DynamicCache, fp32)", "kv_fraction": None, "ppl": reference_ppl,
              "greedy_agreement": 1.0}]
-    rows += [measure_policy(model, ids, reference, name, policy) for name, policy in policies().items()]
+    rows += [measure_policy(model, ids, reference, name, policy) for name, policy in policies().items()
+             if only is None or name in only]
     model.set_attn_implementation("sdpa")
     return rows
 
@@ -79,13 +85,16 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--kvpress", type=Path, help="bench/kv_kvpress.py --think's JSON")
-    parser.add_argument("--merge", type=Path, help="an earlier JSON of this script: render only")
+    parser.add_argument("--merge", type=Path, help="an earlier JSON of this script: render it (with --only, "
+                                                       "its rows beside the new ones)")
+    parser.add_argument("--only", nargs="+", choices=list(policies()), help="measure only these policies")
     args = parser.parse_args()
-    if args.merge:
-        results = json.loads(args.merge.read_text())
-    else:
+    results = json.loads(args.merge.read_text()) if args.merge else {"rows": []}
+    if args.only or not args.merge:
         model, tokenizer = workloads.load_smollm2()
-        results = {"fxpress": fxpress.__version__, "torch": torch.__version__, "rows": measure(model, tokenizer)}
+        rows = {r["policy"]: r for r in results["rows"]}
+        rows.update({r["policy"]: r for r in measure(model, tokenizer, args.only)})  # new rows replace or follow
+        results = {"fxpress": fxpress.__version__, "torch": torch.__version__, "rows": list(rows.values())}
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     kvpress = json.loads(args.kvpress.read_text()) if args.kvpress else None

@@ -49,7 +49,9 @@ class HeavyHitterStore(RowStore):
         if mass is None:
             raise ValueError("HeavyHitterStore.append needs the attention mass of this call")
         t, filled = k.shape[2], self.filled
-        if t == 1 and filled == self.slots and k.is_cuda and self.keys.bits is None:
+        # The fused kernel moves whole rows of one width: not ThinK's narrower keys (kv/think.py).
+        if t == 1 and filled == self.slots and k.is_cuda and self.keys.bits is None \
+                and self.keys.head_dim == self.values.head_dim:
             from fxpress.kv.kernels.eviction import h2o_decode_update  # the decode step below, fused
 
             h2o_decode_update(self.score, self.position, mass, self.keys.tensors["data"],

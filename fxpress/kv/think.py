@@ -10,7 +10,10 @@ as zero: that is how the reference attention reads them. Values are stored whole
 
 Pruned keys are a real channel gather (``[B, H, n, kept]`` plus the channel index per head), not a
 mask over a full-width cache. It composes with KIVI quantisation (``ThinKV(kivi=KIVI(bits=2))``:
-the kept channels are quantised per channel, KIVI's residual window is the full-channel window).
+the kept channels are quantised per channel, KIVI's residual window is the full-channel window)
+and with eviction (``ThinKV(evict=StreamingKV(...))`` or ``HeavyHitterKV``: the evicting store
+keeps its tokens' keys as kept channels only, chosen on the first chunk, as kvpress prunes a
+prefix; ``recent`` does not apply there, the evicting policy decides what stays).
 """
 
 from __future__ import annotations
@@ -21,22 +24,27 @@ from typing import Iterator
 import torch
 
 from fxpress.kv.channel_pruning import ChannelPruner
+from fxpress.kv.heavy_hitter import HeavyHitterKV
 from fxpress.kv.kivi import KIVI, KIVIStore
-from fxpress.kv.policy_checks import check_positive, is_int, require
-from fxpress.kv.registry import StoreShape, register_policy
-from fxpress.kv.stores import SEGMENT_TOKENS, Store
+from fxpress.kv.policy_checks import check_positive, require
+from fxpress.kv.registry import StoreShape, make_store, register_policy
+from fxpress.kv.rows import Rows
+from fxpress.kv.stores import SEGMENT_TOKENS, RowStore, Store
+from fxpress.kv.streaming import StreamingKV
 
 
 @dataclass(frozen=True)
 class ThinKV:
     """``ratio``: the fraction of each head's key channels dropped (ThinK's default 0.4).
     ``recent``: the newest keys that keep every channel (with ``kivi``, its residual window does).
-    ``window``: how many of the latest queries score the channels."""
+    ``window``: how many of the latest queries score the channels. ``kivi`` or ``evict`` (a
+    ``StreamingKV`` or ``HeavyHitterKV``): what else the cache does to the tokens it keeps."""
 
     ratio: float = 0.4
     recent: int = 32
     window: int = 32
     kivi: KIVI | None = None
+    evict: StreamingKV | HeavyHitterKV | None = None
 
     def __post_init__(self) -> None:
         require(isinstance(self.ratio, (int, float)) and not isinstance(self.ratio, bool) and 0 <= self.ratio < 1,
@@ -44,6 +52,10 @@ class ThinKV:
         check_positive("ThinKV", recent=self.recent, window=self.window)
         require(self.kivi is None or isinstance(self.kivi, KIVI), "ThinKV",
                 f"kivi must be a fxpress.KIVI or None, got {type(self.kivi).__name__}")
+        require(self.evict is None or isinstance(self.evict, (StreamingKV, HeavyHitterKV)), "ThinKV",
+                f"evict must be a fxpress.StreamingKV or HeavyHitterKV or None, got {type(self.evict).__name__}")
+        require(self.kivi is None or self.evict is None, "ThinKV",
+                "give kivi= or evict=, not both: KIVI keeps every token, an evicting policy quantises per token")
         require(self.kivi is None or not self.kivi.rotate, "ThinKV",
                 "kivi=KIVI(rotate=True) spreads every channel's energy over all of them, which leaves no "
                 "channel to prune")
@@ -52,7 +64,7 @@ class ThinKV:
         return head_dim - int(self.ratio * head_dim)
 
     def describe(self) -> str:
-        inner = "" if self.kivi is None else f" + {self.kivi.describe()}"
+        inner = "".join(f" + {p.describe()}" for p in (self.kivi, self.evict) if p is not None)
         return f"ThinK(ratio={self.ratio}, recent={self.recent}, window={self.window}){inner}"
 
 
@@ -102,7 +114,52 @@ class ThinKStore(Store):
         self.filled += t
 
 
+class EvictingThinKStore(Store):
+    """ThinK over an evicting store (``inner``): its keys are held as their kept channels, chosen on
+    the first chunk it is given; what it keeps and evicts is its own."""
+
+    wants_queries = True
+
+    def __init__(self, policy: ThinKV, inner: RowStore) -> None:
+        # The inner store holds the state; this one only translates keys on their way in and out.
+        self.inner, self.policy = inner, policy
+        self.batch, self.heads, self.head_dim = inner.batch, inner.heads, inner.head_dim
+        self.dtype, self.device = inner.dtype, inner.device
+        self.needs_mass, self.keeps_positions = inner.needs_mass, inner.keeps_positions
+        self.pruner = ChannelPruner(policy.kept_channels(self.head_dim), policy.window, self.batch, self.heads,
+                                    self.head_dim, self.device)
+        keys = inner.keys
+        if keys.bits is not None and self.pruner.kept % keys.group_size:
+            raise ValueError(f"{policy.describe()}: {self.pruner.kept} kept key channels are not a multiple of the "
+                             f"codes' group_size ({keys.group_size}); choose a ratio that keeps a multiple")
+        inner.keys = Rows(self.batch, self.heads, inner.slots, self.pruner.kept, dtype=self.dtype,
+                          device=self.device, bits=keys.bits, group_size=keys.group_size)
+
+    @property
+    def filled(self) -> int:
+        return self.inner.filled
+
+    def nbytes(self) -> int:
+        return self.inner.nbytes() + self.pruner.nbytes()
+
+    def observe_queries(self, q: torch.Tensor) -> None:
+        self.pruner.observe(q)
+
+    def segments(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for keys, values in self.inner.segments():
+            yield self.pruner.scatter(keys, self.head_dim), values
+
+    def append(self, k, v, seen, mass=None) -> None:
+        if self.pruner.channels is None:
+            self.pruner.choose(k)
+        self.inner.append(self.pruner.gather(k), v, seen, mass)
+
+
 def _store(policy: ThinKV, layer: int, shape: StoreShape) -> Store:
+    if policy.evict is not None:
+        inner = make_store(policy.evict, layer, batch=shape.batch, kv_heads=shape.kv_heads, head_dim=shape.head_dim,
+                           max_len=shape.max_len, dtype=shape.dtype, device=shape.device)
+        return EvictingThinKStore(policy, inner)
     if policy.kivi is not None:
         return KIVIStore(policy.kivi, shape.max_len, prune=policy, **shape.store_args())
     return ThinKStore(policy, shape.max_len, **shape.store_args())

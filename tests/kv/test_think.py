@@ -10,8 +10,7 @@ import torch.nn.functional as F
 
 import fxpress
 from fxpress.core.errors import OptionError
-from fxpress.kv import KIVI, FullKV, ThinKV
-from fxpress.kv.attention import attend
+from fxpress.kv import KIVI, FullKV, HeavyHitterKV, StreamingKV, ThinKV
 from fxpress.kv.channel_pruning import ChannelPruner
 from fxpress.kv.registry import make_store
 from fxpress.kv.sequence import KVSequence
@@ -110,6 +109,7 @@ def test_with_kivi_the_kept_channels_are_quantised_and_the_cache_shrinks():
     (dict(recent=0), "recent must be a positive int"),
     (dict(kivi=FullKV()), "kivi must be a fxpress.KIVI"),
     (dict(kivi=KIVI(rotate=True)), "leaves no channel to prune"),
+    (dict(evict=KIVI()), "evict must be a fxpress.StreamingKV or HeavyHitterKV"),
 ])
 def test_bad_options_are_refused_where_they_are_written(bad, message):
     with pytest.raises(OptionError, match=message):
@@ -117,7 +117,8 @@ def test_bad_options_are_refused_where_they_are_written(bad, message):
 
 
 @pytest.mark.parametrize("policy", [ThinKV(ratio=0.5, recent=8),
-                                    ThinKV(ratio=0.5, kivi=KIVI(bits=4, group_size=8, residual=8))])
+                                    ThinKV(ratio=0.5, kivi=KIVI(bits=4, group_size=8, residual=8)),
+                                    ThinKV(ratio=0.5, evict=HeavyHitterKV(budget=24, recent=8))])
 def test_both_routes_generate_the_same_tokens(policy):
     model, ids = tiny_llama(), token_ids(1, 40)
     with torch.no_grad():
@@ -130,3 +131,34 @@ def test_both_routes_generate_the_same_tokens(policy):
         model.forward = eager_forward
     assert dict(fxpress.counters["compress_kv_cache"]) != before  # the pass rewrote the attention
     assert torch.equal(in_graph, cached)
+
+
+def test_with_eviction_the_kept_tokens_hold_pruned_keys():
+    """ThinK over StreamingKV: attention is exact attention over the sinks and the recent window,
+    every stored key with the dropped channels zeroed, the new token's whole."""
+    policy = ThinKV(ratio=0.5, window=8, evict=StreamingKV(sink=2, recent=10))
+    out, sequence, (q, k, v) = _run(policy, [30, 1, 1])
+    store = sequence.store
+    assert store.filled == 12 and store.inner.keys.head_dim == D // 2
+    kept = torch.zeros(B, HKV, 1, D, dtype=torch.bool).scatter_(3, store.pruner.channels[:, :, None], True)
+    # the choice: this chunk's last 8 queries and its 30 keys
+    q_energy = q[:, :, 22:30].square().reshape(B, HKV, 2, 8, D).mean((2, 3))
+    chosen = (q_energy * k[:, :, :30].square().mean(2)).topk(16, -1).indices.sort(-1).values
+    assert torch.equal(store.pruner.channels, chosen)
+    position = 31  # the last step: stored are tokens 0-1 and 21-30 (the window of 10 after token 30)
+    stored = [0, 1] + list(range(21, 31))
+    keys = torch.cat([k[:, :, stored] * kept, k[:, :, position:position + 1]], 2)
+    values = torch.cat([v[:, :, stored], v[:, :, position:position + 1]], 2)
+    expected = F.scaled_dot_product_attention(q[:, :, position:position + 1], keys.repeat_interleave(2, 1),
+                                              values.repeat_interleave(2, 1))
+    torch.testing.assert_close(out[:, :, 31:32], expected, rtol=0, atol=1e-5)
+
+
+def test_with_heavy_hitters_the_cache_is_smaller_and_runs_both_routes():
+    h2o = HeavyHitterKV(budget=16, recent=8)
+    _, plain, _ = _run(h2o, [40, 1, 1])
+    _, pruned, _ = _run(ThinKV(ratio=0.5, evict=h2o), [40, 1, 1])
+    assert pruned.store.filled == plain.store.filled == 16
+    assert pruned.store.nbytes() < plain.store.nbytes()
+    with pytest.raises(OptionError, match="not both"):
+        ThinKV(kivi=KIVI(), evict=h2o)
