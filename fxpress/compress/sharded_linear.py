@@ -48,7 +48,6 @@ class ShardedLayer(nn.Module):
         self.mesh = mesh
         self.output_placements = output_placements
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.in_features = getattr(inner, "in_features", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = DTensor.from_local(self.inner(local_tensor(x)), self.mesh, self.output_placements, run_check=False)

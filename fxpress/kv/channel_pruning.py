@@ -46,6 +46,13 @@ class ChannelPruner:
         index = self.channels[:, :, None, :].expand(-1, -1, keys.shape[2], -1)
         return keys.gather(3, index)
 
+    def queries(self, q: torch.Tensor) -> torch.Tensor:
+        """The kept channels of queries ``[B, Hq, ..., d]`` (each query head its KV head's), contiguous:
+        what the decode kernels meet the pruned keys with."""
+        channels = self.channels.repeat_interleave(q.shape[1] // self.channels.shape[1], 1)
+        index = channels.reshape(*channels.shape[:2], *[1] * (q.dim() - 3), self.kept)
+        return q.gather(-1, index.expand(*q.shape[:-1], self.kept)).contiguous()
+
     def scatter(self, pruned: torch.Tensor, head_dim: int) -> torch.Tensor:
         """Kept channels ``[B, H, n, kept]`` back to ``[B, H, n, d]`` float32, dropped ones zero."""
         full = torch.zeros(*pruned.shape[:3], head_dim, device=pruned.device)

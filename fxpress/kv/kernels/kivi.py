@@ -247,8 +247,7 @@ def decode_attention(q: torch.Tensor, store, k_new: torch.Tensor, v_new: torch.T
     q = q.contiguous()
     q_keys, kd = q, d
     if store.pruner is not None and store.pruner.channels is not None:  # ThinK: the query's kept channels
-        channels = store.pruner.channels.repeat_interleave(gq, 1)[:, :, None, :]
-        q_keys, kd = q.gather(3, channels).contiguous(), store.pruner.kept
+        q_keys, kd = store.pruner.queries(q), store.pruner.kept
     _decode_kernel[(b * hkv, splits)](
         q, q_keys, store.k_codes, store.k_scale, store.k_lo, store.v_codes, store.v_scale, store.v_lo,
         store.k_residual, store.v_residual, store.k_sink, store.v_sink, k_new.contiguous(), v_new.contiguous(),

@@ -43,8 +43,7 @@ def decode_attention(q: torch.Tensor, store, k_new: torch.Tensor, v_new: torch.T
     s = store
     q_keys, kd = qs, d
     if s.pruner is not None and s.pruner.channels is not None:  # ThinK: the query's kept channels
-        channels = s.pruner.channels.repeat_interleave(hq // hkv, 1)
-        q_keys, kd = qs.gather(2, channels).contiguous(), s.pruner.kept
+        q_keys, kd = s.pruner.queries(qs), s.pruner.kept
     _lib().fxpress_kivi_decode(
         qs.data_ptr(), q_keys.data_ptr(), kd, s.k_codes.data_ptr(), s.k_scale.data_ptr(), s.k_lo.data_ptr(),
         s.v_codes.data_ptr(), s.v_scale.data_ptr(), s.v_lo.data_ptr(), s.k_residual.data_ptr(), s.v_residual.data_ptr(),
