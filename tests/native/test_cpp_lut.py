@@ -1,8 +1,11 @@
 """The cpp target's lut_linear (fxpress/ops/cpp/lut.cpp) against the exact product of the same
-low-bit weights: ragged shapes, every bit width, batches, bias, input dtypes, both paths; the AVX2
-and portable builds agree to the bit; the re-laid-out weights follow in-place updates."""
+low-bit weights: ragged shapes, every bit width, groups of odd multiples of 32, batches, bias, input
+dtypes, both paths; the AVX-512, AVX2 and portable builds agree to the bit in both weight layouts;
+the re-laid-out weights follow in-place updates."""
 
 from __future__ import annotations
+
+import ctypes
 
 import pytest
 import torch
@@ -34,7 +37,8 @@ def _relative(got, expected):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("method", ["rtn", "bcq"])
-@pytest.mark.parametrize("n,k,group", [(37, 200, 64), (64, 96, 32), (5, 256, 128), (100, 515, 256)])
+@pytest.mark.parametrize("n,k,group", [(37, 200, 64), (64, 96, 32), (5, 256, 128), (100, 515, 256), (40, 384, 96),
+                                       (33, 384, 160)])
 @pytest.mark.parametrize("rows", [1, 7, 16])
 def test_table_path_matches_the_exact_product(bits, method, n, k, group, rows):
     g = torch.Generator().manual_seed(n * k + rows + bits)
@@ -66,25 +70,46 @@ def test_batched_input_of_any_float_dtype(dtype):
     assert _relative(got.float(), expected) < (TABLE_RTOL if dtype == torch.float32 else 1e-2)
 
 
-def test_avx2_and_portable_builds_agree_to_the_bit():
+def _build(name, prefix):
     from pathlib import Path
 
     import fxpress.ops.cpp as cpp
 
     source = (Path(cpp.__file__).parent / "lut.cpp").read_text()
-    portable = build.library("lut_portable", "#undef __AVX2__\n" + source,
-                             {"fxpress_lut_gemv": (None, cpp_lut._lib().fxpress_lut_gemv.argtypes)})
-    g = torch.Generator().manual_seed(5)
-    q = lowbit.rtn(torch.randn(70, 300, generator=g), 3, 64)
-    x = torch.randn(5, 300, generator=g)
-    packed = cpp_lut.packed(q.planes, q.alpha, q.beta)
+    argtypes = cpp_lut._lib().fxpress_lut_gemv.argtypes
+    lib = build.library(name, prefix + source, {"fxpress_lut_gemv": (None, argtypes),
+                                                 "fxpress_lut_word_pairs": (ctypes.c_int, [])})
+    return lib
+
+
+# Each build, with the portable build of the same weight layout.
+BUILDS = {
+    "native": ("", "#define FXPRESS_LUT_PORTABLE\n#define FXPRESS_LUT_WORD_PAIRS\n"),
+    "avx2": ("#undef __AVX512BW__\n", "#define FXPRESS_LUT_PORTABLE\n"),
+}
+
+
+@pytest.mark.parametrize("which", list(BUILDS))
+@pytest.mark.parametrize("rows,group", [(5, 64), (7, 96), (1, 32)])
+def test_vector_and_portable_builds_agree_to_the_bit(which, rows, group):
+    vector = _build(f"lut_{which}", BUILDS[which][0])
+    pairs = vector.fxpress_lut_word_pairs()
+    portable = _build(f"lut_portable_{pairs}", BUILDS[which][1] if pairs else "#define FXPRESS_LUT_PORTABLE\n")
+    assert portable.fxpress_lut_word_pairs() == pairs
+    g = torch.Generator().manual_seed(5 + rows)
+    q = lowbit.rtn(torch.randn(70, 300, generator=g), 3, group)
+    x = torch.randn(rows, 300, generator=g)
+    packed = cpp_lut.packed(q.planes, q.alpha, q.beta, word_pairs=pairs)
+    k_pad = q.planes.shape[-1] * 32
     outs = []
-    for lib in (cpp_lut._lib(), portable):
-        out = torch.empty(5, 70)
-        lib.fxpress_lut_gemv(x.data_ptr(), 300, 5, 300, 320, packed.indices.data_ptr(), packed.alpha.data_ptr(),
-                             packed.beta.data_ptr(), None, 70, 3, 64, out.data_ptr(), 70, 1)
+    for lib in (vector, portable):
+        out = torch.empty(rows, 70)
+        lib.fxpress_lut_gemv(x.data_ptr(), 300, rows, 300, k_pad, packed.indices.data_ptr(), packed.alpha.data_ptr(),
+                             packed.beta.data_ptr(), None, 70, 3, group, out.data_ptr(), 70, 1)
         outs.append(out)
     assert torch.equal(outs[0], outs[1])
+    exact = _exact(x, q, None)
+    assert _relative(outs[0], exact) < TABLE_RTOL
 
 
 def test_relaid_weights_follow_in_place_updates():

@@ -9,21 +9,44 @@
 // indices and one byte shuffle (AVX2 vpshufb) looks up 32 rows at once. Each chunk's int16 sums
 // are scaled to float by the table scale times the weight's alpha per (row, group, bit).
 //
+// With AVX-512BW the byte shuffles are replaced by word permutes (vpermw), which look up the
+// int16 entries whole: no low/high byte tables to look up twice and interleave, a quarter of the
+// shuffle-port work per lookup. Weights are then laid out in word pairs (WORD_PAIRS): bytes 2w and
+// 2w+1 of a row side by side, 32 rows in one 64-byte load, so a row's word holds the indices of
+// tables 4w..4w+3 in its four nibbles. vpermw reads 5 index bits, one more than a nibble, so each
+// table is stored twice over (32 entries) and the word shifted right by 0, 4, 8 and 12 bits serves
+// as the index with no masking. Lookups are exact int16 either way: every path agrees to the bit.
+//
 // Many rows: lut_dequantize expands output rows of the original layout into float32 for a GEMM.
 //
 // Threads: OpenMP over blocks of output rows, as many as the caller passes (torch's intra-op
-// count). The AVX2 and the portable paths do the same integer sums and the same float operations
-// in the same order, so they agree to the bit.
+// count). The AVX-512, AVX2 and portable paths do the same integer sums and the same float
+// operations in the same order, so they agree to the bit.
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
-#if defined(__AVX2__)
+#if defined(__AVX2__) || defined(__AVX512BW__)
 #include <immintrin.h>
 #endif
 
+// The vector path: AVX-512BW, else AVX2, else portable (FXPRESS_LUT_PORTABLE forces portable code,
+// and FXPRESS_LUT_WORD_PAIRS the word-pair layout with it, so tests can compare every path).
+#if defined(__AVX512BW__) && !defined(FXPRESS_LUT_PORTABLE)
+#define LUT_AVX512 1
+#define FXPRESS_LUT_WORD_PAIRS 1
+#elif defined(__AVX2__) && !defined(FXPRESS_LUT_PORTABLE)
+#define LUT_AVX2 1
+#endif
+
 namespace {
+
+#if defined(FXPRESS_LUT_WORD_PAIRS)
+constexpr bool WORD_PAIRS = true;
+#else
+constexpr bool WORD_PAIRS = false;
+#endif
 
 constexpr int ROWS = 32;        // output rows per block: one byte lane each
 constexpr int MAX_M = 16;       // activation rows per call of the table path
@@ -37,14 +60,16 @@ constexpr float SIGN[4][16] = {
     {-1, -1, -1, -1, -1, -1, -1, -1, 1, 1, 1, 1, 1, 1, 1, 1}};
 
 struct Tables {
-  // [m][table][16] low and high bytes of the int16 entries, and one float scale per (m, chunk).
+  // [m][table][16] low and high bytes of the int16 entries (byte shuffles), or [m][table][32] the
+  // entries themselves, twice over (word permutes); one float scale per (m, chunk).
   std::vector<uint8_t> lo, hi;
+  std::vector<int16_t> wide;
   std::vector<float> scale, group_sum;
 };
 
 // Tables of one activation row; columns at or past in_features count as zero.
 void build_tables(const float* x, int64_t in_features, int64_t k_pad, int64_t chunk_tables, int64_t group_size,
-                  uint8_t* lo, uint8_t* hi, float* scale, float* group_sum) {
+                  uint8_t* lo, uint8_t* hi, int16_t* wide, float* scale, float* group_sum) {
   const int64_t n_tables = k_pad / 4;
   const float table_max = (float)(32767 / chunk_tables);
   for (int64_t g = 0; g < k_pad / group_size; ++g) {
@@ -73,19 +98,59 @@ void build_tables(const float* x, int64_t in_features, int64_t k_pad, int64_t ch
       for (int p = 0; p < 16; ++p) {
         float r = std::floor(v[t][p] * inv + 0.5f);  // inlined (nearbyint is a libm call here)
         r = r > table_max ? table_max : (r < -table_max ? -table_max : r);
-        uint16_t code = (uint16_t)(int16_t)r;
-        lo[(c0 + t) * 16 + p] = (uint8_t)(code & 0xFF);
-        hi[(c0 + t) * 16 + p] = (uint8_t)(code >> 8);
+        if (WORD_PAIRS) {
+          wide[(c0 + t) * 32 + p] = wide[(c0 + t) * 32 + 16 + p] = (int16_t)r;
+        } else {
+          uint16_t code = (uint16_t)(int16_t)r;
+          lo[(c0 + t) * 16 + p] = (uint8_t)(code & 0xFF);
+          hi[(c0 + t) * 16 + p] = (uint8_t)(code >> 8);
+        }
       }
     }
   }
 }
 
+#if defined(LUT_AVX512)
+// R activation rows at once over one chunk of one block and bit-plane: each word of indices is
+// loaded and shifted once for all R rows. The int16 sums go straight to float:
+// acc[r][row] += (float)sum * scale[r] * alpha[row], as chunk_accumulate writes it.
+template <int R>
+void word_accumulate(const uint8_t* idx, int64_t n_words, const int16_t* wide, int64_t row_stride, const float* scale,
+                     int64_t scale_stride, const float* alpha, float (*acc)[ROWS]) {
+  __m512i sum[R];
+  for (int r = 0; r < R; ++r) sum[r] = _mm512_setzero_si512();
+  for (int64_t w = 0; w < n_words; ++w) {
+    const __m512i v0 = _mm512_loadu_si512((const void*)(idx + w * 2 * ROWS));
+    const __m512i v1 = _mm512_srli_epi16(v0, 4), v2 = _mm512_srli_epi16(v0, 8), v3 = _mm512_srli_epi16(v0, 12);
+    for (int r = 0; r < R; ++r) {
+      const int16_t* t = wide + r * row_stride + w * 4 * 32;
+      __m512i a = _mm512_add_epi16(_mm512_permutexvar_epi16(v0, _mm512_loadu_si512((const void*)t)),
+                                   _mm512_permutexvar_epi16(v1, _mm512_loadu_si512((const void*)(t + 32))));
+      __m512i b = _mm512_add_epi16(_mm512_permutexvar_epi16(v2, _mm512_loadu_si512((const void*)(t + 64))),
+                                   _mm512_permutexvar_epi16(v3, _mm512_loadu_si512((const void*)(t + 96))));
+      sum[r] = _mm512_add_epi16(sum[r], _mm512_add_epi16(a, b));
+    }
+  }
+  const __m512 alpha_lo = _mm512_loadu_ps(alpha), alpha_hi = _mm512_loadu_ps(alpha + 16);
+  for (int r = 0; r < R; ++r) {
+    const __m512 s = _mm512_set1_ps(scale[r * scale_stride]);
+    __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(sum[r])));
+    __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(sum[r], 1)));
+    lo = _mm512_mul_ps(_mm512_mul_ps(lo, s), alpha_lo);
+    hi = _mm512_mul_ps(_mm512_mul_ps(hi, s), alpha_hi);
+    _mm512_storeu_ps(acc[r], _mm512_add_ps(_mm512_loadu_ps(acc[r]), lo));
+    _mm512_storeu_ps(acc[r] + 16, _mm512_add_ps(_mm512_loadu_ps(acc[r] + 16), hi));
+  }
+}
+#endif
+
+#if !defined(LUT_AVX512)
 // Adds, for one block of 32 rows, one chunk and one bit-plane, sum_t T_m[t][index(row, t)] for
-// every row into sums[m][32] (int32: exact), for rows m of x.
+// every row into sums[m][32] (int32: exact), for rows m of x. The chunk's indices take n_bytes
+// bytes per row (two tables each).
 void chunk_sums(const uint8_t* idx, int64_t n_bytes, const Tables& tab, int64_t table0, int64_t n_tables, int64_t m,
                 int32_t (*sums)[ROWS]) {
-#if defined(__AVX2__)
+#if defined(LUT_AVX2)
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   for (int64_t r = 0; r < m; ++r) {
     __m256i acc_a = _mm256_setzero_si256(), acc_b = _mm256_setzero_si256();
@@ -113,20 +178,50 @@ void chunk_sums(const uint8_t* idx, int64_t n_bytes, const Tables& tab, int64_t 
     s[3] = _mm256_add_epi32(s[3], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc_b, 1)));
   }
 #else
-  (void)n_tables;
   for (int64_t r = 0; r < m; ++r) {
-    const uint8_t* lo = tab.lo.data() + (r * n_tables + table0) * 16;
-    const uint8_t* hi = tab.hi.data() + (r * n_tables + table0) * 16;
     for (int row = 0; row < ROWS; ++row) {
       int32_t acc = 0;
       for (int64_t b = 0; b < n_bytes; ++b) {
-        uint8_t v = idx[b * ROWS + row];
-        int e = v & 15, o = v >> 4;
-        acc += (int16_t)(uint16_t)(lo[32 * b + e] | hi[32 * b + e] << 8);
-        acc += (int16_t)(uint16_t)(lo[32 * b + 16 + o] | hi[32 * b + 16 + o] << 8);
+        // Where byte b of this row lies: 32 rows of one byte, or 32 rows of one byte pair.
+        uint8_t v = WORD_PAIRS ? idx[(b >> 1) * 2 * ROWS + 2 * row + (b & 1)] : idx[b * ROWS + row];
+        for (int half = 0; half < 2; ++half) {
+          const int64_t t = r * n_tables + table0 + 2 * b + half;
+          const int e = half ? v >> 4 : v & 15;
+          acc += WORD_PAIRS ? tab.wide[t * 32 + e] : (int16_t)(uint16_t)(tab.lo[t * 16 + e] | tab.hi[t * 16 + e] << 8);
+        }
       }
       sums[r][row] += acc;
     }
+  }
+#endif
+}
+#endif
+
+// One chunk c of one block and bit-plane, for rows m of x:
+// acc[r][row] += (float)(sum of the chunk's lookups) * table scale * alpha[row].
+void chunk_accumulate(const uint8_t* idx, int64_t c, int64_t chunk_tables, int64_t chunks, const Tables& tab,
+                      int64_t n_tables, int64_t m, const float* alpha, float (*acc)[ROWS]) {
+#if defined(LUT_AVX512)
+  const int64_t stride = n_tables * 32, n_words = chunk_tables / 4;
+  const int16_t* wide = tab.wide.data() + c * chunk_tables * 32;
+  const float* scale = tab.scale.data() + c;
+  for (int64_t r = 0; r < m; r += 4) {  // four rows share each index load and its shifts
+    const int16_t* t = wide + r * stride;
+    const float* s = scale + r * chunks;
+    switch (m - r < 4 ? m - r : 4) {
+      case 1: word_accumulate<1>(idx, n_words, t, stride, s, chunks, alpha, acc + r); break;
+      case 2: word_accumulate<2>(idx, n_words, t, stride, s, chunks, alpha, acc + r); break;
+      case 3: word_accumulate<3>(idx, n_words, t, stride, s, chunks, alpha, acc + r); break;
+      default: word_accumulate<4>(idx, n_words, t, stride, s, chunks, alpha, acc + r); break;
+    }
+  }
+#else
+  alignas(32) int32_t sums[MAX_M][ROWS];
+  std::memset(sums, 0, sizeof(sums[0]) * m);
+  chunk_sums(idx, chunk_tables / 2, tab, c * chunk_tables, n_tables, m, sums);
+  for (int64_t r = 0; r < m; ++r) {
+    const float s = tab.scale[r * chunks + c];
+    for (int row = 0; row < ROWS; ++row) acc[r][row] += (float)sums[r][row] * s * alpha[row];
   }
 #endif
 }
@@ -135,40 +230,46 @@ void chunk_sums(const uint8_t* idx, int64_t n_bytes, const Tables& tab, int64_t 
 
 extern "C" {
 
+// 1 when the weights are to be laid out in word pairs (fxpress/ops/cpp/lut.py), 0 for bytes.
+int fxpress_lut_word_pairs() { return WORD_PAIRS ? 1 : 0; }
+
 // out[m, n] (row stride out_stride) = x[m, :in_features] @ W.T (+ bias), m <= 16.
-// idx: [blocks][q][k_pad/8][32] bytes; alpha_p: [blocks][groups][q][32]; beta_p: [blocks][groups][32].
+// idx: [blocks][q][k_pad/8][32] bytes ([blocks][q][k_pad/16][32][2] in word pairs);
+// alpha_p: [blocks][groups][q][32]; beta_p: [blocks][groups][32].
 void fxpress_lut_gemv(const float* x, int64_t x_stride, int64_t m, int64_t in_features, int64_t k_pad,
                       const uint8_t* idx, const float* alpha_p, const float* beta_p, const float* bias, int64_t n,
                       int64_t q, int64_t group_size, float* out, int64_t out_stride, int threads) {
   const int64_t n_tables = k_pad / 4, groups = k_pad / group_size, blocks = (n + ROWS - 1) / ROWS;
-  const int64_t chunk_cols = group_size < 4 * CHUNK_MAX ? group_size : 4 * CHUNK_MAX;
+  // A chunk lies within one group: 64 columns, or 32 where groups are an odd number of 32.
+  const int64_t chunk_cols = group_size % (4 * CHUNK_MAX) == 0 ? 4 * CHUNK_MAX : 32;
   const int64_t chunk_tables = chunk_cols / 4, chunks = k_pad / chunk_cols, chunks_per_group = group_size / chunk_cols;
   Tables tab;
-  tab.lo.resize(m * n_tables * 16);
-  tab.hi.resize(m * n_tables * 16);
+  if (WORD_PAIRS) {
+    tab.wide.resize(m * n_tables * 32);
+  } else {
+    tab.lo.resize(m * n_tables * 16);
+    tab.hi.resize(m * n_tables * 16);
+  }
   tab.scale.resize(m * chunks);
   tab.group_sum.resize(m * groups);
   for (int64_t r = 0; r < m; ++r)
-    build_tables(x + r * x_stride, in_features, k_pad, chunk_tables, group_size, tab.lo.data() + r * n_tables * 16,
-                 tab.hi.data() + r * n_tables * 16, tab.scale.data() + r * chunks, tab.group_sum.data() + r * groups);
+    build_tables(x + r * x_stride, in_features, k_pad, chunk_tables, group_size,
+                 WORD_PAIRS ? nullptr : tab.lo.data() + r * n_tables * 16,
+                 WORD_PAIRS ? nullptr : tab.hi.data() + r * n_tables * 16,
+                 WORD_PAIRS ? tab.wide.data() + r * n_tables * 32 : nullptr, tab.scale.data() + r * chunks,
+                 tab.group_sum.data() + r * groups);
   const int64_t plane_bytes = k_pad / 8;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t blk = 0; blk < blocks; ++blk) {
-    alignas(32) float acc[MAX_M][ROWS] = {};
-    alignas(32) int32_t sums[MAX_M][ROWS];
+    alignas(64) float acc[MAX_M][ROWS] = {};
     for (int64_t g = 0; g < groups; ++g) {
       const float* alpha = alpha_p + (blk * groups + g) * q * ROWS;
       const float* beta = beta_p + (blk * groups + g) * ROWS;
       for (int64_t i = 0; i < q; ++i) {
         const uint8_t* plane = idx + (blk * q + i) * plane_bytes * ROWS;
-        for (int64_t c = g * chunks_per_group; c < (g + 1) * chunks_per_group; ++c) {
-          std::memset(sums, 0, sizeof(sums[0]) * m);
-          chunk_sums(plane + c * (chunk_tables / 2) * ROWS, chunk_tables / 2, tab, c * chunk_tables, n_tables, m, sums);
-          for (int64_t r = 0; r < m; ++r) {
-            const float s = tab.scale[r * chunks + c];
-            for (int row = 0; row < ROWS; ++row) acc[r][row] += (float)sums[r][row] * s * alpha[i * ROWS + row];
-          }
-        }
+        for (int64_t c = g * chunks_per_group; c < (g + 1) * chunks_per_group; ++c)
+          chunk_accumulate(plane + c * (chunk_tables / 2) * ROWS, c, chunk_tables, chunks, tab, n_tables, m,
+                           alpha + i * ROWS, acc);
       }
       for (int64_t r = 0; r < m; ++r) {
         const float gs = tab.group_sum[r * groups + g];

@@ -1,7 +1,8 @@
 """``fxpress::lut_linear`` on the cpp target (``lut.cpp``: T-MAC's table lookups for up to
 ``max_lut_rows`` rows, dequantised row tiles and ``torch.mm`` above).
 
-The table path reads the weights re-laid out for byte shuffles (32 output rows side by side).
+The table path reads the weights re-laid out for byte shuffles or word permutes (32 output rows
+side by side, in bytes or in byte pairs: the library says which).
 That layout is made once per weight and kept while the weight tensors live and are not modified
 in place (their ``_version``), so a compiled model pays it on its first call only; it holds as many
 bytes again as the bit-planes and scales.
@@ -30,12 +31,13 @@ def _lib():
                                     LONG, LONG, POINTER, LONG, INT]),
         "fxpress_lut_dequantize": (None, [POINTER, POINTER, POINTER, LONG, LONG, LONG, LONG, LONG, LONG, LONG,
                                           POINTER, INT]),
+        "fxpress_lut_word_pairs": (INT, []),
     })
 
 
 @dataclass(frozen=True)
 class _Packed:
-    indices: torch.Tensor  # uint8 [blocks, q, K_pad/8, 32]
+    indices: torch.Tensor  # uint8 [blocks, q, K_pad/8, 32], or [blocks, q, K_pad/16, 32, 2] in word pairs
     alpha: torch.Tensor  # float32 [blocks, groups, q, 32]
     beta: torch.Tensor  # float32 [blocks, groups, 32]
 
@@ -44,7 +46,7 @@ class _Packed:
         return self.indices.data_ptr(), self.alpha.data_ptr(), self.beta.data_ptr()
 
 
-def _pack(planes: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> _Packed:
+def _pack(planes: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, word_pairs: int) -> _Packed:
     q, n, words = planes.shape
     pad = -n % ROWS
     blocks = (n + pad) // ROWS
@@ -53,7 +55,10 @@ def _pack(planes: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> _Pac
     if sys.byteorder != "little":
         data = data.view(q, n, words, 4).flip(-1).reshape(q, n, words * 4)
     data = torch.nn.functional.pad(data, (0, 0, 0, pad))
-    indices = data.view(q, blocks, ROWS, words * 4).permute(1, 0, 3, 2).contiguous()
+    if word_pairs:  # byte pair w of the 32 rows side by side
+        indices = data.view(q, blocks, ROWS, words * 2, 2).permute(1, 0, 3, 2, 4).contiguous()
+    else:
+        indices = data.view(q, blocks, ROWS, words * 4).permute(1, 0, 3, 2).contiguous()
     a = torch.nn.functional.pad(alpha.to(torch.float32), (0, 0, 0, 0, 0, pad))
     b = torch.nn.functional.pad(beta.to(torch.float32), (0, 0, 0, pad))
     groups = alpha.shape[1]
@@ -77,7 +82,7 @@ def lut_linear(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, beta:
     result = out.view(m, n) if direct else torch.empty(m, n, dtype=torch.float32)
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
     if m <= max_lut_rows:
-        layout = packed(planes, alpha, beta)  # held until the kernels return
+        layout = packed(planes, alpha, beta, word_pairs=_lib().fxpress_lut_word_pairs())  # held till the kernels return
         indices, alpha_p, beta_p = layout.pointers
         gemv, x_at, out_at, bias_at, pool = _lib().fxpress_lut_gemv, flat.data_ptr(), result.data_ptr(), \
             pointer(bias32), threads()
