@@ -176,7 +176,9 @@ def _lowrank_attention_case(g, batch, seq):
     ups = [_factors(rank, rank, 768, g)[1:] for _ in range(3)]  # (up [768, rank], bias)
     o_down = torch.randn(rank, 768, generator=g) / 768 ** 0.5
     keep = torch.ones(batch, 1, 1, seq, dtype=torch.bool)  # BERT's padding mask, nothing padded
-    args = [t for p, (up, bias) in zip(ps, ups) for t in (p, up, bias)] + [heads, heads, keep, False, None, o_down]
+    # (num_heads, num_kv_heads, mask, causal, scale, o_down, cos, sin, interleaved, q_norm, k_norm, eps): no rotary
+    args = [t for p, (up, bias) in zip(ps, ups) for t in (p, up, bias)] + [heads, heads, keep, False, None, o_down,
+                                                                           None, None, False, None, None, 1e-6]
     out = torch.empty(batch, seq, rank)
 
     def unfused():

@@ -4,7 +4,9 @@
 // W (nn.Linear layout, [n, k]) is re-laid out once (fxpress/ops/cpp/lowrank.py) into panels of
 // NR = 16 output columns, each panel k x 16 contiguous and zero-padded past the last column. The
 // micro-kernel keeps an MR x NR = 6 x 16 block of C in twelve AVX2 registers and streams the panel
-// and six rows of A through them, one fused multiply-add per register per k. The epilogue (bias,
+// and six rows of A through them, one fused multiply-add per register per k. With AVX-512 a panel
+// row is one register, and the block is 12 x 16: twelve accumulators, enough independent FMAs to
+// keep both FMA units busy, and 13 loads per 12 FMAs, within the load ports. The epilogue (bias,
 // activation, a gate's product, a sum over heads) runs on the accumulated block as it is stored:
 // pre-activations are never written out.
 
@@ -19,7 +21,11 @@ namespace fxpress_gemm {
 
 using namespace fxpress_math;
 
-constexpr int MR = 6;                // rows of a micro-kernel block
+#if defined(__AVX512F__)
+constexpr int MR = 12;               // rows of a micro-kernel block
+#else
+constexpr int MR = 6;
+#endif
 constexpr int NR = 16;               // columns of a panel
 constexpr int64_t KC = 384;          // k per slice, at most: a panel's slice is 24 KiB (L1)
 constexpr int64_t ACC_BYTES = 128 << 10;  // accumulators of one group of panels (L2)
@@ -40,7 +46,18 @@ struct Step {
 // acc[R][NR] (+)= a[R rows, stride lda][0, kc) . b[0, kc)[NR]
 template <int R>
 inline void micro(const float* a, int64_t lda, const float* b, int64_t kc, float* acc, bool first) {
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__)
+  __m512 c[R];
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r) c[r] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + r * NR);
+  for (int64_t p = 0; p < kc; ++p) {
+    const __m512 bv = _mm512_loadu_ps(b + p * NR);
+#pragma GCC unroll 12
+    for (int r = 0; r < R; ++r) c[r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r * lda + p]), bv, c[r]);
+  }
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(acc + r * NR, c[r]);
+#elif defined(__AVX2__) && defined(__FMA__)
   __m256 c[R][2];
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) {
@@ -75,16 +92,14 @@ inline void micro(const float* a, int64_t lda, const float* b, int64_t kc, float
 #endif
 }
 
+// micro<rows> for 1 <= rows <= MR.
+template <int R = MR>
 inline void micro_rows(int64_t rows, const float* a, int64_t lda, const float* b, int64_t kc, float* acc,
                        bool first) {
-  switch (rows) {
-    case 1: micro<1>(a, lda, b, kc, acc, first); break;
-    case 2: micro<2>(a, lda, b, kc, acc, first); break;
-    case 3: micro<3>(a, lda, b, kc, acc, first); break;
-    case 4: micro<4>(a, lda, b, kc, acc, first); break;
-    case 5: micro<5>(a, lda, b, kc, acc, first); break;
-    default: micro<6>(a, lda, b, kc, acc, first); break;
+  if constexpr (R > 1) {
+    if (rows < R) return micro_rows<R - 1>(rows, a, lda, b, kc, acc, first);
   }
+  micro<R>(a, lda, b, kc, acc, first);
 }
 
 inline void activate(int activation, float* v) {

@@ -14,5 +14,6 @@ __all__ = ["ENTRY", "INT", "LONG", "POINTER", "native_kernel"]
 
 def native_kernel(body: str, argument_types: list[Any]) -> Any:
     """The function ``ENTRY`` of the library built from ``body`` (after ``fast_math.h``)."""
-    library = library_with_headers("fxpress_generated", body, {ENTRY: (None, argument_types)})
+    library = library_with_headers("fxpress_generated", body, {ENTRY: (None, argument_types)},
+                                   ("wide_vectors.h", "fast_math.h"))
     return getattr(library, ENTRY)

@@ -1,9 +1,9 @@
 """The cpp target's low-rank kernels (fxpress/ops/cpp/lowrank.cpp, lowrank_attention.cpp) against
 the unfused chains they replace. Linear and FFN: ragged rows, ranks and widths around the kernel's
 blocks, both threading modes, every activation, gates, batches and strided inputs; the panel
-layout follows in-place weight updates; the portable build agrees with the AVX2 one. Attention:
-against SDPA over the rebuilt Q, K, V, with GQA, every mask kind, fewer queries than keys, ragged
-head dims, the output factor, and strided outputs."""
+layout follows in-place weight updates; the AVX2 and portable builds agree with the native one.
+Attention: against SDPA over the rebuilt Q, K, V, with GQA, every mask kind, fewer queries than keys,
+ragged head dims, the output factor, and strided outputs."""
 
 from __future__ import annotations
 
@@ -110,12 +110,14 @@ def test_the_panel_layout_follows_in_place_updates():
     assert _relative(out, _chain(x, down, up, bias)) < 1e-5
 
 
-def test_portable_build_agrees_with_the_vector_one():
+@pytest.mark.parametrize("build_name,prefix", [("portable", "#undef __AVX512F__\n#undef __AVX2__\n"),
+                                               ("avx2", "#undef __AVX512F__\n")])
+def test_narrower_builds_agree_with_the_native_one(build_name, prefix):
     native = Path(build.__file__).parent
-    source = "#undef __AVX2__\n" + "".join((native / h).read_text() for h in cpp_lowrank.HEADERS) + \
+    source = prefix + "".join((native / h).read_text() for h in cpp_lowrank.HEADERS) + \
         (Path(cpp_lowrank.__file__).parent / "lowrank.cpp").read_text()
     argtypes = cpp_lowrank._lib().fxpress_lowrank_ffn.argtypes
-    portable = build.library("lowrank_portable", source, {"fxpress_lowrank_ffn": (None, argtypes)})
+    narrower = build.library(f"lowrank_{build_name}", source, {"fxpress_lowrank_ffn": (None, argtypes)})
     g = torch.Generator().manual_seed(4)
     x = torch.randn(37, 48, generator=g)
     first, second = _factors(48, 11, 100, g), _factors(100, 9, 48, g)
@@ -123,7 +125,7 @@ def test_portable_build_agrees_with_the_vector_one():
     cpp_lowrank.lowrank_ffn(x, *first, *second, "silu", None, None, None, expected)
     got = torch.empty(37, 48)
     p = cpp_lowrank.panels
-    portable.fxpress_lowrank_ffn(
+    narrower.fxpress_lowrank_ffn(
         x.data_ptr(), 48, 37, 48, p(first[0]).data_ptr(), 11, p(first[1]).data_ptr(), 100, first[2].data_ptr(),
         p(second[0]).data_ptr(), 9, p(second[1]).data_ptr(), 48, second[2].data_ptr(), None, 0, None, None,
         cpp_lowrank.ACTIVATION_CODES["silu"], got.data_ptr(), 48, 2)
