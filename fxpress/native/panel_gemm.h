@@ -5,8 +5,8 @@
 // NR = 16 output columns, each panel k x 16 contiguous and zero-padded past the last column. The
 // micro-kernel keeps an MR x NR = 6 x 16 block of C in twelve AVX2 registers and streams the panel
 // and six rows of A through them, one fused multiply-add per register per k. With AVX-512 a panel
-// row is one register, and the block is 12 x 16: twelve accumulators, enough independent FMAs to
-// keep both FMA units busy, and 13 loads per 12 FMAs, within the load ports. The epilogue (bias,
+// row is one register, and the micro-kernel takes two panels and twelve rows at once: 24
+// accumulators, and 14 loads per 24 FMAs, so the FMA units set the pace. The epilogue (bias,
 // activation, a gate's product, a sum over heads) runs on the accumulated block as it is stored:
 // pre-activations are never written out.
 
@@ -23,11 +23,12 @@ using namespace fxpress_math;
 
 #if defined(__AVX512F__)
 constexpr int MR = 12;               // rows of a micro-kernel block
+constexpr int64_t KC = 192;          // k per slice, at most: two panels' slices are 24 KiB (L1)
 #else
 constexpr int MR = 6;
+constexpr int64_t KC = 384;          // a panel's slice is 24 KiB (L1)
 #endif
 constexpr int NR = 16;               // columns of a panel
-constexpr int64_t KC = 384;          // k per slice, at most: a panel's slice is 24 KiB (L1)
 constexpr int64_t ACC_BYTES = 128 << 10;  // accumulators of one group of panels (L2)
 
 enum Activation { NONE = 0, GELU = 1, GELU_TANH = 2, SILU = 3, RELU = 4 };
@@ -92,6 +93,44 @@ inline void micro(const float* a, int64_t lda, const float* b, int64_t kc, float
 #endif
 }
 
+#if defined(__AVX512F__)
+// Two panels at once, acc0 and acc1 for panels b0 and b1: 2R accumulators, 2 + R loads per 2R FMAs,
+// so the FMA units rather than the loads set the pace.
+template <int R>
+inline void micro2(const float* a, int64_t lda, const float* b0, const float* b1, int64_t kc, float* acc0,
+                   float* acc1, bool first) {
+  __m512 c0[R], c1[R];
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r) {
+    c0[r] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc0 + r * NR);
+    c1[r] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc1 + r * NR);
+  }
+  for (int64_t p = 0; p < kc; ++p) {
+    const __m512 v0 = _mm512_loadu_ps(b0 + p * NR), v1 = _mm512_loadu_ps(b1 + p * NR);
+#pragma GCC unroll 12
+    for (int r = 0; r < R; ++r) {
+      const __m512 av = _mm512_set1_ps(a[r * lda + p]);
+      c0[r] = _mm512_fmadd_ps(av, v0, c0[r]);
+      c1[r] = _mm512_fmadd_ps(av, v1, c1[r]);
+    }
+  }
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r) {
+    _mm512_storeu_ps(acc0 + r * NR, c0[r]);
+    _mm512_storeu_ps(acc1 + r * NR, c1[r]);
+  }
+}
+
+template <int R = MR>
+inline void micro2_rows(int64_t rows, const float* a, int64_t lda, const float* b0, const float* b1, int64_t kc,
+                        float* acc0, float* acc1, bool first) {
+  if constexpr (R > 1) {
+    if (rows < R) return micro2_rows<R - 1>(rows, a, lda, b0, b1, kc, acc0, acc1, first);
+  }
+  micro2<R>(a, lda, b0, b1, kc, acc0, acc1, first);
+}
+#endif
+
 // micro<rows> for 1 <= rows <= MR.
 template <int R = MR>
 inline void micro_rows(int64_t rows, const float* a, int64_t lda, const float* b, int64_t kc, float* acc,
@@ -147,7 +186,16 @@ void run_step(const Step& s, const float* a, int64_t lda, int64_t m, float* c, i
     if (s.k == 0) std::fill(acc, acc + (g1 - g0) * m * NR, 0.f);  // an empty sum (no keys, say)
     for (int64_t p0 = 0; p0 < s.k; p0 += kc_even) {
       const int64_t kc = std::min(kc_even, s.k - p0);
-      for (int64_t j = g0; j < g1; ++j) {
+      int64_t j = g0;
+#if defined(__AVX512F__)
+      for (; j + 1 < g1; j += 2) {
+        const float* panel = s.w + (j * s.k + p0) * NR;
+        for (int64_t i = 0; i < m; i += MR)
+          micro2_rows(std::min<int64_t>(MR, m - i), a + i * lda + p0, lda, panel, panel + s.k * NR, kc,
+                      acc + ((j - g0) * m + i) * NR, acc + ((j + 1 - g0) * m + i) * NR, p0 == 0);
+      }
+#endif
+      for (; j < g1; ++j) {
         const float* panel = s.w + (j * s.k + p0) * NR;
         for (int64_t i = 0; i < m; i += MR)
           micro_rows(std::min<int64_t>(MR, m - i), a + i * lda + p0, lda, panel, kc, acc + ((j - g0) * m + i) * NR,
