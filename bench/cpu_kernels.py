@@ -18,7 +18,7 @@ Sections (markdown tables; ``--json`` writes the rows):
   the output), batch 16 x 128 and 4 x 512 tokens: the fused FFN (the cpp kernel, and the cpu
   target's streamed reference) against the unfused chain (four ``F.linear`` and GELU), and fused
   attention with its output factor against the unfused Q, K, V up-projections + SDPA + output
-  factor; with GFLOP/s of the cpp kernels.
+  factor; with GFLOP/s of the cpp kernels (all three taken in turns, round after round).
 - ``dense``: the dense model's own pointwise and row kernels at MiniLM's sizes (GELU, residual add +
   LayerNorm, scaled and masked softmax) through ``torch.compile``: fxpress (on this machine the cpp
   target, which generates them in C++), fxpress's cpu target (torch calls) and Inductor, against
@@ -202,7 +202,9 @@ def lowrank() -> list[dict]:
     for name, (batch, seq), (unfused, reference, fused, out, flops) in cases:
         fused()
         error = float((out - unfused()).abs().max())
-        t_unfused, t_ref, t_fused = (median_seconds(f, 5) for f in (unfused, reference, fused))
+        # in turns: MKL's unfused chain moved by 30 % between runs minutes apart on the same machine
+        times = interleaved_medians({"unfused": unfused, "reference": reference, "fused": fused}, rounds=4, burst=2)
+        t_unfused, t_ref, t_fused = times["unfused"], times["reference"], times["fused"]
         row = {"kernel": name, "batch": batch, "seq": seq, "unfused_ms": t_unfused * 1e3, "reference_ms": t_ref * 1e3,
                "cpp_ms": t_fused * 1e3, "cpp_over_unfused": t_fused / t_unfused, "cpp_gflops": flops / t_fused / 1e9,
                "max_abs_error": error}

@@ -19,7 +19,8 @@ from fxpress.native.kernels import FLOAT, INT, LONG, POINTER, library_beside, po
 from fxpress.native.layouts import DerivedLayouts
 
 NR = 16  # output columns per panel (panel_gemm.h's NR)
-HEADERS = ("fast_math.h", "panel_gemm.h")  # fxpress/native/, pasted in front of the kernel sources
+# fxpress/native/, pasted in front of the kernel sources (full-width vectors for the epilogues' loops)
+HEADERS = ("wide_vectors.h", "fast_math.h", "panel_gemm.h")
 ACTIVATION_CODES = {"gelu": 1, "gelu_tanh": 2, "silu": 3, "relu": 4}  # lowrank.cpp's Activation
 
 
