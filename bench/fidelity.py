@@ -7,9 +7,9 @@ Sections:
 - ``smollm2``: SmolLM2-135M with every attention and MLP projection factored, 20 % of all its
   parameters gone (``params_kept=0.8``); calibrated on 8 x 256 tokens of lee_background from token
   8192 on; perplexity of its first 1024 tokens (never calibrated on) against the fp32 model's;
-- ``smollm2_weights``: SmolLM2-135M's decoder Linears at 4 and 3 bits (groups of 128) by RTN,
-  BCQ, GPTQ and activation-weighted BCQ (``compress.quantize(..., calibration=)``); perplexity as
-  above;
+- ``smollm2_weights``: SmolLM2-135M's decoder Linears at 4 and 3 bits (groups of 192, float16
+  scales) by RTN, BCQ, GPTQ, activation-weighted BCQ and the calibrated default (AWQ-style input
+  scaling, then GPTQ on the weighted BCQ grid); perplexity as above;
 - ``smollm2_kv``: SmolLM2-135M's KV cache by KIVI at 4 and 2 bits, keys plain and rotated
   (``KIVI(rotate=True)``), windows of 128 and 32 tokens, and the paper's KIVI-2; for each of three
   Wikipedia articles (``workloads.wikipedia_article``: text no other workload uses), a 1536-token
@@ -37,6 +37,8 @@ from _common import run_sections  # noqa: E402
 
 from fxpress import compress, workloads  # noqa: E402
 from fxpress.hf.perplexity import perplexity  # noqa: E402
+
+WEIGHT_GROUP = 192  # divides SmolLM2's 576 and 1536 inputs
 
 
 def _report(name: str, rows: list[dict[str, Any]], measure: str, kept: str = "parameters kept") -> None:
@@ -71,23 +73,29 @@ def smollm2() -> list[dict[str, Any]]:
 
 @torch.no_grad()
 def smollm2_weights() -> list[dict[str, Any]]:
-    """Low-bit weights for every Linear of the decoder layers: RTN, BCQ, GPTQ and BCQ weighted by the
-    calibration inputs' energy per column (both calibrated on 32 x 256 tokens from token 8192 on:
-    with the SVD's 8 x 256, GPTQ fitted the 1536-input down_proj's inputs too closely to help on
-    other text) at 4 and 3 bits, groups of 128."""
+    """Low-bit weights for every Linear of the decoder layers at 4 and 3 bits in groups of 192 (which
+    divide SmolLM2's 576 and 1536 inputs: no padded columns), float16 scales: RTN, BCQ, GPTQ, BCQ
+    weighted by the calibration inputs' energy per column, and the calibrated default (AWQ-style
+    input scaling, then GPTQ on the weighted BCQ grid); calibrated on 32 x 256 tokens from token
+    8192 on (with the SVD's 8 x 256, GPTQ fitted the 1536-input down_proj's inputs too closely to
+    help on other text)."""
     model, scored, calibration, dense = _smollm2_text(32)
     rows = [{"variant": "fp32 (the GGUF Q4_1 weights, dequantised)", "kept": 32.0, "value": dense, "ratio": 1.0}]
+    variants = (("RTN", "rtn", None), ("BCQ", "bcq", None), ("GPTQ", "gptq", calibration),
+                ("BCQ, activation-weighted,", "bcq", calibration),
+                ("AWQ scaling + GPTQ on the weighted BCQ grid (the default with calibration),", "gptq-bcq",
+                 calibration))
     for bits in (4, 3):
-        for method, batches in (("rtn", None), ("bcq", None), ("gptq", calibration), ("bcq", calibration)):
-            result = compress.quantize(model, bits=bits, group_size=128, method=method, targets="*layers*",
+        for label, method, batches in variants:
+            result = compress.quantize(model, bits=bits, group_size=WEIGHT_GROUP, method=method, targets="*layers*",
                                        calibration=batches)
             value = perplexity(result.model, scored)
             per_weight = 8 * result.weight_bytes / (result.fp32_bytes / 4)
-            label = "BCQ, activation-weighted," if method == "bcq" and batches is not None else method.upper()
             rows.append({"variant": f"{label} {bits}-bit", "kept": per_weight, "value": value,
                          "ratio": value / dense})
-    _report("SmolLM2-135M, decoder Linears at low bit (groups of 128): perplexity on 1024 tokens",
-            rows, "perplexity", kept="bits per weight, scales included")
+            print(f"  {rows[-1]}", flush=True)
+    _report(f"SmolLM2-135M, decoder Linears at low bit (groups of {WEIGHT_GROUP}, float16 scales): perplexity on "
+            "1024 tokens", rows, "perplexity", kept="bits per weight, scales included")
     return rows
 
 

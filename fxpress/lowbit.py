@@ -19,8 +19,10 @@ the LUT kernels read ``alpha`` and ``beta`` and agree with it to float rounding.
 
 Storage: ``planes`` int32 ``[bits, out, K_pad / 32]``, bit ``k % 32`` of word ``k // 32`` is column
 ``k``; ``K_pad`` rounds ``K`` up to whole groups and whole words (padded columns hold bit 0 and meet
-zero activations). ``alpha`` ``[out, groups, bits]``, ``beta`` and ``offset`` ``[out, groups]``, all
-float32. Groups are 16 columns (GGUF's Q6_K) or a multiple of 32.
+zero activations). ``alpha`` ``[out, groups, bits]``, ``beta`` and ``offset`` ``[out, groups]``, float32
+as the quantisers make them, or float16 to store (``with_scales``: what ``compress.quantize`` keeps
+by default, as GGUF, GPTQ and AWQ files do; every op computes in float32 either way). Groups are
+16 columns (GGUF's Q6_K) or a multiple of 32.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch
 from fxpress.core.errors import FxpressError
 
 BITS = (2, 3, 4, 5, 6, 8)  # 5, 6 and 8: GGUF's Q5_K, Q6_K and Q8_0 as the files hold them
+SCALE_DTYPES = (torch.float32, torch.float16)
 BCQ_ROUNDS = 15  # LUT-GEMM's alternating refinements
 
 
@@ -59,6 +62,20 @@ class BitPlaneWeight:
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.planes, self.alpha, self.beta, self.in_features, self.group_size, self.offset)
+
+    def with_scales(self, dtype: torch.dtype) -> "BitPlaneWeight":
+        """The same weight with ``alpha``, ``beta`` and ``offset`` stored as ``dtype`` (float16 halves
+        their bytes: 4-bit groups of 128 go from 5.25 to 4.63 bits per weight; the rounding, a
+        relative 2**-11 of each scale, is far below a 4-bit step)."""
+        if dtype not in SCALE_DTYPES:
+            raise QuantizeError(f"scale dtype {dtype} is not one of {SCALE_DTYPES}")
+        if dtype == torch.float16:
+            top = max(float(t.abs().max()) for t in (self.alpha, self.beta) if t.numel())
+            if top > torch.finfo(torch.float16).max:
+                raise QuantizeError(f"a scale of {top:.3g} does not fit float16: keep float32 scales")
+        narrow = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+        return BitPlaneWeight(self.planes, narrow(self.alpha), narrow(self.beta), self.in_features, self.group_size,
+                              narrow(self.offset))
 
 
 def check_format(bits: int, group_size: int, in_features: int | None = None) -> None:
@@ -95,7 +112,9 @@ def dequantize(planes: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, in
                group_size: int, offset: torch.Tensor | None = None) -> torch.Tensor:
     """The float32 weight ``[out, in_features]`` the planes stand for (``offset + scale * code`` when
     the weight kept its offset: one rounding, as the format it came from computes it)."""
+    alpha, beta = alpha.to(torch.float32), beta.to(torch.float32)
     if offset is not None:
+        offset = offset.to(torch.float32)
         bits = unpack(planes).to(torch.int64)
         codes = sum(bits[i] << i for i in range(bits.shape[0])).to(torch.float32)  # [out, K_pad]
         n, k_pad = codes.shape
@@ -158,7 +177,7 @@ def bcq(weight: torch.Tensor, bits: int, group_size: int = 128, rounds: int = BC
     start = rtn(weight, bits, group_size)
     signs_t = (unpack(start.planes).to(torch.float32) * 2 - 1).view(bits, n, groups, size).permute(1, 2, 3, 0)
     alpha, beta = start.alpha, start.beta
-    candidates = _sign_table(bits)  # [2^q, q]
+    candidates = sign_table(bits)  # [2^q, q]
     ones = torch.ones(n, groups, size, 1)
     weights = valid if importance is None else valid * _column_weights(importance, weight.shape[1], group_size)
     for _ in range(rounds):
@@ -229,7 +248,7 @@ def from_scaled_codes(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Te
     return BitPlaneWeight(pack(planes), alpha, beta, in_features, group_size, offset.contiguous())
 
 
-def _sign_table(bits: int) -> torch.Tensor:
+def sign_table(bits: int) -> torch.Tensor:
     """``[2^q, q]``: row p holds the signs 2 * bit_i(p) - 1."""
     p = torch.arange(2 ** bits).unsqueeze(-1)
     return ((p >> torch.arange(bits)) & 1).to(torch.float32) * 2 - 1

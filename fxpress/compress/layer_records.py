@@ -30,7 +30,7 @@ def describe(model: nn.Module) -> dict[str, dict[str, Any]]:
         if isinstance(module, QuantizedLinear):
             layers[name] = {"kind": "lowbit", "in_features": module.in_features, "out_features": module.out_features,
                             "bits": module.bits, "group_size": module.group_size, "bias": module.bias is not None,
-                            "offset": module.offset is not None}
+                            "offset": module.offset is not None, "scale_dtype": str(module.alpha.dtype)[6:]}
         elif isinstance(module, LowRankLinear):
             layers[name] = {"kind": "lowrank", "in_features": module.in_features,
                             "out_features": module.out_features, "rank": module.rank,
@@ -63,10 +63,11 @@ def _empty(name: str, record: dict[str, Any], dtype: torch.dtype) -> nn.Module:
             bits, group = int(record["bits"]), int(record["group_size"])
             lowbit.check_format(bits, group, n_in)
             groups = lowbit.padded(n_in, group) // group
-            offset = torch.empty(n_out, groups) if record.get("offset") else None
+            scales = {str(d)[6:]: d for d in lowbit.SCALE_DTYPES}[record.get("scale_dtype", "float32")]
+            offset = torch.empty(n_out, groups, dtype=scales) if record.get("offset") else None
             weight = lowbit.BitPlaneWeight(torch.empty(bits, n_out, groups * group // 32, dtype=torch.int32),
-                                           torch.empty(n_out, groups, bits), torch.empty(n_out, groups), n_in, group,
-                                           offset)
+                                           torch.empty(n_out, groups, bits, dtype=scales),
+                                           torch.empty(n_out, groups, dtype=scales), n_in, group, offset)
             return QuantizedLinear(weight, torch.empty(n_out, dtype=dtype) if bias else None, n_out)
         if kind == "lowrank":
             return LowRankLinear(n_in, n_out, int(record["rank"]), bias=bias, dtype=dtype)

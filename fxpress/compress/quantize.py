@@ -19,13 +19,15 @@ from torch import nn
 import fxpress.lowbit as lowbit
 from fxpress.core.progress import progress
 from fxpress.compress.calibration import input_grams
+from fxpress.compress.equalize import equalize
 from fxpress.compress.gptq import gptq
 from fxpress.compress.layer_records import record as record_layers
 from fxpress.compress.linear_layers import matching_linears, set_submodule
 from fxpress.compress.quantized_linear import QuantizedLinear
-from fxpress.compress.sharded_linear import local_shard
+from fxpress.compress.sharded_linear import is_sharded, local_shard
 
 METHODS = {"rtn": lowbit.rtn, "bcq": lowbit.bcq}
+CALIBRATED = ("gptq", "gptq-bcq")  # methods that need calibration batches
 
 
 @dataclass
@@ -40,6 +42,8 @@ class QuantizeResult:
     weight_bytes: int = 0  # of the quantised layers, planes and scales
     fp32_bytes: int = 0  # of the same layers in fp32
     skipped: dict[str, str] = field(default_factory=dict)  # name -> why it was left as it was
+    # first Linear of each group whose inputs were scaled (compress.equalize) -> the chosen alpha
+    equalized: dict[str, float] = field(default_factory=dict)
 
     def __str__(self) -> str:
         errors = list(self.layers.values())
@@ -52,45 +56,58 @@ class QuantizeResult:
             output = self.output_errors.get(name)
             lines.append(f"{name:<48} {shape:>11} {error:>10.4f} {'-' if output is None else f'{output:.4f}':>10}")
         lines += [f"{name:<48} {'':>11}   left as it was ({why})" for name, why in self.skipped.items()]
+        if self.equalized:
+            scaled = sum(alpha > 0 for alpha in self.equalized.values())
+            lines.append(f"inputs scaled (AWQ) for {scaled} of {len(self.equalized)} groups of Linears sharing an "
+                         f"input; alphas {sorted(set(self.equalized.values()))}")
         return "\n".join(lines)
 
 
 def quantize(model: nn.Module, bits: int = 4, group_size: int = 128, method: str | None = None,
              targets: str | Iterable[str] = "*", skip: Iterable[str] = ("lm_head",),
-             calibration: Iterable[Any] | None = None) -> QuantizeResult:
+             calibration: Iterable[Any] | None = None, scale_dtype: torch.dtype = torch.float16) -> QuantizeResult:
     """A copy of ``model`` whose ``nn.Linear`` layers (and transformers ``Conv1D``, GPT-2's) matching
     ``targets`` (globs) and not ``skip`` are ``QuantizedLinear``. ``method``: ``"rtn"`` (uniform
     asymmetric round-to-nearest), ``"bcq"`` (LUT-GEMM's binary-coding quantisation; with
     ``calibration``, its scales fitted by least squares weighted by each input's mean square) or
     ``"gptq"`` (uniform codes that minimise each layer's output error on ``calibration``, a few
-    batches of model inputs as ``compress.svd`` takes them). The default is ``"bcq"`` weighted by
-    the calibration inputs when batches are given, else ``"rtn"``."""
-    # With calibration, the measured best (bench/results/fidelity-weights-bcq-cpu-2026-12-04.md):
-    # weighted BCQ 1.12x / 1.99x fp32 perplexity at 4 / 3 bits on SmolLM2, GPTQ 1.26x / 2.18x.
-    method = method or ("bcq" if calibration is not None else "rtn")
-    if method not in METHODS and method != "gptq":
-        raise lowbit.QuantizeError(f"method={method!r} is not one of {sorted([*METHODS, 'gptq'])}")
-    if method == "gptq" and calibration is None:
-        raise lowbit.QuantizeError("method='gptq' without calibration=: GPTQ needs calibration batches")
+    batches of model inputs as ``compress.svd`` takes them) or ``"gptq-bcq"`` (Llama-style layers'
+    inputs scaled AWQ's way first, ``compress.equalize``, then GPTQ's error feedback on the
+    activation-weighted BCQ grid). The default is ``"gptq-bcq"`` when batches are given, else
+    ``"rtn"``. ``scale_dtype``: how the scales are stored (float16, as GGUF, GPTQ and AWQ files keep
+    them, or float32)."""
+    # With calibration, the measured best (bench/results/fidelity-weights-cpu-2026-12-05.md): on
+    # SmolLM2 at 4 bits in groups of 192 (4.42 bits a weight), gptq-bcq 1.10x fp32 perplexity,
+    # GPTQ on the BCQ grid without the scaling 1.13x, weighted BCQ 1.18x.
+    method = method or ("gptq-bcq" if calibration is not None else "rtn")
+    if method not in METHODS and method not in CALIBRATED:
+        raise lowbit.QuantizeError(f"method={method!r} is not one of {sorted([*METHODS, *CALIBRATED])}")
+    if method in CALIBRATED and calibration is None:
+        raise lowbit.QuantizeError(f"method={method!r} without calibration=: GPTQ needs calibration batches")
     if method == "rtn" and calibration is not None:
         raise lowbit.QuantizeError("method='rtn' with calibration=: round-to-nearest does not use calibration "
                                    "batches (GPTQ and BCQ do)")
     lowbit.check_format(bits, group_size)
+    if scale_dtype not in lowbit.SCALE_DTYPES:
+        raise lowbit.QuantizeError(f"scale dtype {scale_dtype} is not one of {lowbit.SCALE_DTYPES}")
     patterns = [targets] if isinstance(targets, str) else list(targets)
     skipped = list(skip)
     out = copy.deepcopy(model)
     result = QuantizeResult(out)
     layers = matching_linears(out, patterns, skipped)
     grams = input_grams(out, layers, calibration, "fxpress.compress.quantize") if calibration is not None else {}
+    if method == "gptq-bcq" and not any(map(is_sharded, layers.values())):  # not per shard (yet)
+        result.equalized = equalize(out, layers, grams, bits, group_size)
     for name, layer in progress(layers.items(), f"quantize ({method}, {bits}-bit)", total=len(layers)):
         module, wrap = local_shard(layer, name)  # a tensor-parallel layer: this rank's shard
-        if method == "gptq":
-            weight = gptq(module.weight, grams[name], bits, group_size)
+        if method in CALIBRATED:
+            grid = "bcq" if method == "gptq-bcq" else "uniform"
+            weight = gptq(module.weight, grams[name], bits, group_size, grid=grid)
         elif name in grams:  # BCQ fitted to the columns the calibration inputs use most
             weight = lowbit.bcq(module.weight, bits, group_size, importance=torch.diagonal(grams[name]))
         else:
             weight = METHODS[method](module.weight, bits, group_size)
-        _replace(result, name, module, weight, grams.get(name), wrap)
+        _replace(result, name, module, weight.with_scales(scale_dtype), grams.get(name), wrap)
     if not result.layers:
         raise lowbit.QuantizeError(f"no nn.Linear layer matches targets={patterns} outside skip={skipped}")
     record_layers(out)

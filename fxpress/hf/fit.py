@@ -236,8 +236,8 @@ def _options(layers: dict[str, nn.Linear], grams: dict[str, torch.Tensor], bits:
         bias = FP16 * (layer.bias.numel() if layer.bias is not None else 0)
         found = [Option("dense", None, FP16 * w.numel() + bias, 0.0)]
         for b in bits:
-            weight = lowbit.rtn(w, b, group_size) if method == "rtn" else \
-                lowbit.bcq(w, b, group_size, importance=torch.diagonal(gram))
+            weight = (lowbit.rtn(w, b, group_size) if method == "rtn" else
+                      lowbit.bcq(w, b, group_size, importance=torch.diagonal(gram))).with_scales(torch.float16)
             made[(name, "bits", b)] = QuantizedLinear(weight, layer.bias, layer.out_features)
             found.append(Option("bits", b, weight.nbytes() + bias, _relative_error(weight.dequantize(), w, gram)))
         for ratio in rank_ratios:

@@ -36,6 +36,10 @@ def _check(where: str, planes: torch.Tensor, alpha: torch.Tensor, beta: torch.Te
                                    f"should be ({n}, {groups}, {q}) / ({n}, {groups})")
     if offset is not None and tuple(offset.shape) != (n, groups):
         raise lowbit.QuantizeError(f"fxpress::{where}: offset {tuple(offset.shape)} should be ({n}, {groups})")
+    for name, t in (("alpha", alpha), ("beta", beta), ("offset", offset)):
+        if t is not None and t.dtype not in lowbit.SCALE_DTYPES:
+            raise lowbit.QuantizeError(f"fxpress::{where}: {name} is {t.dtype}, expected one of "
+                                       f"{lowbit.SCALE_DTYPES}")
 
 
 # dequantize_planes --------------------------------------------------------------------------------
@@ -48,7 +52,7 @@ def _dequantize_reference(planes: torch.Tensor, alpha: torch.Tensor, beta: torch
 
 def _dequantize_fake(planes, alpha, beta, in_features, group_size, offset=None):
     _check("dequantize_planes", planes, alpha, beta, in_features, group_size, offset)
-    return alpha.new_empty(planes.shape[1], in_features)
+    return alpha.new_empty(planes.shape[1], in_features, dtype=torch.float32)
 
 
 dequantize_planes = define_op("dequantize_planes", _dequantize_reference, _dequantize_fake)
@@ -68,6 +72,7 @@ def lut_rows(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, beta: t
     m, k_pad = x.shape
     q, n, words = planes.shape
     groups = k_pad // group_size
+    alpha, beta = alpha.to(torch.float32), beta.to(torch.float32)
     tables = x.view(m, k_pad // MU, MU) @ _sign_patterns(x.device)  # [M, K_pad/MU, 2^MU]
     shifts = torch.arange(0, 32, MU, device=x.device, dtype=torch.int32)
     group_sums = x.view(m, groups, group_size).sum(-1)  # for beta

@@ -1,6 +1,7 @@
 """GPTQ: codes on each group's grid, error feedback that cuts the layer's output error on the
-calibration inputs, and compress.quantize choosing it when calibration batches are given; BCQ
-weighted by the calibration inputs' energy per column."""
+calibration inputs, on a uniform grid or the weighted BCQ one, and compress.quantize choosing GPTQ
+on the BCQ grid when calibration batches are given; BCQ weighted by the calibration inputs' energy
+per column."""
 
 from __future__ import annotations
 
@@ -108,11 +109,37 @@ def test_quantize_weights_bcq_by_the_calibration_inputs():
     torch.manual_seed(11)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
     batches = [_correlated_inputs(64, 64, seed=12 + i) for i in range(3)]
-    weighted = quantize(model, bits=3, group_size=32, calibration=batches)  # the default with batches
+    weighted = quantize(model, bits=3, group_size=32, method="bcq", calibration=batches)
     plain = quantize(model, bits=3, group_size=32, method="bcq")
-    torch.testing.assert_close(weighted.model[0].alpha,
-                               quantize(model, bits=3, group_size=32, method="bcq", calibration=batches).model[0].alpha)
     x = _correlated_inputs(256, 64, seed=30)
     with torch.no_grad():
         error = lambda m: float((m(x) - model(x)).norm())  # noqa: E731
         assert error(weighted.model) < error(plain.model)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_gptq_on_the_bcq_grid_keeps_its_values_and_cuts_the_output_error(bits):
+    w = torch.randn(16, 96, generator=torch.Generator().manual_seed(13))
+    x = _correlated_inputs(512, 96, seed=14)
+    h = x.T.double() @ x.double()
+    on_grid = gptq(w, h, bits=bits, group_size=32, grid="bcq")
+    weighted = lowbit.bcq(w, bits, 32, importance=torch.diagonal(h))
+    torch.testing.assert_close(on_grid.alpha, weighted.alpha)  # the grid is weighted BCQ's
+    values = (weighted.beta.unsqueeze(-1) + weighted.alpha @ lowbit.sign_table(bits).T).repeat_interleave(32, 1)
+    assert ((on_grid.dequantize().unsqueeze(-1) - values).abs().min(-1).values < 1e-5).all()  # every weight on it
+    error = lambda q: float(((q.dequantize() - w) @ x.T).norm())  # noqa: E731
+    assert error(on_grid) < 0.9 * error(weighted)
+    with pytest.raises(lowbit.QuantizeError, match="grid='nf4'"):
+        gptq(w, h, bits=bits, group_size=32, grid="nf4")
+
+
+def test_quantize_with_batches_defaults_to_gptq_on_the_bcq_grid():
+    torch.manual_seed(15)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
+    batches = [_correlated_inputs(64, 64, seed=16 + i) for i in range(3)]
+    default = quantize(model, bits=3, group_size=32, calibration=batches)
+    explicit = quantize(model, bits=3, group_size=32, method="gptq-bcq", calibration=batches)
+    assert torch.equal(default.model[0].planes, explicit.model[0].planes)
+    assert not default.equalized  # no Llama-style layers to scale
+    with pytest.raises(lowbit.QuantizeError, match="GPTQ needs calibration batches"):
+        quantize(model, bits=3, group_size=32, method="gptq-bcq")

@@ -47,6 +47,8 @@ def test_round_trip_gives_the_same_layers_and_logits(kind, tmp_path):
     for name, record in config["layers"].items():
         layer = loaded.get_submodule(name)
         assert isinstance(layer, QuantizedLinear if record["kind"] == "lowbit" else LowRankLinear), name
+        if record["kind"] == "lowbit":  # the scales keep the dtype they were stored in (float16)
+            assert layer.alpha.dtype == model.get_submodule(name).alpha.dtype == torch.float16, name
     ids = token_ids(2, 9)
     assert _logits(loaded, ids).equal(_logits(model, ids))
 
