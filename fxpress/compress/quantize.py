@@ -77,7 +77,7 @@ def quantize(model: nn.Module, bits: int = 4, group_size: int = 128, method: str
     ``"rtn"``. ``scale_dtype``: how the scales are stored (float16, as GGUF, GPTQ and AWQ files keep
     them, or float32)."""
     # With calibration, the measured best (bench/results/fidelity-weights-cpu-2026-12-05.md): on
-    # SmolLM2 at 4 bits in groups of 192 (4.42 bits a weight), gptq-bcq 1.10x fp32 perplexity,
+    # SmolLM2 at 4 bits in groups of 192 (4.42 bits a weight), gptq-bcq 1.09x fp32 perplexity,
     # GPTQ on the BCQ grid without the scaling 1.13x, weighted BCQ 1.18x.
     method = method or ("gptq-bcq" if calibration is not None else "rtn")
     if method not in METHODS and method not in CALIBRATED:
