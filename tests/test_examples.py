@@ -27,7 +27,8 @@ def test_quickstart():
     assert "32 greedy tokens identical to eager: True" in out
     assert "Paris" in out and "fuse_rms_norm" in out
     fused_vs_unfused = re.search(r"low-rank MiniLM: max \|fused - unfused\| = ([0-9.e+-]+)", out)
-    assert fused_vs_unfused and float(fused_vs_unfused.group(1)) <= 1e-5
+    # float rounding: the cpp kernels sum in another order than MKL (1.1e-5 with AVX-512's k slices)
+    assert fused_vs_unfused and float(fused_vs_unfused.group(1)) <= 5e-5
     assert "lowrank_ffn: 6" in out and "lowrank_attention: 6" in out
     unfused, fused = map(float, re.search(r"unfused ([0-9.]+) MiB, fused ([0-9.]+) MiB", out).groups())
     assert fused < unfused
