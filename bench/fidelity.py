@@ -1,12 +1,14 @@
 """How much accuracy compression keeps: plain truncated SVD against activation-aware SVD (the
-layers' inputs on calibration data whiten each weight first), at the same parameter count, one
-rank ratio for every layer; low-bit weights by round-to-nearest, BCQ and GPTQ.
+layers' inputs on calibration data whiten each weight first), at the same parameter count, with one
+rank ratio for every layer or each layer's rank chosen by the measured sensitivity of the model's
+output (``compress.svd``'s default with calibration); low-bit weights by round-to-nearest, BCQ and GPTQ.
 
 Sections:
 
 - ``smollm2``: SmolLM2-135M with every attention and MLP projection factored, 20 % of all its
   parameters gone (``params_kept=0.8``); calibrated on 8 x 256 tokens of lee_background from token
-  8192 on; perplexity of its first 1024 tokens (never calibrated on) against the fp32 model's;
+  8192 on (the measured allocation judges each layer on the first 256); perplexity of its first
+  1024 tokens (never calibrated on) against the fp32 model's;
 - ``smollm2_weights``: SmolLM2-135M's decoder Linears at 4 and 3 bits (groups of 192, float16
   scales) by RTN, BCQ, GPTQ, activation-weighted BCQ and the calibrated default (AWQ-style input
   scaling, then GPTQ on the weighted BCQ grid); perplexity as above;
@@ -15,9 +17,10 @@ Sections:
   Wikipedia articles (``workloads.wikipedia_article``: text no other workload uses), a 1536-token
   prefix, then the perplexity of the next 256 tokens against an uncompressed cache, and the cache's
   bytes at the prefix as a fraction of an fp16 cache's; last, each policy's geometric mean ratio;
-- ``minilm``: all-MiniLM-L6-v2's encoder factored at ``rank_ratio=0.5``; calibrated on
-  64 lee_background sentences from the 100th; mean cosine of the sentence embeddings (mean
-  pooling) of 64 other sentences to the dense model's.
+- ``minilm``: all-MiniLM-L6-v2's encoder factored at ``rank_ratio=0.5``, and with ranks allocated
+  by measured sensitivity at the same parameter count; calibrated on 64 lee_background sentences
+  from the 100th (the allocation judges each layer on the first 16); mean cosine of the sentence
+  embeddings (mean pooling) of 64 other sentences to the dense model's.
 
 Run: ``python bench/fidelity.py [smollm2] [smollm2_weights] [smollm2_kv] [minilm] [--json PATH]``
 """
@@ -39,6 +42,7 @@ from fxpress import compress, workloads  # noqa: E402
 from fxpress.hf.perplexity import perplexity  # noqa: E402
 
 WEIGHT_GROUP = 192  # divides SmolLM2's 576 and 1536 inputs
+ALLOCATED = "ranks by measured sensitivity"
 
 
 def _report(name: str, rows: list[dict[str, Any]], measure: str, kept: str = "parameters kept") -> None:
@@ -62,8 +66,10 @@ def _smollm2_text(batches: int) -> tuple[Any, torch.Tensor, list[dict[str, Any]]
 def smollm2() -> list[dict[str, Any]]:
     model, scored, calibration, dense = _smollm2_text(8)
     rows = [{"variant": "fp32", "kept": 1.0, "value": dense, "ratio": 1.0}]
-    for variant, batches in (("SVD", None), ("activation-aware SVD", calibration)):
-        result = compress.svd(model, params_kept=0.8, targets="*layers*", calibration=batches)
+    for variant, batches, allocation in (("SVD", None, "uniform"),
+                                         ("activation-aware SVD, one ratio", calibration, "uniform"),
+                                         (f"activation-aware SVD, {ALLOCATED}", calibration, "measured")):
+        result = compress.svd(model, params_kept=0.8, targets="*layers*", calibration=batches, allocation=allocation)
         value = perplexity(result.model, scored)
         rows.append({"variant": variant, "kept": result.kept, "value": value, "ratio": value / dense})
     _report("SmolLM2-135M, 20 % of parameters removed by SVD: perplexity on 1024 tokens",
@@ -163,8 +169,12 @@ def minilm() -> list[dict[str, Any]]:
         result = compress.svd(model, rank_ratio=0.5, targets="encoder.*", calibration=batches)
         value = cosine(result.model)
         rows.append({"variant": variant, "kept": result.kept, "value": value, "ratio": value})
-    _report("all-MiniLM-L6-v2, encoder factored at rank_ratio 0.5: embedding cosine to dense, 64 sentences",
-            rows, "mean cosine")
+    result = compress.svd(model, params_kept=result.kept, targets="encoder.*", calibration=calibration)
+    value = cosine(result.model)
+    rows.append({"variant": f"activation-aware SVD, {ALLOCATED}, as many parameters", "kept": result.kept,
+                 "value": value, "ratio": value})
+    _report("all-MiniLM-L6-v2, encoder factored at rank_ratio 0.5 (or its parameter count): embedding cosine to "
+            "dense, 64 sentences", rows, "mean cosine")
     return rows
 
 

@@ -113,7 +113,7 @@ def compress_models(folder: Path, names: list[str]) -> dict[str, str]:
         calibration = [{"input_ids": _smollm2_ids(4096 + 256 * i, 256), "use_cache": False} for i in range(4)]
         with torch.no_grad():
             smollm2 = compress.svd(workloads.load_smollm2()[0], params_kept=0.75,
-                                   targets="*layers*", calibration=calibration)
+                                   targets="*layers*", calibration=calibration, allocation="uniform")
         paths["smollm2"] = str(folder / "smollm2.safetensors")
         compress.save(smollm2.model, paths["smollm2"])
         print(f"smollm2: {smollm2.kept:.1%} of all parameters kept, mean calibrated output error "

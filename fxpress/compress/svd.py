@@ -1,9 +1,9 @@
 """``svd``: replace Linear layers by truncated-SVD factor pairs (optionally activation-aware).
 
 Plain SVD keeps the top ``r`` singular triplets of ``W``: ``W ~ U_r S_r V_r^T``. Activation-aware
-SVD (as in SVD-LLM / DRONE-style whitening) minimises the error of the layer's *outputs* on
-calibration data instead: with ``G = X^T X = L L^T`` accumulated over calibration batches,
-``||X (W - W')^T||_F = ||(W - W') L||_F``, so we truncate ``W L`` and map back with ``L^-1``.
+SVD (SVD-LLM) minimises the error of the layer's *outputs* on calibration data instead
+(``whitened_svd``). With calibration and a global budget (``params_kept``), each layer's rank is
+chosen by the measured sensitivity of the model's output to it (``svd_ranks``).
 
 The singular values are split evenly between the factors (``sqrt(S)`` on each side) so both
 factors have comparable magnitudes, which keeps the fused kernels' accumulations well scaled.
@@ -23,7 +23,9 @@ from fxpress.compress.calibration import input_grams
 from fxpress.compress.layer_records import record as record_layers
 from fxpress.compress.linear_layers import matching_linears, set_submodule
 from fxpress.compress.low_rank_linear import LowRankLinear
-from fxpress.compress.sharded_linear import local_shard
+from fxpress.compress.sharded_linear import is_sharded, local_shard
+from fxpress.compress.svd_ranks import measured_ranks
+from fxpress.compress.whitened_svd import singular_triplets
 from fxpress.core.progress import progress
 
 
@@ -36,6 +38,8 @@ class LayerReport:
     weight_error: float | None  # ||W - W'||_F / ||W||_F
     output_error: float | None  # ||(W - W') L||_F / ||W L||_F, with calibration data only
     skipped: str | None = None  # why the layer stayed dense
+    model_error: float | None = None  # measured allocation only: the model's output divergence with
+    # this layer alone truncated (compress.svd_ranks)
 
     @property
     def params_before(self) -> int:
@@ -70,17 +74,22 @@ class SVDResult:
         return sum(l.params_after for l in self.layers) / sum(l.params_before for l in self.layers)
 
     def __str__(self) -> str:
+        measured = any(layer.model_error is not None for layer in self.layers)
         lines = [f"fxpress.compress.svd: {len(self.ranks)} of {len(self.layers)} Linear layers factored; "
                  f"parameters {self.params_before:,} -> {self.params_after:,} ({self.kept:.1%} kept; "
-                 f"{self.targets_kept:.1%} of the targeted layers' weights)",
-                 f"{'layer':<48} {'shape':>11} {'rank':>5} {'weight err':>10} {'output err':>10}"]
+                 f"{self.targets_kept:.1%} of the targeted layers' weights)"
+                 + ("; ranks allocated by measured sensitivity (model err: the model's output divergence "
+                    "with that layer alone truncated)" if measured else ""),
+                 f"{'layer':<48} {'shape':>11} {'rank':>5} {'weight err':>10} {'output err':>10}"
+                 + (f" {'model err':>10}" if measured else "")]
         for layer in self.layers:
             shape = f"{layer.in_features}x{layer.out_features}"
             if layer.rank is None:
                 lines.append(f"{layer.name:<48} {shape:>11}   dense ({layer.skipped})")
                 continue
             out_err = "-" if layer.output_error is None else f"{layer.output_error:.4f}"
-            lines.append(f"{layer.name:<48} {shape:>11} {layer.rank:>5} {layer.weight_error:>10.4f} {out_err:>10}")
+            lines.append(f"{layer.name:<48} {shape:>11} {layer.rank:>5} {layer.weight_error:>10.4f} {out_err:>10}"
+                         + (f" {layer.model_error:>10.2e}" if layer.model_error is not None else ""))
         return "\n".join(lines)
 
 
@@ -91,6 +100,8 @@ def svd(
     targets: str | Iterable[str] = "*",
     calibration: Iterable[Any] | None = None,
     params_kept: float | None = None,
+    allocation: str | None = None,
+    allocation_batches: int = 1,
 ) -> SVDResult:
     """Factor the ``nn.Linear`` layers (and transformers ``Conv1D``, GPT-2's) of ``model`` whose names
     match ``targets`` (glob patterns).
@@ -98,13 +109,20 @@ def svd(
     Give exactly one of ``rank`` (an int for every layer, or ``{glob: rank}``; unmatched layers stay
     dense), ``rank_ratio`` (the fraction of each layer's parameters to keep: ``r = ratio *
     in*out / (in+out)``) and ``params_kept`` (the fraction of *all* the model's parameters to keep,
-    embeddings and untargeted layers included: the targeted layers share the cut at one
-    rank_ratio; ranks round down, so the model keeps at most that much). A layer whose rank would not save parameters stays dense and is reported.
+    embeddings and untargeted layers included; ranks round down, so the model keeps at most that
+    much). A layer whose rank would not save parameters stays dense and is reported.
     ``calibration`` is an iterable of model inputs (a tensor, a tuple of positional arguments or a
     dict of keyword arguments); with it the factorisation is activation-aware.
+
+    ``allocation`` says how ``params_kept`` is shared: "measured" (the default with calibration)
+    gives each layer the rank, or leaves it dense, by the measured sensitivity of the model's output
+    to its truncation, on the first ``allocation_batches`` calibration batches (a forward pass of
+    them per layer and candidate rank); "uniform" (the default without, and on a tensor-parallel
+    model) cuts every layer at one ratio.
     """
     if sum(x is not None for x in (rank, rank_ratio, params_kept)) != 1:
         raise ValueError("fxpress.compress.svd: give exactly one of rank=, rank_ratio= and params_kept=")
+    requested, allocation = allocation, _checked_allocation(allocation, params_kept, calibration, allocation_batches)
     if rank_ratio is not None and not 0.0 < rank_ratio < 1.0:
         raise ValueError(f"fxpress.compress.svd: rank_ratio must be in (0, 1), got {rank_ratio}")
     patterns = [targets] if isinstance(targets, str) else list(targets)
@@ -113,23 +131,54 @@ def svd(
     if not linears:
         raise ValueError(f"fxpress.compress.svd: no nn.Linear layer matches targets={patterns}")
     if params_kept is not None:
-        rank_ratio = _ratio_keeping(model, linears, params_kept)
-    grams = input_grams(compressed, linears, calibration, "fxpress.compress.svd") if calibration is not None else {}
+        rank_ratio = _ratio_keeping(model, linears, params_kept)  # checks that the budget can be reached
+    batches = list(calibration) if calibration is not None else None
+    grams = input_grams(compressed, linears, batches, "fxpress.compress.svd") if batches is not None else {}
+    allocated = None
+    if allocation == "measured" and any(is_sharded(layer) for layer in linears.values()):
+        if requested is None:
+            allocation = "uniform"  # each rank would measure, and choose, differently
+        else:
+            raise ValueError("fxpress.compress.svd: allocation='measured' on a tensor-parallel model would choose "
+                             "different ranks on each rank; pass allocation='uniform' or rank=")
+    if allocation == "measured":
+        total = sum(p.numel() for p in model.parameters())
+        weights = sum(linear.weight.numel() for linear in linears.values())
+        allocated = measured_ranks(compressed, linears, grams, batches[:allocation_batches],
+                                   int(params_kept * total) - (total - weights))
 
     result = SVDResult(compressed, params_before=sum(p.numel() for p in model.parameters()))
     for name, layer in progress(linears.items(), "svd", total=len(linears)):
         linear, wrap = local_shard(layer, name)  # a tensor-parallel layer: this rank's shard
-        r = _rank_for(name, linear, rank, rank_ratio)
+        r = _rank_for(name, linear, rank, rank_ratio) if allocated is None else allocated[name].rank
+        sensitivity = None if allocated is None else allocated[name].error
+        if r is None:
+            r = "measured allocation kept it dense"
         if isinstance(r, str):
-            result.layers.append(LayerReport(name, linear.in_features, linear.out_features, None, None, None, r))
+            result.layers.append(LayerReport(name, linear.in_features, linear.out_features, None, None, None, r,
+                                             sensitivity))
             continue
         low_rank, weight_error, output_error = factor(linear, r, grams.get(name))
         set_submodule(compressed, name, wrap(low_rank))
         result.layers.append(LayerReport(name, linear.in_features, linear.out_features, r,
-                                         weight_error, output_error))
+                                         weight_error, output_error, None, sensitivity))
     result.params_after = sum(p.numel() for p in compressed.parameters())
     record_layers(compressed)
     return result
+
+
+def _checked_allocation(allocation: str | None, params_kept: float | None, calibration: Any,
+                        allocation_batches: Any) -> str:
+    if not isinstance(allocation_batches, int) or isinstance(allocation_batches, bool) or allocation_batches < 1:
+        raise ValueError(f"fxpress.compress.svd: allocation_batches must be a positive int, got {allocation_batches!r}")
+    if allocation is None:
+        return "measured" if params_kept is not None and calibration is not None else "uniform"
+    if allocation not in ("measured", "uniform"):
+        raise ValueError(f"fxpress.compress.svd: allocation must be 'measured' or 'uniform', got {allocation!r}")
+    if allocation == "measured" and (params_kept is None or calibration is None):
+        raise ValueError("fxpress.compress.svd: allocation='measured' needs params_kept= (the budget to share) "
+                         "and calibration= (the batches that measure each layer's sensitivity)")
+    return allocation
 
 
 def _ratio_keeping(model: nn.Module, linears: dict[str, nn.Linear], kept: float) -> float:
@@ -169,19 +218,13 @@ def factor(linear: nn.Linear, r: int, gram: torch.Tensor | None) -> tuple[LowRan
     """``linear`` as a rank-``r`` ``LowRankLinear`` (whitened by ``gram = X^T X`` when given), its
     relative weight error, and its relative output error on the Gram's inputs (with a Gram only)."""
     w = linear.weight.detach().to(torch.float64)
-    if gram is None:
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        down = s[:r, None].sqrt() * vh[:r]
-    else:
-        chol = _cholesky(gram.to(w.device))
-        u, s, vh = torch.linalg.svd(w @ chol, full_matrices=False)
-        down = torch.linalg.solve_triangular(chol, vh[:r], upper=False, left=False)  # vh_r L^-1
-        down = s[:r, None].sqrt() * down
+    u, s, rows, chol = singular_triplets(w, gram)
+    down = s[:r, None].sqrt() * rows[:r]
     up = u[:, :r] * s[:r].sqrt()
     approx = up @ down
     weight_error = float(torch.linalg.norm(w - approx) / torch.linalg.norm(w))
     output_error = None
-    if gram is not None:
+    if chol is not None:
         output_error = float(torch.linalg.norm((w - approx) @ chol) / torch.linalg.norm(w @ chol))
     low_rank = LowRankLinear(linear.in_features, linear.out_features, r, bias=linear.bias is not None,
                              device=linear.weight.device, dtype=linear.weight.dtype)
@@ -191,16 +234,3 @@ def factor(linear: nn.Linear, r: int, gram: torch.Tensor | None) -> tuple[LowRan
         low_rank.up.bias.copy_(linear.bias)
     low_rank.train(linear.training)
     return low_rank, weight_error, output_error
-
-
-def _cholesky(gram: torch.Tensor) -> torch.Tensor:
-    """Lower Cholesky factor of the Gram matrix, damped until it is positive definite."""
-    damp = 1e-6 * float(gram.diagonal().mean().clamp_min(1e-12))
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    for _ in range(8):
-        chol, info = torch.linalg.cholesky_ex(gram + damp * eye)
-        if int(info) == 0:
-            return chol
-        damp *= 10
-    raise ValueError("fxpress.compress.svd: calibration activations are degenerate (Gram matrix not "
-                     "positive definite even after damping); give more or more varied calibration data")

@@ -26,7 +26,6 @@ How it chooses:
 from __future__ import annotations
 
 import copy
-import heapq
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 
 import fxpress.lowbit as lowbit
+from fxpress.compress.allocate import allocate
 from fxpress.compress.calibration import input_grams
 from fxpress.compress.layer_records import record as record_layers
 from fxpress.compress.linear_layers import matching_linears, set_submodule
@@ -172,7 +172,7 @@ def fit(model: nn.Module, budget_bytes: float, calibration: Iterable[Any], kv_to
     if measured is None:
         measured = measure(model, calibration, kv_tokens, targets=targets, skip=skip, bits=bits,
                            rank_ratios=rank_ratios, group_size=group_size, method=method)
-    return best_plan(measured, budget_bytes, lambda weight_budget: _allocate(measured.options, weight_budget),
+    return best_plan(measured, budget_bytes, lambda weight_budget: allocate(measured.options, weight_budget, _nbytes),
                      kv_policies)
 
 
@@ -251,49 +251,8 @@ def _options(layers: dict[str, nn.Linear], grams: dict[str, torch.Tensor], bits:
     return options, made
 
 
-def _hull(options: list[Option]) -> list[Option]:
-    """The options on the lower convex hull of (bytes, error), by bytes: each one buys less error
-    per byte than the one before."""
-    points: list[Option] = []
-    for o in sorted(options, key=lambda o: (o.nbytes, o.error)):
-        if points and o.error >= points[-1].error:
-            continue  # more bytes, no less error
-        while len(points) >= 2:
-            a, b = points[-2], points[-1]
-            if (b.error - a.error) * (o.nbytes - a.nbytes) >= (o.error - a.error) * (b.nbytes - a.nbytes):
-                points.pop()  # b lies on or above the line from a to o
-            else:
-                break
-        points.append(o)
-    return points
-
-
-def _allocate(options: dict[str, list[Option]], budget: int) -> dict[str, Option] | None:
-    """Greedy by error removed per byte over each layer's hull; None when nothing fits."""
-    hulls = {name: _hull(opts) for name, opts in options.items()}
-    at = {name: 0 for name in hulls}
-    spent = sum(h[0].nbytes for h in hulls.values())
-    if spent > budget:
-        return None
-    heap = []
-
-    def push(name: str) -> None:
-        i = at[name]
-        if i + 1 < len(hulls[name]):
-            a, b = hulls[name][i], hulls[name][i + 1]
-            heapq.heappush(heap, (-(a.error - b.error) / max(b.nbytes - a.nbytes, 1), name))
-
-    for name in hulls:
-        push(name)
-    while heap:
-        _, name = heapq.heappop(heap)
-        a, b = hulls[name][at[name]], hulls[name][at[name] + 1]
-        if spent + b.nbytes - a.nbytes > budget:
-            continue  # this layer's next step does not fit; smaller steps of others may
-        spent += b.nbytes - a.nbytes
-        at[name] += 1
-        push(name)
-    return {name: hulls[name][i] for name, i in at.items()}
+def _nbytes(option: Option) -> int:
+    return option.nbytes
 
 
 def _assemble(measured: Measured, plan: dict[str, Option]) -> nn.Module:
