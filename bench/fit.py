@@ -3,14 +3,15 @@ of one 4096-token sequence), against uniform choices of the same budget.
 
 Budget: 2 bytes per parameter (the tied embedding once) plus an fp16 cache of 4096 tokens (30
 layers x 2 x 3 KV heads x 64 x 2 bytes a token). Every plan is judged the same way: the targeted
-layers (every Linear of the decoder layers; the embedding and norms stay fp16) are measured once
-(``fxpress.hf.fit.measure``: groups of 192, which divide 576 and 1536, round-to-nearest at 8, 4,
-3 and 2 bits, activation-aware SVD at half and a quarter of each layer's parameters), then each
-planner goes through ``best_plan``: for every KV policy whose state fits, the planner spends what is
-left, and the policy with the lowest calibration perplexity wins. Planners: the fit (greedy by
-error per byte) and each uniform choice (every layer at 4 or 3 bits, or at half its parameters by
-SVD), which either fits beside some KV policy or does not. KV candidates: full, KIVI-4, KIVI-2,
-ThinK 0.5 + KIVI-2, and the first 4 plus the last 1020 tokens as 4-bit codes.
+layers (every Linear of the decoder layers, and the tied embedding; the norms stay fp16) are
+measured once (``fxpress.hf.fit.measure``: groups of 192, which divide 576 and 1536,
+round-to-nearest at 8, 4, 3 and 2 bits, activation-aware SVD at half and a quarter of each
+Linear's parameters), then each planner goes through ``best_plan``: for every KV policy whose
+state fits, the planner spends what is left, and the policy with the lowest calibration perplexity
+wins. Planners: the fit (greedy by error per byte) and each uniform choice (every layer and the
+embedding at 4 or 3 bits, or every Linear at half its parameters by SVD beside an fp16 embedding),
+which either fits beside some KV policy or does not. KV candidates: full, KIVI-4, KIVI-2, ThinK
+0.5 + KIVI-2, and the first 4 plus the last 1020 tokens as 4-bit codes.
 
 Calibration: 4096 tokens of lee_background from token 8192 on (16 batches of 256 for the Gram
 matrices; together for judging KV policies). Scored: tokens 0 to 4096 of lee_background (never
@@ -43,12 +44,15 @@ POLICIES = [fxpress.FullKV(), fxpress.KIVI(bits=4), fxpress.KIVI(bits=2),
 
 
 def uniform(kind: str, value: Any):
-    """A planner storing every layer as ``kind``/``value`` (a rank ratio's own rank per layer)."""
+    """A planner storing every layer as ``kind``/``value`` (a rank ratio's own rank per layer); the
+    embedding at the same bits, or dense fp16 under a rank (it has no SVD option)."""
     def plan(measured, weight_budget: int):
         chosen = {}
         for name, options in measured.options.items():
             if kind == "bits":
                 chosen[name] = next(o for o in options if o.kind == "bits" and o.value == value)
+            elif not any(o.kind == "rank" for o in options):
+                chosen[name] = next(o for o in options if o.kind == "dense")
             else:
                 ranks = sorted((o for o in options if o.kind == "rank"), key=lambda o: -o.nbytes)
                 chosen[name] = ranks[RANK_RATIOS.index(value)]

@@ -15,6 +15,8 @@ How it chooses:
 1. Each targeted Linear's input Gram ``X^T X`` is measured once on the calibration batches, and
    each option (dense; ``bits`` by round-to-nearest or BCQ; a whitened SVD at each ``rank_ratio``)
    is made once and scored by its relative output error ``||(W' - W) X^T||^2 / ||W X^T||^2``.
+   The token embedding (and a tied output layer) is an option too: dense, or at one of ``bits``
+   (``fit_embedding``).
 2. For each candidate KV policy, the bytes left after the dense parts and the KV state go to the
    layers greedily: every layer starts at its smallest option, and the upgrade that removes the
    most error per byte is taken while it fits (on each layer's lower convex hull of bytes and error).
@@ -42,6 +44,7 @@ from fxpress.compress.quantized_linear import QuantizedLinear
 from fxpress.compress.svd import factor
 from fxpress.core.errors import OptionError
 from fxpress.core.progress import progress
+from fxpress.hf.fit_embedding import embedding_options, find_embedding, install
 from fxpress.hf.kv_cache import kv_cache
 from fxpress.hf.perplexity import perplexity
 from fxpress.kv import KIVI, FullKV, StreamingKV, ThinKV
@@ -135,11 +138,21 @@ class Measured:
     fixed_bytes: int
     ids: torch.Tensor  # [1, <= kv_tokens] calibration tokens that judge a KV policy
     kv_tokens: int
+    embedding: tuple[str, str | None] | None = None  # the embedding's name and its tied output layer's,
+    # when the embedding is one of the options
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        shapes = {name: (layer.in_features, layer.out_features) for name, layer in self.layers.items()}
+        if self.embedding is not None:
+            table = self.model.get_submodule(self.embedding[0]).weight
+            shapes[self.embedding[0]] = (table.shape[1], table.shape[0])
+        return shapes
 
 
 def measure(model: nn.Module, calibration: Iterable[Any], kv_tokens: int, *, targets: str | Iterable[str] = "*",
             skip: Iterable[str] = ("lm_head",), bits: Sequence[int] = BITS,
-            rank_ratios: Sequence[float] = RANK_RATIOS, group_size: int = 128, method: str = "rtn") -> Measured:
+            rank_ratios: Sequence[float] = RANK_RATIOS, group_size: int = 128, method: str = "rtn",
+            embedding: bool = True) -> Measured:
     """Step 1 of :func:`fit` (its arguments): each targeted layer's options and their errors."""
     batches = list(calibration)
     if method not in ("rtn", "bcq"):
@@ -150,28 +163,43 @@ def measure(model: nn.Module, calibration: Iterable[Any], kv_tokens: int, *, tar
     layers = matching_linears(work, [targets] if isinstance(targets, str) else list(targets), list(skip))
     if not layers:
         raise OptionError(f"fxpress.fit: no nn.Linear layer matches targets={targets!r} outside skip={list(skip)}")
-    grams = input_grams(work, layers, batches, "fxpress.fit")
+    table, head = find_embedding(work) if embedding else (None, None)
+    heads = {} if head is None else {head: work.get_submodule(head)}
+    grams = input_grams(work, {**layers, **heads}, batches, "fxpress.fit")
     options, made = _options(layers, grams, bits, rank_ratios, group_size, method)
     fixed = FP16 * (sum(p.numel() for p in work.parameters())
                     - sum(p.numel() for layer in layers.values() for p in layer.parameters()))
-    ids = torch.cat([_ids(b) for b in batches], 1)[:, :kv_tokens]
-    return Measured(work, layers, options, made, fixed, ids, kv_tokens)
+    if table is not None:
+        module = work.get_submodule(table)
+        tokens = torch.cat([_ids(b).reshape(-1) for b in batches])
+        counts = torch.bincount(tokens, minlength=module.num_embeddings)
+        found = [Option("dense", None, FP16 * module.weight.numel(), 0.0)]
+        for b, nbytes, error, quantized in embedding_options(module, grams.get(head), counts, bits, group_size,
+                                                             method):
+            made[(table, "bits", b)] = quantized
+            found.append(Option("bits", b, nbytes, error))
+        options[table] = found
+        fixed -= FP16 * module.weight.numel()
+    ids = torch.cat([_ids(b)[:1] for b in batches], 1)[:, :kv_tokens]
+    return Measured(work, layers, options, made, fixed, ids, kv_tokens, None if table is None else (table, head))
 
 
 def fit(model: nn.Module, budget_bytes: float, calibration: Iterable[Any], kv_tokens: int, *,
         targets: str | Iterable[str] = "*", skip: Iterable[str] = ("lm_head",), bits: Sequence[int] = BITS,
         rank_ratios: Sequence[float] = RANK_RATIOS, group_size: int = 128, method: str = "rtn",
-        kv_policies: Sequence[Any] | None = None, measured: Measured | None = None) -> FitResult:
+        kv_policies: Sequence[Any] | None = None, measured: Measured | None = None,
+        embedding: bool = True) -> FitResult:
     """A copy of causal LM ``model`` whose Linear layers matching ``targets`` (and not ``skip``) are
     each stored dense, at one of ``bits`` (``method``: "rtn", or "bcq" weighted by the calibration
     inputs, slower) or at one of ``rank_ratios`` (activation-aware SVD), with one of
     ``kv_policies``, so that weights plus the KV state at ``kv_tokens`` fit ``budget_bytes`` with the
     least measured error (module docstring). ``calibration``: model inputs as ``compress.svd``
-    takes them, token ids under ``input_ids``. ``measured``: :func:`measure`'s result for this
-    model, to skip step 1 (then the options' arguments are not used)."""
+    takes them, token ids under ``input_ids``. ``embedding``: whether the token embedding (with a
+    tied output layer) may be stored at one of ``bits`` too (``fit_embedding``). ``measured``:
+    :func:`measure`'s result for this model, to skip step 1 (then the options' arguments are not used)."""
     if measured is None:
         measured = measure(model, calibration, kv_tokens, targets=targets, skip=skip, bits=bits,
-                           rank_ratios=rank_ratios, group_size=group_size, method=method)
+                           rank_ratios=rank_ratios, group_size=group_size, method=method, embedding=embedding)
     return best_plan(measured, budget_bytes, lambda weight_budget: allocate(measured.options, weight_budget, _nbytes),
                      kv_policies)
 
@@ -207,8 +235,8 @@ def best_plan(measured: Measured, budget_bytes: float, planner: Callable[[int], 
                           f"take {smallest} bytes, and no KV policy fits beside them ({tried})")
     ppl, policy, plan, fitted, held = best
     record_layers(fitted)
-    shapes = {name: (layer.in_features, layer.out_features) for name, layer in measured.layers.items()}
-    return FitResult(fitted, policy, plan, shapes, int(budget_bytes), measured.fixed_bytes, held, ppl, candidates)
+    return FitResult(fitted, policy, plan, measured.shapes(), int(budget_bytes), measured.fixed_bytes, held, ppl,
+                     candidates)
 
 
 def _ids(batch: Any) -> torch.Tensor:
@@ -216,7 +244,7 @@ def _ids(batch: Any) -> torch.Tensor:
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
         raise OptionError("fxpress.fit: calibration batches must hold token ids [batch, tokens] "
                           "(a tensor, its first positional argument or input_ids=)")
-    return ids[:1]
+    return ids
 
 
 def _relative_error(approx: torch.Tensor, weight: torch.Tensor, gram: torch.Tensor) -> float:
@@ -257,7 +285,13 @@ def _nbytes(option: Option) -> int:
 
 def _assemble(measured: Measured, plan: dict[str, Option]) -> nn.Module:
     fitted = copy.deepcopy(measured.model)
+    table, head = measured.embedding or (None, None)
     for name, option in plan.items():
-        if option.kind != "dense":
-            set_submodule(fitted, name, copy.deepcopy(measured.made[(name, option.kind, option.value)]))
+        if option.kind == "dense":
+            continue
+        made = copy.deepcopy(measured.made[(name, option.kind, option.value)])
+        if name == table:
+            install(fitted, table, head, made)
+        else:
+            set_submodule(fitted, name, made)
     return fitted

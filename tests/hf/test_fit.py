@@ -52,3 +52,36 @@ def test_a_budget_nothing_fits_is_refused_with_what_was_tried(tiny):
     model, calibration, full = tiny
     with pytest.raises(OptionError, match=r"fits no plan: the smallest weights it can make take \d+ bytes.*full:"):
         fxpress.fit(model, 0.2 * full, calibration, 256, group_size=32, kv_policies=POLICIES)
+
+
+def test_a_tight_budget_stores_the_tied_embedding_at_low_bit_once(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import fxpress.hf.quantizer  # noqa: F401  (from_pretrained rebuilds fxpress's layers)
+
+    from fxpress.compress.quantized_embedding import QuantizedEmbedding, TiedQuantizedHead
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM._from_config(config).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    full = 2 * sum(p.numel() for p in model.parameters()) + kv_bytes(model, fxpress.FullKV(), 256)
+    calibration = [torch.randint(0, 512, (1, 64), generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    result = fxpress.fit(model, 0.3 * full, calibration, 256, group_size=32, kv_policies=POLICIES)
+    assert result.total_bytes <= 0.3 * full
+    assert result.plan["model.embed_tokens"].kind == "bits", "the table is half the weights: 30 % needs it compressed"
+    embedding, head = result.model.model.embed_tokens, result.model.lm_head
+    assert isinstance(embedding, QuantizedEmbedding) and isinstance(head, TiedQuantizedHead)
+    assert head.embedding is embedding
+    assert "model.embed_tokens" in str(result)
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        eager = result.model(input_ids=ids, use_cache=False).logits
+        compiled = torch.compile(result.model, backend="fxpress")(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    result.model.save_pretrained(tmp_path)  # the table once, under the embedding's name
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(reloaded.lm_head, TiedQuantizedHead) and reloaded.lm_head.embedding is reloaded.model.embed_tokens
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids, use_cache=False).logits, eager)
