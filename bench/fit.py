@@ -8,16 +8,16 @@ measured once (``fxpress.hf.fit.measure``: groups of 192, which divide 576 and 1
 round-to-nearest at 8, 4, 3 and 2 bits, activation-aware SVD at half and a quarter of each
 Linear's parameters), then each planner goes through ``best_plan``: for every KV policy whose
 state fits, the planner spends what is left, and the policy with the lowest calibration perplexity
-wins. Planners: the fit (greedy by error per byte) and each uniform choice (every layer and the
-embedding at 4 or 3 bits, or every Linear at half its parameters by SVD beside an fp16 embedding),
-which either fits beside some KV policy or does not. KV candidates: full, KIVI-4, KIVI-2, ThinK
-0.5 + KIVI-2, and the first 4 plus the last 1020 tokens as 4-bit codes.
+wins. Planners: the fit (greedy by error per byte) and each uniform choice (every layer at 4 or 3
+bits, with the embedding at the same bits or fp16; or every Linear at half its parameters by SVD
+beside an fp16 embedding), which either fits beside some KV policy or does not. KV candidates:
+full, KIVI-4, KIVI-2, ThinK 0.5 + KIVI-2, and the first 4 plus the last 1020 tokens as 4-bit codes.
 
 Calibration: 4096 tokens of lee_background from token 8192 on (16 batches of 256 for the Gram
 matrices; together for judging KV policies). Scored: tokens 0 to 4096 of lee_background (never
 calibrated on), the first 3072 through the plan's compressed cache, perplexity of the last 1024.
 
-Run: ``python bench/fit.py --json PATH --markdown PATH [--measured CACHE.pt]``
+Run: ``python bench/fit.py --json PATH --markdown PATH [--measured CACHE.pt] [--planners NAME ...]``
 """
 
 from __future__ import annotations
@@ -43,13 +43,15 @@ POLICIES = [fxpress.FullKV(), fxpress.KIVI(bits=4), fxpress.KIVI(bits=2),
             fxpress.ThinKV(ratio=0.5, kivi=fxpress.KIVI(bits=2)), fxpress.StreamingKV(sink=4, recent=1020, bits=4)]
 
 
-def uniform(kind: str, value: Any):
+def uniform(kind: str, value: Any, embedding: bool = True):
     """A planner storing every layer as ``kind``/``value`` (a rank ratio's own rank per layer); the
-    embedding at the same bits, or dense fp16 under a rank (it has no SVD option)."""
+    embedding at the same bits (``embedding``), else, and under a rank (it has no SVD option), dense."""
     def plan(measured, weight_budget: int):
         chosen = {}
         for name, options in measured.options.items():
-            if kind == "bits":
+            if measured.embedding is not None and name == measured.embedding[0] and not embedding:
+                chosen[name] = next(o for o in options if o.kind == "dense")
+            elif kind == "bits":
                 chosen[name] = next(o for o in options if o.kind == "bits" and o.value == value)
             elif not any(o.kind == "rank" for o in options):
                 chosen[name] = next(o for o in options if o.kind == "dense")
@@ -66,6 +68,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--measured", type=Path, help="keep step 1 here (a pickle this script wrote) and reuse it")
+    parser.add_argument("--planners", nargs="*", help="only these planners (their names in the table)")
     args = parser.parse_args()
     model, tokenizer = workloads.load_smollm2()
     ids = tokenizer(workloads.lee_background(), return_tensors="pt").input_ids
@@ -82,7 +85,10 @@ def main() -> None:
     print(f"measured {len(measured.options)} layers in {time.perf_counter() - start:.0f} s", flush=True)
     dense_ppl = perplexity(model, scored, 3 * KV_TOKENS // 4, kv_cache(model, KV_TOKENS, fxpress.FullKV()))
     planners = {"fxpress.fit": None, "all 4-bit": uniform("bits", 4), "all 3-bit": uniform("bits", 3),
-                "all rank 0.5": uniform("rank", 0.5)}
+                "all 4-bit, fp16 embedding": uniform("bits", 4, embedding=False),
+                "all 3-bit, fp16 embedding": uniform("bits", 3, embedding=False), "all rank 0.5": uniform("rank", 0.5)}
+    if args.planners:
+        planners = {name: planners[name] for name in args.planners}
     rows = []
     for fraction in BUDGETS:
         budget = fraction * fp16
