@@ -73,15 +73,16 @@ def _empty(name: str, record: dict[str, Any], dtype: torch.dtype) -> nn.Module:
         kind, n_in, n_out, bias = record["kind"], int(record["in_features"]), int(record["out_features"]), \
             bool(record["bias"])
         if kind == "lowbit":
-            return QuantizedLinear(_empty_planes(record, n_in, n_out), torch.empty(n_out, dtype=dtype) if bias else None,
-                                   n_out)
+            bias_tensor = torch.empty(n_out, dtype=dtype) if bias else None
+            return QuantizedLinear(_empty_planes(record, n_in, n_out), bias_tensor, n_out)
         if kind == "lowbit_embedding":
             return QuantizedEmbedding(_empty_planes(record, n_in, n_out), record.get("padding_idx"))
         if kind == "lowrank":
             return LowRankLinear(n_in, n_out, int(record["rank"]), bias=bias, dtype=dtype)
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"quantization_config layer {name!r}: bad record {record!r} ({e})") from None
-    raise ValueError(f"quantization_config layer {name!r}: unknown kind {kind!r} (expected 'lowbit', 'lowrank' or 'lowbit_embedding')")
+    raise ValueError(f"quantization_config layer {name!r}: unknown kind {kind!r} "
+                     "(expected 'lowbit', 'lowrank', 'lowbit_embedding' or 'tied_lowbit_head')")
 
 
 def _empty_planes(record: dict[str, Any], n_in: int, n_out: int) -> lowbit.BitPlaneWeight:
