@@ -20,8 +20,9 @@ Sections (markdown tables; ``--json`` writes the rows):
   attention with its output factor against the unfused Q, K, V up-projections + SDPA + output
   factor; with GFLOP/s of the cpp kernels (all three taken in turns, round after round).
 - ``dense``: the dense model's own pointwise and row kernels at MiniLM's sizes (GELU, residual add +
-  LayerNorm, scaled and masked softmax) through ``torch.compile``: fxpress (on this machine the cpp
-  target, which generates them in C++), fxpress's cpu target (torch calls) and Inductor, against
+  LayerNorm, scaled and masked softmax, SDPA over a padding mask) through ``torch.compile``:
+  fxpress (on this machine the cpp target, which generates them in C++ and runs SDPA with its
+  attention kernel), fxpress's cpu target (torch calls) and Inductor, against
   eager, taken in turns round after round; with the bytes a call must move and the share of the
   measured read bandwidth the generated kernel reaches.
 - ``overhead``: what one call of a compiled graph costs beyond its ops, on a graph of three tiny ops
@@ -249,6 +250,11 @@ def _dense_cases():
          (torch.randn(batch, tokens, hidden), torch.randn(batch, tokens, hidden)), 3 * batch * tokens * hidden * f32),
         ("scaled, masked softmax", lambda s, m: torch.softmax(s * 0.125 + (1.0 - m[:, None, None, :].float()) * -1e4, -1),
          (torch.randn(batch, heads, tokens, tokens), _mask(batch, tokens)), 2 * batch * heads * tokens * tokens * f32),
+        # q, k, v as the projections leave them ([batch, tokens, heads * d] seen per head), HF's padding mask
+        ("SDPA, padding mask", lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m),
+         (*(torch.randn(batch, tokens, hidden).view(batch, tokens, heads, -1).transpose(1, 2) for _ in range(3)),
+          torch.where(_mask(batch, tokens).bool(), 0.0, float("-inf"))[:, None, None, :].expand(batch, 1, tokens, tokens)),
+         4 * batch * tokens * hidden * f32),
     ]
 
 

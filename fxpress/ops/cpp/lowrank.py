@@ -21,6 +21,7 @@ from fxpress.native.layouts import DerivedLayouts
 NR = 16  # output columns per panel (panel_gemm.h's NR)
 # fxpress/native/, pasted in front of the kernel sources (full-width vectors for the epilogues' loops)
 HEADERS = ("wide_vectors.h", "fast_math.h", "panel_gemm.h")
+ATTENTION_HEADERS = HEADERS + ("attention_rows.h",)  # what the attention kernels share
 ACTIVATION_CODES = {"gelu": 1, "gelu_tanh": 2, "silu": 3, "relu": 4}  # lowrank.cpp's Activation
 
 
@@ -41,7 +42,7 @@ def _attention_lib():
     return library_beside(__file__, "lowrank_attention", {"fxpress_lowrank_attention": (
         None, factor * 3 + [LONG] * 6 + [POINTER, POINTER, INT, FLOAT, POINTER, POINTER, LONG, INT,
                                          POINTER, POINTER, FLOAT, POINTER, LONG, POINTER, POINTER, INT])},
-        headers=HEADERS)
+        headers=ATTENTION_HEADERS)
 
 
 def _panel_layout(weight: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@
 namespace {
 
 using namespace fxpress_gemm;
+using namespace fxpress_attention;
 
 constexpr int64_t QB = 48;  // queries per block, at most
 constexpr int64_t KB = 64;  // keys per block when K and V are rebuilt
@@ -69,48 +70,6 @@ void rotate(float* c, int64_t rows, int64_t d, const float* cos, const float* si
   }
 }
 
-// Panels [ceil(n / NR)][k][NR] of the [n, k] rows of src (stride k): K's keys as output columns.
-void panels_of_rows(const float* src, int64_t n, int64_t k, float* dst, int64_t j) {
-  for (int64_t p = 0; p < k; ++p)
-    for (int c = 0; c < NR; ++c) dst[(j * k + p) * NR + c] = j * NR + c < n ? src[(j * NR + c) * k + p] : 0.f;
-}
-
-// Panels [ceil(n / NR)][k][NR] of the columns of src [k, n] (stride n): V's channels as columns.
-void panels_of_columns(const float* src, int64_t k, int64_t n, float* dst, int64_t j) {
-  for (int64_t p = 0; p < k; ++p)
-    for (int c = 0; c < NR; ++c) dst[(j * k + p) * NR + c] = j * NR + c < n ? src[p * n + j * NR + c] : 0.f;
-}
-
-// scores[i][0, seq_k) -> softmax(scale * scores + mask), with keys past query (r0 + i) hidden when
-// causal; a row that sees no key becomes 0, as SDPA gives. The max and the sum are vector
-// reductions (omp simd): the sum's order differs from a sequential one by float rounding only.
-void softmax_rows(float* scores, int64_t rows, int64_t seq_k, float scale, const float* mask, int64_t mq,
-                  int64_t mk, bool causal, int64_t r0) {
-  for (int64_t i = 0; i < rows; ++i) {
-    float* s = scores + i * seq_k;
-    const int64_t visible = causal ? std::min(seq_k, r0 + i + 1) : seq_k;
-    float top = -INFINITY;
-#pragma omp simd reduction(max : top)
-    for (int64_t j = 0; j < visible; ++j) {
-      s[j] = s[j] * scale + (mask ? mask[i * mq + j * mk] : 0.f);
-      top = std::max(top, s[j]);
-    }
-    float sum = 0.f;
-    if (top == -INFINITY) {
-      std::fill(s, s + seq_k, 0.f);
-      continue;
-    }
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < visible; ++j) {
-      s[j] = exp_nonpositive(s[j] - top);
-      sum += s[j];
-    }
-    const float inv = 1.f / sum;
-    for (int64_t j = 0; j < visible; ++j) s[j] *= inv;
-    std::fill(s + visible, s + seq_k, 0.f);
-  }
-}
-
 }  // namespace
 
 extern "C" {
@@ -156,8 +115,8 @@ void fxpress_lowrank_attention(const float* pq, int64_t rq, const float* q_panel
         }
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < k_panels_n + d_panels; ++j) {
-          if (j < k_panels_n) panels_of_rows(keys.data(), seq_k, d, key_panels.data(), j);
-          else panels_of_columns(values.data(), seq_k, d, value_panels.data(), j - k_panels_n);
+          if (j < k_panels_n) panels_of_rows(keys.data(), seq_k, d, d, 1, key_panels.data(), j);
+          else panels_of_columns(values.data(), seq_k, d, d, 1, value_panels.data(), j - k_panels_n);
         }
         const Step score_step{key_panels.data(), nullptr, d, seq_k, NONE, WRITE, 0, 0};
         const Step context_step{value_panels.data(), nullptr, seq_k, d, NONE, WRITE, 0, 0};
@@ -172,7 +131,7 @@ void fxpress_lowrank_attention(const float* pq, int64_t rq, const float* q_panel
                      sin + b * rotary_batch_stride + r0 * d, rotary);
             run_step(score_step, q_rows.data(), d, rows, scores.data(), seq_k, 0, k_panels_n);
             const float* m = mask ? mask + b * mask_strides[0] + h * mask_strides[1] + r0 * mask_strides[2] : nullptr;
-            softmax_rows(scores.data(), rows, seq_k, scale, m, mask_strides[2], mask_strides[3], causal, r0);
+            softmax_rows(scores.data(), rows, seq_k, seq_k, scale, m, mask_strides[2], mask_strides[3], causal, r0);
             run_step(context_step, scores.data(), seq_k, rows, context.data(), d, 0, d_panels);
             if (o_panels) {
               const Step o_step{o_panels + h * o_panels_n * d * NR, nullptr, d, rank_o, NONE, ADD, 0, 0};

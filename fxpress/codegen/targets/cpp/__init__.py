@@ -2,7 +2,8 @@
 thread count with OpenMP. fxpress ops run their hand-written kernels (their ``"cpp"`` launchers, in
 ``fxpress/ops/cpp/``); fused pointwise runs and row reductions run kernels generated here
 (``pointwise.py``, ``reduction.py``) when their ops and dtypes have a C++ form
-(``expressions.py``); every other kernel runs as the cpu target runs it (torch calls, row
+(``expressions.py``); ATen's CPU attention calls run a C++ attention kernel (``attention.py``);
+every other kernel runs as the cpu target runs it (torch calls, row
 reductions in row blocks), and explain() says why.
 
 It needs a C++ compiler (``FXPRESS_CXX``, default ``g++``) with OpenMP. ``target="auto"`` picks it
@@ -18,6 +19,7 @@ import torch.fx as fx
 
 from fxpress.codegen.schedule import Kernel
 from fxpress.codegen.targets.base import GeneratedKernel, Target
+from fxpress.codegen.targets.cpp.attention import attention_refusal, emit_attention, is_attention
 from fxpress.codegen.targets.cpp.pointwise import emit_pointwise, pointwise_refusal
 from fxpress.codegen.targets.cpp.reduction import RowKernel, reduction_refusal
 from fxpress.codegen.targets.op_launch import launch_op
@@ -57,4 +59,6 @@ class CppTarget(Target):
             return reduction_refusal(kernel, nodes) or RowKernel(kernel, nodes).emit()
         if kernel.kind == "pointwise":
             return pointwise_refusal(kernel, nodes) or emit_pointwise(kernel, nodes)
-        return None  # extern calls stay torch calls
+        if kernel.kind == "extern" and is_attention(kernel, nodes):
+            return attention_refusal(kernel, nodes) or emit_attention(kernel, nodes)
+        return None  # other extern calls stay torch calls

@@ -1,0 +1,115 @@
+// SDPA on the CPU for the cpp target: softmax(Q . K^T * scale + mask) . V over strided q, k, v
+// [batch, heads, seq, d], with panel products (fxpress/native/panel_gemm.h) for both products.
+//
+// ATen's flash kernel for the CPU runs short sequences (an encoder's 128 tokens, 32-wide heads)
+// far from the FMA units' pace. Here each unit of work is one sequence, one KV head and a chunk
+// of queries: it lays out that head's keys and values as panels once (reading them through their
+// strides, so the Q/K/V projections' outputs are read where they lie, with no copy), then for each
+// block of QB queries of each query head of the group takes the scores, their softmax and the
+// context, written straight into out through its strides. The units go to the threads
+// dynamically; sequences and heads give enough of them for an encoder batch, chunks of queries
+// for one long sequence.
+
+#include <omp.h>
+
+namespace {
+
+using namespace fxpress_gemm;
+using namespace fxpress_attention;
+
+constexpr int64_t QB = 48;  // queries per block: four of the AVX-512 micro-kernel's row blocks
+
+struct Strided {  // a [batch, heads, seq, d] operand
+  const float* data;
+  const int64_t* s;
+  const float* at(int64_t b, int64_t h, int64_t t) const { return data + b * s[0] + h * s[1] + t * s[2]; }
+};
+
+// context = P . V for one block of rows, over the first `keys` keys: with the panels of V laid out
+// for `laid_keys` keys, a block that sees fewer (causal) takes each panel alone.
+void context_product(const float* value_panels, int64_t laid_keys, int64_t keys, int64_t dv, const float* p,
+                     int64_t ldp, int64_t rows, float* c, int64_t ldc) {
+  const int64_t panels = (dv + NR - 1) / NR;
+  if (keys == laid_keys) {
+    const Step step{value_panels, nullptr, keys, dv, NONE, WRITE, 0, 0};
+    run_step(step, p, ldp, rows, c, ldc, 0, panels);
+    return;
+  }
+  for (int64_t j = 0; j < panels; ++j) {
+    const Step step{value_panels + j * laid_keys * NR, nullptr, keys, std::min<int64_t>(NR, dv - j * NR), NONE,
+                    WRITE, 0, 0};
+    run_step(step, p, ldp, rows, c + j * NR, ldc, 0, 1);
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// q [batch, heads, seq, d], k [batch, kv_heads, seq_k, d], v [batch, kv_heads, seq_k, dv] and out
+// [batch, heads, seq, dv], each with its four strides; heads is a multiple of kv_heads (query head
+// h reads KV head h / (heads / kv_heads)). mask: additive float32 with strides (batch, head, query,
+// key), 0 on broadcast dims, or null.
+void fxpress_dense_attention(const float* q, const int64_t* q_strides, const float* k, const int64_t* k_strides,
+                             const float* v, const int64_t* v_strides, int64_t batch, int64_t heads,
+                             int64_t kv_heads, int64_t seq, int64_t seq_k, int64_t d, int64_t dv, const float* mask,
+                             const int64_t* mask_strides, int causal, float scale, float* out,
+                             const int64_t* out_strides, int threads) {
+  const Strided Q{q, q_strides}, K{k, k_strides}, V{v, v_strides};
+  const int64_t group = heads / kv_heads, pairs = batch * kv_heads;
+  // Enough units that the threads end together (eight per thread when the pairs allow: causal
+  // chunks differ in work), each chunk at least one block of queries.
+  const int64_t wanted = std::max<int64_t>(1, (8 * threads + pairs - 1) / pairs);
+  const int64_t chunks = std::min<int64_t>(wanted, (seq + QB - 1) / QB);
+  const int64_t chunk = (seq + chunks - 1) / chunks;
+  const int64_t d_panels = (dv + NR - 1) / NR;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> key_panels, value_panels, scores, q_rows, context;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t unit = 0; unit < pairs * chunks; ++unit) {
+      const int64_t b = unit / (kv_heads * chunks), g = unit / chunks % kv_heads, c0 = unit % chunks * chunk;
+      const int64_t c1 = std::min(seq, c0 + chunk);
+      if (c0 >= c1) continue;
+      const int64_t laid = causal ? std::min(seq_k, c1) : seq_k;  // keys any query of the chunk sees
+      const int64_t k_panels = (laid + NR - 1) / NR;
+      key_panels.resize(k_panels * NR * d);
+      value_panels.resize(d_panels * NR * std::max<int64_t>(laid, 1));
+      for (int64_t j = 0; j < k_panels; ++j)
+        panels_of_rows(K.at(b, g, 0), laid, d, k_strides[2], k_strides[3], key_panels.data(), j);
+      for (int64_t j = 0; j < d_panels; ++j)
+        panels_of_columns(V.at(b, g, 0), laid, dv, v_strides[2], v_strides[3], value_panels.data(), j);
+      const Step score_step{key_panels.data(), nullptr, d, laid, NONE, WRITE, 0, 0};
+      scores.resize(QB * std::max<int64_t>(laid, 1));
+      for (int64_t r0 = c0; r0 < c1; r0 += QB) {
+        const int64_t rows = std::min(QB, c1 - r0);
+        const int64_t seen = causal ? std::min(seq_k, r0 + rows) : seq_k;  // keys the block's queries see
+        for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+          const float* m = mask ? mask + b * mask_strides[0] + h * mask_strides[1] + r0 * mask_strides[2] : nullptr;
+          const int64_t keys = unmasked_keys(m, rows, seen, mask_strides[2], mask_strides[3]);
+          const float* a = Q.at(b, h, r0);
+          int64_t lda = q_strides[2];
+          if (q_strides[3] != 1) {  // rows of Q gathered into unit stride
+            q_rows.resize(rows * d);
+            for (int64_t i = 0; i < rows; ++i)
+              for (int64_t c = 0; c < d; ++c) q_rows[i * d + c] = a[i * q_strides[2] + c * q_strides[3]];
+            a = q_rows.data(), lda = d;
+          }
+          run_step(score_step, a, lda, rows, scores.data(), laid, 0, (keys + NR - 1) / NR);
+          softmax_rows(scores.data(), rows, laid, keys, scale, m, mask_strides[2], mask_strides[3], causal, r0);
+          float* o = out + b * out_strides[0] + h * out_strides[1] + r0 * out_strides[2];
+          if (out_strides[3] == 1) {
+            context_product(value_panels.data(), laid, keys, dv, scores.data(), laid, rows, o, out_strides[2]);
+          } else {  // through a unit-stride block
+            context.resize(rows * dv);
+            context_product(value_panels.data(), laid, keys, dv, scores.data(), laid, rows, context.data(), dv);
+            for (int64_t i = 0; i < rows; ++i)
+              for (int64_t c = 0; c < dv; ++c) o[i * out_strides[2] + c * out_strides[3]] = context[i * dv + c];
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // extern "C"
