@@ -21,10 +21,12 @@ import torch
 from torch import nn
 
 from fxpress.compress.allocate import allocate
+from fxpress.compress.divergence import divergence, model_output
 from fxpress.compress.whitened_svd import singular_triplets
 from fxpress.core.model_inputs import call_with
 from fxpress.core.progress import progress
 
+WHO = "fxpress.compress.svd"
 FRACTIONS = (0.1, 0.25, 0.4, 0.55, 0.7, 0.85)  # of a layer's parameters, the candidate ranks
 
 
@@ -46,7 +48,7 @@ def measured_ranks(model: nn.Module, linears: dict[str, nn.Linear], grams: dict[
     """Each of ``linears``' rank (or dense) so that their weights total at most ``budget``
     parameters with the least summed divergence, measured on ``batches``; the truncations are
     whitened by ``grams``."""
-    dense = [_output(call_with(model, batch)) for batch in batches]
+    dense = [model_output(call_with(model, batch), WHO) for batch in batches]
     options: dict[str, list[RankOption]] = {}
     for name, linear in progress(linears.items(), "svd: sensitivity per layer", total=len(linears)):
         weight = linear.weight
@@ -58,7 +60,8 @@ def measured_ranks(model: nn.Module, linears: dict[str, nn.Linear], grams: dict[
         try:
             for r in ranks:
                 weight.copy_((u[:, :r] * s[:r]) @ rows[:r])
-                error = sum(_divergence(_output(call_with(model, batch)), ref) for batch, ref in zip(batches, dense))
+                error = sum(divergence(model_output(call_with(model, batch), WHO), ref)
+                            for batch, ref in zip(batches, dense))
                 found.append(RankOption(r, r * (n_out + n_in), error / len(batches)))
         finally:
             weight.copy_(kept)
@@ -68,28 +71,3 @@ def measured_ranks(model: nn.Module, linears: dict[str, nn.Linear], grams: dict[
         raise ValueError(f"fxpress.compress.svd: {budget:,} parameters cannot hold the targeted layers even at "
                          f"{min(fractions):.0%} of each layer's parameters")
     return chosen
-
-
-def _output(out: Any) -> tuple[torch.Tensor, bool]:
-    """The model's output tensor, and whether it is next-token logits."""
-    if isinstance(out, torch.Tensor):
-        return out.detach().float(), False
-    logits = getattr(out, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits.detach().float(), True
-    hidden = getattr(out, "last_hidden_state", None)
-    if isinstance(hidden, torch.Tensor):
-        return hidden.detach().float(), False
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0].detach().float(), False
-    raise ValueError(f"fxpress.compress.svd: cannot measure layer sensitivity: the model returned "
-                     f"{type(out).__name__}, which has no tensor, .logits or .last_hidden_state to compare")
-
-
-def _divergence(new: tuple[torch.Tensor, bool], ref: tuple[torch.Tensor, bool]) -> float:
-    (y, logits), (y_ref, _) = new, ref
-    if logits:  # KL(dense || truncated) of the next-token distributions, mean over positions
-        p_log = torch.log_softmax(y_ref.reshape(-1, y_ref.shape[-1]), -1)
-        q_log = torch.log_softmax(y.reshape(-1, y.shape[-1]), -1)
-        return float((p_log.exp() * (p_log - q_log)).sum(-1).mean())
-    return float((y - y_ref).pow(2).sum() / y_ref.pow(2).sum().clamp_min(1e-30))

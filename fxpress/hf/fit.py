@@ -16,7 +16,12 @@ How it chooses:
    each option (dense; ``bits`` by round-to-nearest or BCQ; a whitened SVD at each ``rank_ratio``)
    is made once and scored by its relative output error ``||(W' - W) X^T||^2 / ||W X^T||^2``.
    The token embedding (and a tied output layer) is an option too: dense, or at one of ``bits``
-   (``fit_embedding``).
+   (``fit_embedding``). A layer's output error does not say what it costs the model (the
+   embedding feeds the first layer and, tied, the logits), so each layer is then swapped alone for
+   one probe option (3 bits) and the model's output divergence from the dense model is measured on
+   the first calibration batch (``compress.divergence``: KL of the next-token distributions); every
+   option of that layer weighs its output error times that layer's divergence per unit of output
+   error.
 2. For each candidate KV policy, the bytes left after the dense parts and the KV state go to the
    layers greedily: every layer starts at its smallest option, and the upgrade that removes the
    most error per byte is taken while it fits (on each layer's lower convex hull of bytes and error).
@@ -29,7 +34,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -38,11 +43,13 @@ from torch import nn
 import fxpress.lowbit as lowbit
 from fxpress.compress.allocate import allocate
 from fxpress.compress.calibration import input_grams
+from fxpress.compress.divergence import divergence, model_output
 from fxpress.compress.layer_records import record as record_layers
 from fxpress.compress.linear_layers import matching_linears, set_submodule
 from fxpress.compress.quantized_linear import QuantizedLinear
 from fxpress.compress.svd import factor
 from fxpress.core.errors import OptionError
+from fxpress.core.model_inputs import call_with
 from fxpress.core.progress import progress
 from fxpress.hf.fit_embedding import embedding_options, find_embedding, install
 from fxpress.hf.kv_cache import kv_cache
@@ -52,6 +59,7 @@ from fxpress.kv.registry import check_policy, make_store
 
 BITS = (8, 4, 3, 2)
 RANK_RATIOS = (0.5, 0.25)
+WHO = "fxpress.fit"
 FP16 = 2  # bytes a dense parameter takes in the deployment the budget describes
 
 
@@ -62,7 +70,10 @@ class Option:
     kind: str
     value: int | None
     nbytes: int
-    error: float  # relative output error on the calibration inputs (squared)
+    output_error: float  # the layer's relative output error on the calibration inputs (squared)
+    # What the allocation weighs: the model's output divergence this option is estimated to cause
+    # (``Measured.sensitivity``), or the output error when that was not measured.
+    error: float
 
     def describe(self) -> str:
         return {"dense": "dense fp16", "bits": f"{self.value}-bit", "rank": f"rank {self.value}"}[self.kind]
@@ -82,6 +93,7 @@ class FitResult:
     kv_bytes: int
     calibration_perplexity: float
     candidates: list[dict[str, Any]] = field(default_factory=list)  # per KV policy tried
+    weighed_by_model: bool = False  # whether the options' errors are measured model divergences
 
     @property
     def weight_bytes(self) -> int:
@@ -97,11 +109,12 @@ class FitResult:
                  f"(weights {self.weight_bytes / mib:.1f}, of which untouched {self.fixed_bytes / mib:.1f}; "
                  f"KV {self.kv_bytes / mib:.1f} under {self.kv.describe()}); calibration perplexity "
                  f"{self.calibration_perplexity:.3f}",
-                 f"{'layer':<44} {'shape':>11} {'stored as':>12} {'MiB':>8} {'output err':>10}"]
+                 f"{'layer':<44} {'shape':>11} {'stored as':>12} {'MiB':>8} {'output err':>10} {'model div':>10}"]
         for name, option in self.plan.items():
             shape = "x".join(map(str, self.shapes[name]))
             lines.append(f"{name:<44} {shape:>11} {option.describe():>12} {option.nbytes / mib:8.3f} "
-                         f"{math.sqrt(option.error):10.4f}")
+                         f"{math.sqrt(option.output_error):10.4f} "
+                         f"{f'{option.error:.2e}' if self.weighed_by_model else '-':>10}")
         lines.append("KV policies tried:")
         for c in self.candidates:
             outcome = f"perplexity {c['perplexity']:.3f}" if "perplexity" in c else c["refused"]
@@ -140,6 +153,9 @@ class Measured:
     kv_tokens: int
     embedding: tuple[str, str | None] | None = None  # the embedding's name and its tied output layer's,
     # when the embedding is one of the options
+    # Per layer, the model's output divergence with that layer alone at its probe option (empty when
+    # not measured: options then weigh their output errors).
+    sensitivity: dict[str, float] = field(default_factory=dict)
 
     def shapes(self) -> dict[str, tuple[int, int]]:
         shapes = {name: (layer.in_features, layer.out_features) for name, layer in self.layers.items()}
@@ -152,7 +168,7 @@ class Measured:
 def measure(model: nn.Module, calibration: Iterable[Any], kv_tokens: int, *, targets: str | Iterable[str] = "*",
             skip: Iterable[str] = ("lm_head",), bits: Sequence[int] = BITS,
             rank_ratios: Sequence[float] = RANK_RATIOS, group_size: int = 128, method: str = "rtn",
-            embedding: bool = True) -> Measured:
+            embedding: bool = True, sensitivity_batches: int = 1) -> Measured:
     """Step 1 of :func:`fit` (its arguments): each targeted layer's options and their errors."""
     batches = list(calibration)
     if method not in ("rtn", "bcq"):
@@ -173,33 +189,39 @@ def measure(model: nn.Module, calibration: Iterable[Any], kv_tokens: int, *, tar
         module = work.get_submodule(table)
         tokens = torch.cat([_ids(b).reshape(-1) for b in batches])
         counts = torch.bincount(tokens, minlength=module.num_embeddings)
-        found = [Option("dense", None, FP16 * module.weight.numel(), 0.0)]
+        found = [Option("dense", None, FP16 * module.weight.numel(), 0.0, 0.0)]
         for b, nbytes, error, quantized in embedding_options(module, grams.get(head), counts, bits, group_size,
                                                              method):
             made[(table, "bits", b)] = quantized
-            found.append(Option("bits", b, nbytes, error))
+            found.append(Option("bits", b, nbytes, error, error))
         options[table] = found
         fixed -= FP16 * module.weight.numel()
     ids = torch.cat([_ids(b)[:1] for b in batches], 1)[:, :kv_tokens]
-    return Measured(work, layers, options, made, fixed, ids, kv_tokens, None if table is None else (table, head))
+    measured = Measured(work, layers, options, made, fixed, ids, kv_tokens, None if table is None else (table, head))
+    if sensitivity_batches > 0:
+        _weigh_by_model_divergence(measured, batches[:sensitivity_batches])
+    return measured
 
 
 def fit(model: nn.Module, budget_bytes: float, calibration: Iterable[Any], kv_tokens: int, *,
         targets: str | Iterable[str] = "*", skip: Iterable[str] = ("lm_head",), bits: Sequence[int] = BITS,
         rank_ratios: Sequence[float] = RANK_RATIOS, group_size: int = 128, method: str = "rtn",
         kv_policies: Sequence[Any] | None = None, measured: Measured | None = None,
-        embedding: bool = True) -> FitResult:
+        embedding: bool = True, sensitivity_batches: int = 1) -> FitResult:
     """A copy of causal LM ``model`` whose Linear layers matching ``targets`` (and not ``skip``) are
     each stored dense, at one of ``bits`` (``method``: "rtn", or "bcq" weighted by the calibration
     inputs, slower) or at one of ``rank_ratios`` (activation-aware SVD), with one of
     ``kv_policies``, so that weights plus the KV state at ``kv_tokens`` fit ``budget_bytes`` with the
     least measured error (module docstring). ``calibration``: model inputs as ``compress.svd``
     takes them, token ids under ``input_ids``. ``embedding``: whether the token embedding (with a
-    tied output layer) may be stored at one of ``bits`` too (``fit_embedding``). ``measured``:
+    tied output layer) may be stored at one of ``bits`` too (``fit_embedding``).
+    ``sensitivity_batches``: how many calibration batches measure each layer's effect on the model's
+    output (0: weigh each layer's own output error instead; module docstring). ``measured``:
     :func:`measure`'s result for this model, to skip step 1 (then the options' arguments are not used)."""
     if measured is None:
         measured = measure(model, calibration, kv_tokens, targets=targets, skip=skip, bits=bits,
-                           rank_ratios=rank_ratios, group_size=group_size, method=method, embedding=embedding)
+                           rank_ratios=rank_ratios, group_size=group_size, method=method, embedding=embedding,
+                           sensitivity_batches=sensitivity_batches)
     return best_plan(measured, budget_bytes, lambda weight_budget: allocate(measured.options, weight_budget, _nbytes),
                      kv_policies)
 
@@ -236,7 +258,39 @@ def best_plan(measured: Measured, budget_bytes: float, planner: Callable[[int], 
     ppl, policy, plan, fitted, held = best
     record_layers(fitted)
     return FitResult(fitted, policy, plan, measured.shapes(), int(budget_bytes), measured.fixed_bytes, held, ppl,
-                     candidates)
+                     candidates, bool(measured.sensitivity))
+
+
+PROBE_BITS = (3, 4, 2, 8)  # the probe option of a layer: the first of these among its options
+
+
+@torch.no_grad()
+def _weigh_by_model_divergence(measured: Measured, batches: Sequence[Any]) -> None:
+    """Each layer alone at its probe option: the model's output divergence on ``batches``; then
+    every option of the layer weighs its output error times (divergence / the probe's output error)."""
+    work, (table, head) = measured.model, measured.embedding or (None, None)
+    dense = [model_output(call_with(work, batch), WHO) for batch in batches]
+    for name, options in progress(measured.options.items(), "fit: sensitivity per layer",
+                                  total=len(measured.options)):
+        probe = next((o for b in PROBE_BITS for o in options if o.kind == "bits" and o.value == b), None)
+        if probe is None or probe.output_error <= 0:
+            continue
+        kept = work.get_submodule(name), work.get_submodule(head) if name == table and head else None
+        try:
+            made = measured.made[(name, probe.kind, probe.value)]
+            if name == table:
+                install(work, table, head, made)
+            else:
+                set_submodule(work, name, made)
+            found = sum(divergence(model_output(call_with(work, batch), WHO), ref)
+                        for batch, ref in zip(batches, dense)) / len(batches)
+        finally:
+            set_submodule(work, name, kept[0])
+            if kept[1] is not None:
+                set_submodule(work, head, kept[1])
+        measured.sensitivity[name] = found
+        per_error = found / probe.output_error
+        measured.options[name] = [replace(o, error=o.output_error * per_error) for o in options]
 
 
 def _ids(batch: Any) -> torch.Tensor:
@@ -262,19 +316,20 @@ def _options(layers: dict[str, nn.Linear], grams: dict[str, torch.Tensor], bits:
     for name, layer in progress(layers.items(), "fit: options per layer", total=len(layers)):
         w, gram = layer.weight.detach().float(), grams[name]
         bias = FP16 * (layer.bias.numel() if layer.bias is not None else 0)
-        found = [Option("dense", None, FP16 * w.numel() + bias, 0.0)]
+        found = [Option("dense", None, FP16 * w.numel() + bias, 0.0, 0.0)]
         for b in bits:
             weight = (lowbit.rtn(w, b, group_size) if method == "rtn" else
                       lowbit.bcq(w, b, group_size, importance=torch.diagonal(gram))).with_scales(torch.float16)
             made[(name, "bits", b)] = QuantizedLinear(weight, layer.bias, layer.out_features)
-            found.append(Option("bits", b, weight.nbytes() + bias, _relative_error(weight.dequantize(), w, gram)))
+            error = _relative_error(weight.dequantize(), w, gram)
+            found.append(Option("bits", b, weight.nbytes() + bias, error, error))
         for ratio in rank_ratios:
             r = int(ratio * w.shape[0] * w.shape[1] / sum(w.shape))
             if r < 1:
                 continue
             low_rank, _, output_error = factor(layer, r, gram)
             made[(name, "rank", r)] = low_rank
-            found.append(Option("rank", r, FP16 * r * sum(w.shape) + bias, output_error ** 2))
+            found.append(Option("rank", r, FP16 * r * sum(w.shape) + bias, output_error ** 2, output_error ** 2))
         options[name] = found
     return options, made
 

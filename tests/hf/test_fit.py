@@ -85,3 +85,32 @@ def test_a_tight_budget_stores_the_tied_embedding_at_low_bit_once(tmp_path):
     assert isinstance(reloaded.lm_head, TiedQuantizedHead) and reloaded.lm_head.embedding is reloaded.model.embed_tokens
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids, use_cache=False).logits, eager)
+
+
+def test_options_weigh_the_model_divergence_their_layer_causes(tiny):
+    from fxpress.compress.divergence import divergence, model_output
+    from fxpress.compress.linear_layers import set_submodule
+    from fxpress.hf.fit import measure
+
+    model, calibration, _ = tiny
+    measured = measure(model, calibration, 256, group_size=32)
+    unweighed = measure(model, calibration, 256, group_size=32, sensitivity_batches=0)
+    assert not unweighed.sensitivity
+    assert all(o.error == o.output_error for opts in unweighed.options.values() for o in opts)
+    assert set(measured.sensitivity) == set(measured.options)
+    name = "model.layers.1.mlp.down_proj"
+    probe = next(o for o in measured.options[name] if o.kind == "bits" and o.value == 3)
+    with torch.no_grad():  # the probe's divergence, measured here by hand
+        work = measured.model
+        dense = model_output(work(calibration[0]), "test")
+        kept = work.get_submodule(name)
+        set_submodule(work, name, measured.made[(name, "bits", 3)])
+        by_hand = divergence(model_output(work(calibration[0]), "test"), dense)
+        set_submodule(work, name, kept)
+    assert measured.sensitivity[name] == pytest.approx(by_hand, rel=1e-6)
+    assert probe.error == pytest.approx(by_hand, rel=1e-6)
+    for option in measured.options[name]:  # every option scaled by the same divergence per output error
+        assert option.error == pytest.approx(option.output_error * by_hand / probe.output_error, rel=1e-9)
+    layers = {n for n in measured.options if "layers" in n}
+    assert len({round(measured.sensitivity[n] / next(o for o in measured.options[n] if o.value == 3).output_error, 12)
+                for n in layers}) > 1, "layers differ in what their output error costs the model"
