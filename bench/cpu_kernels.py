@@ -11,8 +11,8 @@ Sections (markdown tables; ``--json`` writes the rows):
   low-bit weights (``x @ dequantize(W).T``).
 - ``integer``: the integer-only softmax, GELU and LayerNorm kernels at MiniLM's sizes (batch 8 x 128
   tokens, 12 heads, hidden 384, MLP 1536), under both methods (I-BERT, the default, and I-ViT's
-  shifts), against float ATen on the same tensors, and the cpu target's reference of each; the cpp
-  results are checked equal to the reference first.
+  shifts), against float ATen on the same tensors (the two taken in turns), and the cpu target's
+  reference of each; the cpp results are checked equal to the reference first.
 - ``lowrank``: the low-rank kernels at BERT-base shapes (hidden 768, 12 heads, FFN 3072, every
   factor pair keeping 50 % of its Linear's parameters: rank 307 for the FFN, 192 for Q, K, V and
   the output), batch 16 x 128 and 4 x 512 tokens: the fused FFN (the cpp kernel, and the cpu
@@ -140,9 +140,10 @@ def integer() -> list[dict]:
             out = torch.empty(codes.shape, dtype=dtype)
             launcher(codes, *args, out)
             exact = torch.equal(out, reference_op(codes))
-            t_float = median_seconds(float_op, REPEATS)
             t_ref = median_seconds(lambda: reference_op(codes), 5)
-            t_cpp = median_seconds(lambda: launcher(codes, *args, out), REPEATS)
+            # float and cpp in turns, so a slow spell of the machine falls on both alike
+            t = interleaved_medians({"float": float_op, "cpp": lambda: launcher(codes, *args, out)}, REPEATS // 3)
+            t_float, t_cpp = t["float"], t["cpp"]
             row = {"op": name, "method": method if name != "layer_norm" else "i-layernorm", "shape": list(codes.shape),
                    "float_ms": t_float * 1e3, "reference_ms": t_ref * 1e3, "cpp_ms": t_cpp * 1e3,
                    "cpp_over_float": t_cpp / t_float, "bit_exact": exact}
