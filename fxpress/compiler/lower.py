@@ -16,7 +16,7 @@ import torch.fx as fx
 from fxpress.codegen.plan_memory import MemoryPlan, plan_memory
 from fxpress.codegen.program import WrapperProgram, wrapper_source
 from fxpress.codegen.schedule import Schedule, build_schedule, size_hints
-from fxpress.codegen.targets import get_target, graph_devices, resolve_target
+from fxpress.codegen.targets import Target, get_target, graph_devices, resolve_target
 from fxpress.compiler.capture import CapturedGraph
 from fxpress.compiler.pipeline import PassFn, run_pipeline
 from fxpress.compiler.report import GraphReport, op_histogram
@@ -46,10 +46,10 @@ def lower_captured(captured: CapturedGraph, opts: Options, passes: tuple[tuple[s
             f" and {len(unsupported) - 1} more unsupported node(s)" if len(unsupported) > 1 else ""))
     final, report.passes = run_pipeline(captured.gm, passes, opts, dump)
     report.ops_after, report.code = op_histogram(final), final.code
-    schedule, plan = _schedule_and_plan(final)
     # "auto": by where the graph's tensors live, and whether a target's tools work here
     target, report.target_notes = resolve_target(opts.target, graph_devices(final))
     report.target = target.name
+    schedule, plan = _schedule_and_plan(final, target)
     replay_refused = replay_refusal(final) if opts.cuda_graphs else None
     report.cuda_graphs = "" if not opts.cuda_graphs else f"off: {replay_refused}" if replay_refused else "on"
     program = WrapperProgram(final, schedule, plan, captured.runtime_inputs, f"graph {report.index}", target,
@@ -71,11 +71,13 @@ def lower_captured(captured: CapturedGraph, opts: Options, passes: tuple[tuple[s
 def regenerate_wrapper(final: fx.GraphModule, target: str, title: str) -> str:
     """The wrapper source ``lower_captured`` made from this final graph: the same schedule, plan and
     kernels, decided again (an artifact's load checks it against the recorded one)."""
-    schedule, plan = _schedule_and_plan(final)
-    source, _, _ = wrapper_source(final, schedule, plan, title, get_target(target))
+    chosen = get_target(target)
+    schedule, plan = _schedule_and_plan(final, chosen)
+    source, _, _ = wrapper_source(final, schedule, plan, title, chosen)
     return source
 
 
-def _schedule_and_plan(final: fx.GraphModule) -> tuple[Schedule, MemoryPlan]:
+def _schedule_and_plan(final: fx.GraphModule, target: Target) -> tuple[Schedule, MemoryPlan]:
+    target.prepare_graph(final)  # the target's form of the graph: what is scheduled, run and saved
     schedule = build_schedule(final)
     return schedule, plan_memory(schedule, hints=size_hints(final))

@@ -52,6 +52,14 @@ inline float scale_shift_max(float* s, const float* m, int64_t n, float scale) {
     _mm512_storeu_ps(s + j, x);
     tops = _mm512_max_ps(tops, x);
   }
+  if (j < n) {  // the tail under a lane mask
+    const __mmask16 tail = (__mmask16)((1u << (n - j)) - 1);
+    __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, s + j), factor);
+    if (m) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(tail, m + j));
+    _mm512_mask_storeu_ps(s + j, tail, x);
+    tops = _mm512_mask_max_ps(tops, tail, tops, x);
+    j = n;
+  }
   top = _mm512_reduce_max_ps(tops);
 #elif defined(__AVX2__)
   const __m256 factor = _mm256_set1_ps(scale);
@@ -73,16 +81,47 @@ inline float scale_shift_max(float* s, const float* m, int64_t n, float scale) {
   return top;
 }
 
+// The sum of s[0, n): vector partial sums, then one tree reduction (an omp simd reduction ends in
+// sixteen dependent scalar adds, which a short row pays in full).
+inline float vector_sum(const float* s, int64_t n) {
+  int64_t j = 0;
+  float sum = 0.f;
+#if defined(__AVX512F__)
+  __m512 sums = _mm512_setzero_ps();
+  for (; j + 16 <= n; j += 16) sums = _mm512_add_ps(sums, _mm512_loadu_ps(s + j));
+  sum = _mm512_reduce_add_ps(sums);
+#endif
+  for (; j < n; ++j) sum += s[j];
+  return sum;
+}
+
+// One past the last of keys [floor, n) whose mask entry m[j * mk] is not -inf, or floor when none.
+inline int64_t last_unmasked(const float* m, int64_t n, int64_t mk, int64_t floor) {
+  int64_t j = n;
+#if defined(__AVX512F__)
+  if (mk == 1) {  // sixteen entries a compare, from the end (a padding mask's tail is long)
+    const __m512 hidden = _mm512_set1_ps(-INFINITY);
+    for (; j - 16 >= floor; j -= 16) {
+      const unsigned seen = _mm512_cmp_ps_mask(_mm512_loadu_ps(m + j - 16), hidden, _CMP_NEQ_UQ);
+      if (seen) return j - 16 + (32 - __builtin_clz(seen));
+    }
+  }
+#endif
+  for (; j > floor; --j)
+    if (m[(j - 1) * mk] != -INFINITY) return j;  // NaN counts as seen: it must reach the output
+  return floor;
+}
+
 // How many of the first `keys` keys any of rows [0, rows) of the mask (row stride mq, key stride
-// mk) lets through: one past the last key with a finite entry. A padding mask hides the tail of
-// every row; the keys past this bound add exp(-inf) = 0 to every softmax, so they need no work.
+// mk) lets through: one past the last key with an entry other than -inf. A padding mask hides the
+// tail of every row; the keys past this bound add exp(-inf) = 0 to every softmax, so they need no
+// work, not even their K and V laid out.
 inline int64_t unmasked_keys(const float* mask, int64_t rows, int64_t keys, int64_t mq, int64_t mk) {
   if (!mask) return keys;
   if (mq == 0) rows = 1;  // one row broadcast over the queries
-  for (int64_t j = keys - 1; j >= 0; --j)
-    for (int64_t i = 0; i < rows; ++i)
-      if (mask[i * mq + j * mk] != -INFINITY) return j + 1;
-  return 0;
+  int64_t bound = 0;
+  for (int64_t i = 0; i < rows && bound < keys; ++i) bound = last_unmasked(mask + i * mq, keys, mk, bound);
+  return bound;
 }
 
 // Row i of scores (stride ld), keys [0, keys) -> softmax(scale * scores + mask), with keys past
@@ -109,16 +148,16 @@ inline void softmax_rows(float* scores, int64_t rows, int64_t ld, int64_t keys, 
       std::fill(s, s + keys, 0.f);
       continue;
     }
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < visible; ++j) {
-      s[j] = exp_nonpositive(s[j] - top);
-      sum += s[j];
-    }
-    const float inv = 1.f / sum;
+    // Up to a whole number of vectors, where the row has room: the padding is -inf, whose exp is
+    // 0, so the loops below have no scalar remainder (a short row would be all remainder).
+    const int64_t whole = std::min((visible + 15) / 16 * 16, ld);
+    std::fill(s + visible, s + whole, -INFINITY);
 #pragma omp simd
-    for (int64_t j = 0; j < visible; ++j) s[j] *= inv;
-    std::fill(s + visible, s + keys, 0.f);
+    for (int64_t j = 0; j < whole; ++j) s[j] = exp_nonpositive(s[j] - top);
+    const float inv = 1.f / vector_sum(s, whole);
+#pragma omp simd
+    for (int64_t j = 0; j < whole; ++j) s[j] *= inv;
+    if (keys > whole) std::fill(s + whole, s + keys, 0.f);
   }
 }
 

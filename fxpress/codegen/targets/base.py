@@ -62,6 +62,11 @@ class Target:
         or None when it can."""
         return None
 
+    def prepare_graph(self, gm: fx.GraphModule) -> None:
+        """Rewrite ``gm`` in place, before it is scheduled, into the form this target's kernels
+        run best (an exact rewrite from ``fxpress.passes``; applying it twice changes nothing, as a
+        loaded artifact's graph has had it already)."""
+
     def lower(self, kernel: Kernel, nodes: dict[str, fx.Node]) -> GeneratedKernel | str | None:
         """Code for ``kernel``; a string says why it runs as torch calls instead (shown in
         explain() and artifacts); None means this target never generates such kernels."""

@@ -61,18 +61,46 @@ void fxpress_dense_attention(const float* q, const int64_t* q_strides, const flo
   // chunks differ in work), each chunk at least one block of queries.
   const int64_t wanted = std::max<int64_t>(1, (8 * threads + pairs - 1) / pairs);
   const int64_t chunks = std::min<int64_t>(wanted, (seq + QB - 1) / QB);
-  const int64_t chunk = (seq + chunks - 1) / chunks;
+  const int64_t chunk = ((seq + chunks - 1) / chunks + QB - 1) / QB * QB;  // whole blocks
   const int64_t d_panels = (dv + NR - 1) / NR;
+  auto mask_at = [&](int64_t b, int64_t h, int64_t r0) -> const float* {
+    return mask ? mask + b * mask_strides[0] + h * mask_strides[1] + r0 * mask_strides[2] : nullptr;
+  };
+  // Blocks of QB queries from each chunk's start; chunks are whole blocks, so block r0 / QB.
+  const int64_t blocks = (seq + QB - 1) / QB;
+  std::vector<int64_t> shared_bounds;
+  if (mask && mask_strides[1] == 0 && heads > 1) {
+    shared_bounds.resize(batch * blocks);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < batch * blocks; ++i) {
+      const int64_t b = i / blocks, r0 = i % blocks * QB;
+      shared_bounds[i] = unmasked_keys(mask_at(b, 0, r0), std::min(QB, seq - r0), seq_k, mask_strides[2], mask_strides[3]);
+    }
+  }
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> key_panels, value_panels, scores, q_rows, context;
+    std::vector<int64_t> bounds;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t unit = 0; unit < pairs * chunks; ++unit) {
       const int64_t b = unit / (kv_heads * chunks), g = unit / chunks % kv_heads, c0 = unit % chunks * chunk;
       const int64_t c1 = std::min(seq, c0 + chunk);
       if (c0 >= c1) continue;
-      const int64_t laid = causal ? std::min(seq_k, c1) : seq_k;  // keys any query of the chunk sees
-      const int64_t k_panels = (laid + NR - 1) / NR;
+      // Per block of queries and head of the group, the keys it needs: those its queries see
+      // (causal), less a padding mask's hidden tail. Only the keys some block needs are laid out.
+      bounds.clear();
+      int64_t laid = 0;
+      for (int64_t r0 = c0; r0 < c1; r0 += QB) {
+        const int64_t rows = std::min(QB, c1 - r0), seen = causal ? std::min(seq_k, r0 + rows) : seq_k;
+        for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+          // a mask broadcast over heads: every head's bound is head 0's, found once per sequence
+          const int64_t* shared = shared_bounds.empty() ? nullptr : &shared_bounds[b * blocks + r0 / QB];
+          bounds.push_back(shared ? std::min(*shared, seen)
+                                  : unmasked_keys(mask_at(b, h, r0), rows, seen, mask_strides[2], mask_strides[3]));
+          laid = std::max(laid, bounds.back());
+        }
+      }
+      const int64_t k_panels = (laid + NR - 1) / NR, ld = (laid + 15) / 16 * 16;  // score rows: whole vectors
       key_panels.resize(k_panels * NR * d);
       value_panels.resize(d_panels * NR * std::max<int64_t>(laid, 1));
       for (int64_t j = 0; j < k_panels; ++j)
@@ -80,13 +108,13 @@ void fxpress_dense_attention(const float* q, const int64_t* q_strides, const flo
       for (int64_t j = 0; j < d_panels; ++j)
         panels_of_columns(V.at(b, g, 0), laid, dv, v_strides[2], v_strides[3], value_panels.data(), j);
       const Step score_step{key_panels.data(), nullptr, d, laid, NONE, WRITE, 0, 0};
-      scores.resize(QB * std::max<int64_t>(laid, 1));
+      scores.resize(QB * std::max<int64_t>(ld, 16));
+      const int64_t* bound = bounds.data();
       for (int64_t r0 = c0; r0 < c1; r0 += QB) {
         const int64_t rows = std::min(QB, c1 - r0);
-        const int64_t seen = causal ? std::min(seq_k, r0 + rows) : seq_k;  // keys the block's queries see
         for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-          const float* m = mask ? mask + b * mask_strides[0] + h * mask_strides[1] + r0 * mask_strides[2] : nullptr;
-          const int64_t keys = unmasked_keys(m, rows, seen, mask_strides[2], mask_strides[3]);
+          const float* m = mask_at(b, h, r0);
+          const int64_t keys = *bound++;
           const float* a = Q.at(b, h, r0);
           int64_t lda = q_strides[2];
           if (q_strides[3] != 1) {  // rows of Q gathered into unit stride
@@ -95,14 +123,14 @@ void fxpress_dense_attention(const float* q, const int64_t* q_strides, const flo
               for (int64_t c = 0; c < d; ++c) q_rows[i * d + c] = a[i * q_strides[2] + c * q_strides[3]];
             a = q_rows.data(), lda = d;
           }
-          run_step(score_step, a, lda, rows, scores.data(), laid, 0, (keys + NR - 1) / NR);
-          softmax_rows(scores.data(), rows, laid, keys, scale, m, mask_strides[2], mask_strides[3], causal, r0);
+          run_step(score_step, a, lda, rows, scores.data(), ld, 0, (keys + NR - 1) / NR);
+          softmax_rows(scores.data(), rows, ld, keys, scale, m, mask_strides[2], mask_strides[3], causal, r0);
           float* o = out + b * out_strides[0] + h * out_strides[1] + r0 * out_strides[2];
           if (out_strides[3] == 1) {
-            context_product(value_panels.data(), laid, keys, dv, scores.data(), laid, rows, o, out_strides[2]);
+            context_product(value_panels.data(), laid, keys, dv, scores.data(), ld, rows, o, out_strides[2]);
           } else {  // through a unit-stride block
             context.resize(rows * dv);
-            context_product(value_panels.data(), laid, keys, dv, scores.data(), laid, rows, context.data(), dv);
+            context_product(value_panels.data(), laid, keys, dv, scores.data(), ld, rows, context.data(), dv);
             for (int64_t i = 0; i < rows; ++i)
               for (int64_t c = 0; c < dv; ++c) o[i * out_strides[2] + c * out_strides[3]] = context[i * dv + c];
           }

@@ -26,6 +26,7 @@ from fxpress.codegen.targets.op_launch import launch_op
 from fxpress.codegen.targets.registry import graph_devices
 from fxpress.core.errors import UnsupportedGraphError
 from fxpress.native import build
+from fxpress.passes.split_linear_bias import split_linear_bias
 
 
 class CppTarget(Target):
@@ -51,6 +52,9 @@ class CppTarget(Target):
             return f"runs C++ kernels on CPU tensors, not {device.type}"
         refusal = build.compiler_refusal()
         return None if refusal is None else f"cannot build its C++ kernels here: {refusal}"
+
+    def prepare_graph(self, gm: fx.GraphModule) -> None:
+        split_linear_bias(gm)  # a Linear's bias added in the generated kernel that reads its output
 
     def lower(self, kernel: Kernel, nodes: dict[str, fx.Node]) -> GeneratedKernel | str | None:
         if kernel.kind == "op":
