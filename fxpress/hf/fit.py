@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -43,15 +43,14 @@ from torch import nn
 import fxpress.lowbit as lowbit
 from fxpress.compress.allocate import allocate
 from fxpress.compress.calibration import input_grams
-from fxpress.compress.divergence import divergence, model_output
 from fxpress.compress.layer_records import record as record_layers
 from fxpress.compress.linear_layers import matching_linears, set_submodule
 from fxpress.compress.quantized_linear import QuantizedLinear
 from fxpress.compress.svd import factor
 from fxpress.core.errors import OptionError
-from fxpress.core.model_inputs import call_with
 from fxpress.core.progress import progress
 from fxpress.hf.fit_embedding import embedding_options, find_embedding, install
+from fxpress.hf.fit_sensitivity import weigh_by_model_divergence
 from fxpress.hf.kv_cache import kv_cache
 from fxpress.hf.perplexity import perplexity
 from fxpress.kv import KIVI, FullKV, StreamingKV, ThinKV
@@ -59,7 +58,6 @@ from fxpress.kv.registry import check_policy, make_store
 
 BITS = (8, 4, 3, 2)
 RANK_RATIOS = (0.5, 0.25)
-WHO = "fxpress.fit"
 FP16 = 2  # bytes a dense parameter takes in the deployment the budget describes
 
 
@@ -171,6 +169,8 @@ def measure(model: nn.Module, calibration: Iterable[Any], kv_tokens: int, *, tar
             embedding: bool = True, sensitivity_batches: int = 1) -> Measured:
     """Step 1 of :func:`fit` (its arguments): each targeted layer's options and their errors."""
     batches = list(calibration)
+    if not isinstance(sensitivity_batches, int) or isinstance(sensitivity_batches, bool) or sensitivity_batches < 0:
+        raise OptionError(f"fxpress.fit: sensitivity_batches must be an int >= 0, got {sensitivity_batches!r}")
     if method not in ("rtn", "bcq"):
         raise OptionError(f"fxpress.fit: method={method!r} is not 'rtn' or 'bcq'")
     for b in bits:
@@ -199,7 +199,7 @@ def measure(model: nn.Module, calibration: Iterable[Any], kv_tokens: int, *, tar
     ids = torch.cat([_ids(b)[:1] for b in batches], 1)[:, :kv_tokens]
     measured = Measured(work, layers, options, made, fixed, ids, kv_tokens, None if table is None else (table, head))
     if sensitivity_batches > 0:
-        _weigh_by_model_divergence(measured, batches[:sensitivity_batches])
+        weigh_by_model_divergence(measured, batches[:sensitivity_batches])
     return measured
 
 
@@ -259,38 +259,6 @@ def best_plan(measured: Measured, budget_bytes: float, planner: Callable[[int], 
     record_layers(fitted)
     return FitResult(fitted, policy, plan, measured.shapes(), int(budget_bytes), measured.fixed_bytes, held, ppl,
                      candidates, bool(measured.sensitivity))
-
-
-PROBE_BITS = (3, 4, 2, 8)  # the probe option of a layer: the first of these among its options
-
-
-@torch.no_grad()
-def _weigh_by_model_divergence(measured: Measured, batches: Sequence[Any]) -> None:
-    """Each layer alone at its probe option: the model's output divergence on ``batches``; then
-    every option of the layer weighs its output error times (divergence / the probe's output error)."""
-    work, (table, head) = measured.model, measured.embedding or (None, None)
-    dense = [model_output(call_with(work, batch), WHO) for batch in batches]
-    for name, options in progress(measured.options.items(), "fit: sensitivity per layer",
-                                  total=len(measured.options)):
-        probe = next((o for b in PROBE_BITS for o in options if o.kind == "bits" and o.value == b), None)
-        if probe is None or probe.output_error <= 0:
-            continue
-        kept = work.get_submodule(name), work.get_submodule(head) if name == table and head else None
-        try:
-            made = measured.made[(name, probe.kind, probe.value)]
-            if name == table:
-                install(work, table, head, made)
-            else:
-                set_submodule(work, name, made)
-            found = sum(divergence(model_output(call_with(work, batch), WHO), ref)
-                        for batch, ref in zip(batches, dense)) / len(batches)
-        finally:
-            set_submodule(work, name, kept[0])
-            if kept[1] is not None:
-                set_submodule(work, head, kept[1])
-        measured.sensitivity[name] = found
-        per_error = found / probe.output_error
-        measured.options[name] = [replace(o, error=o.output_error * per_error) for o in options]
 
 
 def _ids(batch: Any) -> torch.Tensor:

@@ -114,3 +114,12 @@ def test_options_weigh_the_model_divergence_their_layer_causes(tiny):
     layers = {n for n in measured.options if "layers" in n}
     assert len({round(measured.sensitivity[n] / next(o for o in measured.options[n] if o.value == 3).output_error, 12)
                 for n in layers}) > 1, "layers differ in what their output error costs the model"
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True])
+def test_sensitivity_batches_must_be_a_count(tiny, bad):
+    from fxpress.hf.fit import measure
+
+    model, calibration, _ = tiny
+    with pytest.raises(OptionError, match="sensitivity_batches must be an int >= 0"):
+        measure(model, calibration, 256, group_size=32, sensitivity_batches=bad)

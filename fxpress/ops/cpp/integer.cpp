@@ -58,7 +58,15 @@ inline int normalise(double s, double* scaled) {
 struct ExpConstants {
   int32_t pre, x0, b, c, norm, low;
   float inv_x0;  // 1 / -x0, for the quotient's first estimate
+  int32_t pre_left, pre_right;  // shift(d, -pre) = (d << pre_left) >> pre_right: see with_shifts
 };
+
+// The constants with shift(., -pre) split into a left and a right shift by amounts in [0, 31].
+inline ExpConstants with_shifts(ExpConstants k) {
+  k.pre_left = std::min(std::max(-k.pre, 0), 31);
+  k.pre_right = std::min(std::max(k.pre, 0), 31);
+  return k;
+}
 
 // q = floor(a / b) and q * b, for 0 <= a, 0 < b, a / b <= 2**20 (shift_exp's quotients are at most
 // max_q <= 30): a float32 estimate, then one correction each way (its error is far below 1). The
@@ -93,7 +101,8 @@ int softmax_constants(double s, const double* coef, bool poly, int exp_bits, int
   }
   double low = max_q * x0;
   if (!(fits(x0) && fits(b) && fits(c) && fits(low))) return 2;
-  *k = {pre, (int32_t)x0, (int32_t)b, (int32_t)c, exp_bits - exponent(top), (int32_t)low, (float)(-1.0 / x0)};
+  *k = with_shifts({pre, (int32_t)x0, (int32_t)b, (int32_t)c, exp_bits - exponent(top), (int32_t)low,
+                    (float)(-1.0 / x0), 0, 0});
   return 0;
 }
 
@@ -101,7 +110,9 @@ int softmax_constants(double s, const double* coef, bool poly, int exp_bits, int
 // argument so the loops calling it have no choice of method inside and vectorise.
 template <bool POLY>
 inline int32_t shift_exp(int32_t d, const ExpConstants& k) {
-  d = shift(d, -k.pre);
+  // shift(d, -pre) with the row's pre split into its two shifts once (one of them is 0), so the
+  // loop does two shifts where shift() does two shifts, four clamps and a choice.
+  d = (int32_t)((uint32_t)d << k.pre_left) >> k.pre_right;
   if (!POLY) d = d + (d >> 1) - (d >> 4);
   d = std::max(d, k.low);
   const Quotient quotient = small_quotient(-d, -k.x0, k.inv_x0);
@@ -117,9 +128,13 @@ int32_t softmax_exps(const int8_t* v, int64_t width, const ExpConstants& k, int3
   int32_t m = MASKED;
   for (int64_t i = 0; i < width; ++i) m = std::max(m, (int32_t)v[i]);
   int32_t total = 0;
+  if (m == MASKED) {  // every code masked: the row is uniform, as in the reference
+    for (int64_t i = 0; i < width; ++i) total += e[i] = shift_exp<POLY>((int32_t)v[i] - m, k);
+    return total;
+  }
   for (int64_t i = 0; i < width; ++i) {
     const int32_t x = shift_exp<POLY>((int32_t)v[i] - m, k);
-    e[i] = ((int32_t)v[i] != MASKED || m == MASKED) ? x : 0;
+    e[i] = (int32_t)v[i] != MASKED ? x : 0;
     total += e[i];
   }
   return total;
@@ -167,12 +182,17 @@ int gelu_table(double s, const double* coef, int poly, int exp_bits, int max_q, 
     const int32_t pre = normalise(s * coef[7], &sg);
     const double x0 = std::floor(-1.0 / sg), low = max_q * x0;
     if (!(fits(x0) && fits(low))) return 2;
-    const ExpConstants k{pre, (int32_t)x0, 0, 0, exp_bits - exponent(-2 * x0), (int32_t)low, (float)(-1.0 / x0)};
+    const ExpConstants k = with_shifts({pre, (int32_t)x0, 0, 0, exp_bits - exponent(-2 * x0), (int32_t)low,
+                                        (float)(-1.0 / x0), 0, 0});
+    // The sigmoid of v reads exp(min(v, 0)) and exp(-max(v, 0)): one of them is exp(0), the other
+    // exp(-|v|), and their sum (hence the quotient) is the same for v and -v. So the 129 exps and
+    // quotients are made once each, not 512 exps and 256 quotients.
+    int32_t e[129], factor[129];
+    for (int32_t a = 0; a <= 128; ++a) e[a] = shift_exp<false>(-a, k);
+    for (int32_t a = 0; a <= 128; ++a) factor[a] = div_floor(INT32_MAX_, e[a] + e[0]);
     for (int32_t v = -128; v < 128; ++v) {
-      int32_t e1 = shift_exp<false>(std::min(v, 0), k);
-      int32_t e2 = shift_exp<false>(-std::max(v, 0), k);
-      int32_t factor = div_floor(INT32_MAX_, e1 + e2);
-      table[v + 128] = (int32_t)((int64_t)v * (((int64_t)e1 * factor) >> (31 - sigmoid_bits)));
+      const int32_t a = v < 0 ? -v : v, e1 = v < 0 ? e[a] : e[0];
+      table[v + 128] = (int32_t)((int64_t)v * (((int64_t)e1 * factor[a]) >> (31 - sigmoid_bits)));
     }
   }
   return 0;
