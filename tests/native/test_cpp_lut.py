@@ -1,11 +1,13 @@
 """The cpp target's lut_linear (fxpress/ops/cpp/lut.cpp) against the exact product of the same
 low-bit weights: ragged shapes, every bit width, groups of odd multiples of 32, batches, bias, input
-dtypes, both paths; the AVX-512, AVX2 and portable builds agree to the bit in both weight layouts;
+dtypes, both paths; the AVX-512, AVX2, NEON (over scalar intrinsics, tests/native/neon_shim.h)
+and portable builds agree to the bit in both weight layouts;
 the re-laid-out weights follow in-place updates."""
 
 from __future__ import annotations
 
 import ctypes
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,8 +73,6 @@ def test_batched_input_of_any_float_dtype(dtype):
 
 
 def _build(name, prefix):
-    from pathlib import Path
-
     import fxpress.ops.cpp as cpp
 
     source = (Path(cpp.__file__).parent / "lut.cpp").read_text()
@@ -86,6 +86,9 @@ def _build(name, prefix):
 BUILDS = {
     "native": ("", "#define FXPRESS_LUT_PORTABLE\n#define FXPRESS_LUT_WORD_PAIRS\n"),
     "avx2": ("#undef __AVX512BW__\n", "#define FXPRESS_LUT_PORTABLE\n"),
+    # the NEON path, over scalar definitions of its intrinsics with ARM's semantics
+    "neon": ("#undef __AVX512BW__\n#undef __AVX2__\n#define FXPRESS_LUT_NEON_SHIM\n"
+             + (Path(__file__).parent / "neon_shim.h").read_text(), "#define FXPRESS_LUT_PORTABLE\n"),
 }
 
 

@@ -19,8 +19,10 @@
 //
 // Many rows: lut_dequantize expands output rows of the original layout into float32 for a GEMM.
 //
+// On ARM the byte tables are looked up with NEON's tbl, 16 rows at a time.
+//
 // Threads: OpenMP over blocks of output rows, as many as the caller passes (torch's intra-op
-// count). The AVX-512, AVX2 and portable paths do the same integer sums and the same float
+// count). The AVX-512, AVX2, NEON and portable paths do the same integer sums and the same float
 // operations in the same order, so they agree to the bit.
 
 #include <cmath>
@@ -30,14 +32,21 @@
 #if defined(__AVX2__) || defined(__AVX512BW__)
 #include <immintrin.h>
 #endif
+#if defined(__ARM_NEON) && !defined(FXPRESS_LUT_NEON_SHIM)
+#include <arm_neon.h>
+#endif
 
-// The vector path: AVX-512BW, else AVX2, else portable (FXPRESS_LUT_PORTABLE forces portable code,
-// and FXPRESS_LUT_WORD_PAIRS the word-pair layout with it, so tests can compare every path).
+// The vector path: AVX-512BW, else AVX2, else NEON (ARM), else portable (FXPRESS_LUT_PORTABLE
+// forces portable code, and FXPRESS_LUT_WORD_PAIRS the word-pair layout with it, so tests can
+// compare every path; FXPRESS_LUT_NEON_SHIM builds the NEON path on x86 over a test's scalar
+// definitions of the NEON intrinsics it uses, tests/native/neon_shim.h).
 #if defined(__AVX512BW__) && !defined(FXPRESS_LUT_PORTABLE)
 #define LUT_AVX512 1
 #define FXPRESS_LUT_WORD_PAIRS 1
 #elif defined(__AVX2__) && !defined(FXPRESS_LUT_PORTABLE)
 #define LUT_AVX2 1
+#elif (defined(__ARM_NEON) || defined(FXPRESS_LUT_NEON_SHIM)) && !defined(FXPRESS_LUT_PORTABLE)
+#define LUT_NEON 1
 #endif
 
 namespace {
@@ -176,6 +185,32 @@ void chunk_sums(const uint8_t* idx, int64_t n_bytes, const Tables& tab, int64_t 
     s[1] = _mm256_add_epi32(s[1], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc_b)));
     s[2] = _mm256_add_epi32(s[2], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc_a, 1)));
     s[3] = _mm256_add_epi32(s[3], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc_b, 1)));
+  }
+#elif defined(LUT_NEON)
+  // AVX2's lookups 16 rows at a time: tbl (vqtbl1q_u8) is vpshufb's NEON twin, and zipping the
+  // low and high bytes gives each row's int16 entry.
+  const uint8x16_t low4 = vdupq_n_u8(0x0F);
+  for (int64_t r = 0; r < m; ++r) {
+    int16x8_t acc[4] = {vdupq_n_s16(0), vdupq_n_s16(0), vdupq_n_s16(0), vdupq_n_s16(0)};  // rows 0-7, .. 24-31
+    const uint8_t* lo = tab.lo.data() + (r * n_tables + table0) * 16;
+    const uint8_t* hi = tab.hi.data() + (r * n_tables + table0) * 16;
+    for (int64_t b = 0; b < n_bytes; ++b) {
+      for (int half = 0; half < 2; ++half) {  // the low nibbles index table 2b, the high ones 2b + 1
+        const uint8x16_t t_lo = vld1q_u8(lo + 32 * b + 16 * half), t_hi = vld1q_u8(hi + 32 * b + 16 * half);
+        for (int q = 0; q < 2; ++q) {  // rows 16q .. 16q + 15
+          const uint8x16_t v = vld1q_u8(idx + b * ROWS + 16 * q);
+          const uint8x16_t e = half ? vshrq_n_u8(v, 4) : vandq_u8(v, low4);
+          const uint8x16_t l = vqtbl1q_u8(t_lo, e), h = vqtbl1q_u8(t_hi, e);
+          acc[2 * q] = vaddq_s16(acc[2 * q], vreinterpretq_s16_u8(vzip1q_u8(l, h)));
+          acc[2 * q + 1] = vaddq_s16(acc[2 * q + 1], vreinterpretq_s16_u8(vzip2q_u8(l, h)));
+        }
+      }
+    }
+    for (int a = 0; a < 4; ++a) {
+      int32_t* s = sums[r] + 8 * a;
+      vst1q_s32(s, vaddq_s32(vld1q_s32(s), vmovl_s16(vget_low_s16(acc[a]))));
+      vst1q_s32(s + 4, vaddq_s32(vld1q_s32(s + 4), vmovl_s16(vget_high_s16(acc[a]))));
+    }
   }
 #else
   for (int64_t r = 0; r < m; ++r) {
