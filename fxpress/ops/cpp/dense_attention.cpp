@@ -9,6 +9,11 @@
 // context, written straight into out through its strides. The units go to the threads
 // dynamically; sequences and heads give enough of them for an encoder batch, chunks of queries
 // for one long sequence.
+//
+// Padding: a mask's hidden tail (keys whose entries are all -inf for a block's queries) adds
+// exp(-inf) = 0 to each softmax, so the keys past the last one a block lets through are neither
+// laid out nor scored. With a mask shared by the heads (an encoder's padding mask), that bound is
+// found once per sequence and block. Fully masked rows give 0, as ATen's kernel does.
 
 #include <omp.h>
 
@@ -26,7 +31,7 @@ struct Strided {  // a [batch, heads, seq, d] operand
 };
 
 // context = P . V for one block of rows, over the first `keys` keys: with the panels of V laid out
-// for `laid_keys` keys, a block that sees fewer (causal) takes each panel alone.
+// for `laid_keys` keys, a block that sees fewer takes each panel alone.
 void context_product(const float* value_panels, int64_t laid_keys, int64_t keys, int64_t dv, const float* p,
                      int64_t ldp, int64_t rows, float* c, int64_t ldc) {
   const int64_t panels = (dv + NR - 1) / NR;
