@@ -13,7 +13,7 @@ One forward pass per layer, against one per option measured directly.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -23,17 +23,15 @@ from fxpress.core.model_inputs import call_with
 from fxpress.core.progress import progress
 from fxpress.hf.fit_embedding import install
 
-if TYPE_CHECKING:
-    from fxpress.hf.fit import Measured
-
 WHO = "fxpress.fit"
 PROBE_BITS = (3, 4, 2, 8)  # the probe option of a layer: the first of these among its options
 
 
 @torch.no_grad()
-def weigh_by_model_divergence(measured: Measured, batches: Sequence[Any]) -> None:
-    """Each layer alone at its probe option: the model's output divergence on ``batches``; then
-    every option of the layer weighs its output error times (divergence / the probe's output error)."""
+def weigh_by_model_divergence(measured: Any, batches: Sequence[Any]) -> None:
+    """Each layer of ``measured`` (a ``fit.Measured``; not imported, as fit imports this module)
+    alone at its probe option: the model's output divergence on ``batches``. Then every option of
+    the layer weighs its output error times (divergence / the probe's output error)."""
     work, (table, head) = measured.model, measured.embedding or (None, None)
     dense = [model_output(call_with(work, batch), WHO) for batch in batches]
     for name, options in progress(measured.options.items(), "fit: sensitivity per layer",
