@@ -11,7 +11,7 @@ import functools
 import torch
 
 from fxpress.native.kernels import FLOAT, INT, LONG, POINTER, library_beside, pointer, threads
-from fxpress.ops.cpp.lowrank import ATTENTION_HEADERS
+from fxpress.ops.cpp.lowrank import ATTENTION_HEADERS, additive_mask
 
 
 @functools.cache
@@ -23,16 +23,6 @@ def _lib():
 
 def _strides(t: torch.Tensor) -> ctypes.Array:
     return (ctypes.c_int64 * 4)(*t.stride())
-
-
-def additive_mask(attn_mask: torch.Tensor | None, shape: tuple[int, int, int, int]) -> torch.Tensor | None:
-    """The mask as SDPA adds it (a boolean one: -inf where False), float32, broadcast to ``shape``
-    (broadcast dimensions keep stride 0)."""
-    if attn_mask is None:
-        return None
-    if attn_mask.dtype == torch.bool:
-        attn_mask = torch.zeros(attn_mask.shape).masked_fill_(~attn_mask, float("-inf"))
-    return attn_mask.to(torch.float32).expand(shape)
 
 
 def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,

@@ -114,7 +114,7 @@ def _strides(values) -> ctypes.Array:
     return (ctypes.c_int64 * 4)(*values)
 
 
-def _additive_mask(attn_mask: torch.Tensor | None, shape: tuple[int, int, int, int]) -> torch.Tensor | None:
+def additive_mask(attn_mask: torch.Tensor | None, shape: tuple[int, int, int, int]) -> torch.Tensor | None:
     """The mask as SDPA adds it (a boolean one: -inf where False), float32, broadcast to ``shape``."""
     if attn_mask is None:
         return None
@@ -138,7 +138,7 @@ def lowrank_attention(pq: torch.Tensor, q_up: torch.Tensor, q_bias: torch.Tensor
     pq, pk, pv = pq.contiguous(), pk.contiguous(), pv.contiguous()
     cos, sin = (None, None) if cos is None else (cos.contiguous(), sin.contiguous())
     (batch, seq, _), seq_k, d = pq.shape, pk.shape[1], q_up.shape[0] // num_heads
-    mask = _additive_mask(attn_mask, (batch, num_heads, seq, seq_k))
+    mask = additive_mask(attn_mask, (batch, num_heads, seq, seq_k))
     result = out if o_down is None or out.is_contiguous() else torch.empty(out.shape)
     factors, layouts = [], []  # the layouts are held until the kernel returns
     for p, up, bias, heads in ((pq, q_up, q_bias, num_heads), (pk, k_up, k_bias, num_kv_heads),
