@@ -111,6 +111,37 @@ def test_views_of_constants_are_made_once_and_follow_in_place_updates():
         torch.testing.assert_close(compiled(x), model(x))
 
 
+def test_views_of_planned_buffers_are_made_with_each_arena():
+    def fn(x):
+        y = torch.relu(x) * 2  # a planned buffer
+        return (y.view(4, 2, 8).transpose(1, 2) + 1).sum(-1)
+
+    report, _ = _compile(fn, torch.randn(4, 16), target="cpu")
+    slots, body = report.wrapper.split("def call(args):")
+    assert "torch.ops.aten.view.default(" in slots.split("def _slots(")[1]
+    assert "torch.ops.aten.view.default(" not in body and "transpose" not in body
+    compiled = torch.compile(fn, backend=fxpress.backend(target="cpu"))
+    with torch.no_grad():
+        for _ in range(3):  # the arena and its views are taken again by each call
+            x = torch.randn(4, 16)
+            torch.testing.assert_close(compiled(x), fn(x))
+
+
+def test_views_with_symbolic_sizes_stay_in_call():
+    def fn(x):
+        y = torch.relu(x) * 2
+        return (y.view(x.shape[0], 2, 8) + 1).sum(-1)
+
+    reports = []
+    compiled = torch.compile(fn, backend=fxpress.Backend(fxpress.Options(target="cpu"), on_report=reports.append),
+                             dynamic=True)
+    with torch.no_grad():
+        for rows in (3, 5):
+            x = torch.randn(rows, 16)
+            torch.testing.assert_close(compiled(x), fn(x))
+    assert "torch.ops.aten.view.default(" in reports[-1].wrapper.split("def call(args):")[1]
+
+
 def test_dtype_conversions_and_fxpress_ops_are_called_without_the_dispatcher():
     """prims.convert_element_type runs through Python (about 100 µs a call) and a custom op through
     torch's custom-op layers: the wrapper converts with copy_ / _to_copy and calls an fxpress op's

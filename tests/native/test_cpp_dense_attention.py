@@ -7,12 +7,15 @@ compiled graph: run by the kernel, matching eager, or left to ATen with the reas
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fxpress
 from fxpress.native import build
+from fxpress.ops.cpp import dense_attention as launcher
 from fxpress.ops.cpp.dense_attention import dense_attention
 from tests.conftest import max_diff
 
@@ -89,6 +92,27 @@ def test_value_dim_and_strides_unlike_the_keys():
     dense_attention(q, k, v, mask, False, None, out)
     expected = torch.softmax(q @ k.transpose(2, 3) / 24 ** 0.5 + mask, -1) @ v  # ATen's kernel wants dv == d
     assert max_diff(out, expected) < 2e-5
+
+
+@pytest.mark.parametrize("build_name,prefix", [("portable", "#undef __AVX512F__\n#undef __AVX2__\n"),
+                                               ("avx2", "#undef __AVX512F__\n")])
+def test_narrower_builds_agree_with_sdpa(build_name, prefix, monkeypatch):
+    """The AVX2 and portable paths (panel layout, products, softmax) on the cases with most branches:
+    a padding mask, a per-head mask, causal, a ragged head dim, query chunks, strided operands."""
+    native = Path(build.__file__).parent
+    source = prefix + "".join((native / h).read_text() for h in launcher.ATTENTION_HEADERS) + \
+        (Path(launcher.__file__).parent / "dense_attention.cpp").read_text()
+    narrower = build.library(f"dense_attention_{build_name}", source,
+                             {"fxpress_dense_attention": (None, launcher._lib().fxpress_dense_attention.argtypes)})
+    monkeypatch.setattr(launcher, "_lib", lambda: narrower)
+    g = torch.Generator().manual_seed(11)
+    for mask_kind, causal, seq, d in (("padding", False, 130, 33), ("per_head", False, 50, 16), ("none", True, 70, 20)):
+        q = _heads(torch.randn(2, seq, 6 * d, generator=g), 6)
+        k, v = (_heads(torch.randn(2, seq, 2 * d, generator=g), 2) for _ in range(2))
+        m = _mask(mask_kind, 2, 6, seq, seq, g)
+        out = torch.empty(2, seq, 6, d).transpose(1, 2)
+        dense_attention(q, k, v, m, causal, None, out)
+        assert max_diff(out, _expected(q, k, v, m, causal, None)) < 2e-5, (build_name, mask_kind)
 
 
 def _compiled(fn, *args):

@@ -30,23 +30,6 @@ struct Strided {  // a [batch, heads, seq, d] operand
   const float* at(int64_t b, int64_t h, int64_t t) const { return data + b * s[0] + h * s[1] + t * s[2]; }
 };
 
-// context = P . V for one block of rows, over the first `keys` keys: with the panels of V laid out
-// for `laid_keys` keys, a block that sees fewer takes each panel alone.
-void context_product(const float* value_panels, int64_t laid_keys, int64_t keys, int64_t dv, const float* p,
-                     int64_t ldp, int64_t rows, float* c, int64_t ldc) {
-  const int64_t panels = (dv + NR - 1) / NR;
-  if (keys == laid_keys) {
-    const Step step{value_panels, nullptr, keys, dv, NONE, WRITE, 0, 0};
-    run_step(step, p, ldp, rows, c, ldc, 0, panels);
-    return;
-  }
-  for (int64_t j = 0; j < panels; ++j) {
-    const Step step{value_panels + j * laid_keys * NR, nullptr, keys, std::min<int64_t>(NR, dv - j * NR), NONE,
-                    WRITE, 0, 0};
-    run_step(step, p, ldp, rows, c + j * NR, ldc, 0, 1);
-  }
-}
-
 }  // namespace
 
 extern "C" {
@@ -86,6 +69,7 @@ void fxpress_dense_attention(const float* q, const int64_t* q_strides, const flo
   {
     std::vector<float> key_panels, value_panels, scores, q_rows, context;
     std::vector<int64_t> bounds;
+    float inv_sums[QB];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t unit = 0; unit < pairs * chunks; ++unit) {
       const int64_t b = unit / (kv_heads * chunks), g = unit / chunks % kv_heads, c0 = unit % chunks * chunk;
@@ -112,7 +96,6 @@ void fxpress_dense_attention(const float* q, const int64_t* q_strides, const flo
         panels_of_rows(K.at(b, g, 0), laid, d, k_strides[2], k_strides[3], key_panels.data(), j);
       for (int64_t j = 0; j < d_panels; ++j)
         panels_of_columns(V.at(b, g, 0), laid, dv, v_strides[2], v_strides[3], value_panels.data(), j);
-      const Step score_step{key_panels.data(), nullptr, d, laid, NONE, WRITE, 0, 0};
       scores.resize(QB * std::max<int64_t>(ld, 16));
       const int64_t* bound = bounds.data();
       for (int64_t r0 = c0; r0 < c1; r0 += QB) {
@@ -128,14 +111,18 @@ void fxpress_dense_attention(const float* q, const int64_t* q_strides, const flo
               for (int64_t c = 0; c < d; ++c) q_rows[i * d + c] = a[i * q_strides[2] + c * q_strides[3]];
             a = q_rows.data(), lda = d;
           }
-          run_step(score_step, a, lda, rows, scores.data(), ld, 0, (keys + NR - 1) / NR);
-          softmax_rows(scores.data(), rows, ld, keys, scale, m, mask_strides[2], mask_strides[3], causal, r0);
+          product_into(key_panels.data(), d * NR, d, keys, a, lda, rows, scores.data(), ld, nullptr);
+          // rows left unnormalised: their 1 / sum scales the context as it is stored
+          softmax_rows(scores.data(), rows, ld, keys, scale, m, mask_strides[2], mask_strides[3], causal, r0,
+                       inv_sums);
           float* o = out + b * out_strides[0] + h * out_strides[1] + r0 * out_strides[2];
           if (out_strides[3] == 1) {
-            context_product(value_panels.data(), laid, keys, dv, scores.data(), ld, rows, o, out_strides[2]);
+            product_into(value_panels.data(), laid * NR, keys, dv, scores.data(), ld, rows, o, out_strides[2],
+                         inv_sums);
           } else {  // through a unit-stride block
             context.resize(rows * dv);
-            context_product(value_panels.data(), laid, keys, dv, scores.data(), ld, rows, context.data(), dv);
+            product_into(value_panels.data(), laid * NR, keys, dv, scores.data(), ld, rows, context.data(), dv,
+                         inv_sums);
             for (int64_t i = 0; i < rows; ++i)
               for (int64_t c = 0; c < dv; ++c) o[i * out_strides[2] + c * out_strides[3]] = context[i * dv + c];
           }

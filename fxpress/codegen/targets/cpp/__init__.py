@@ -3,6 +3,7 @@ thread count with OpenMP. fxpress ops run their hand-written kernels (their ``"c
 ``fxpress/ops/cpp/``); fused pointwise runs and row reductions run kernels generated here
 (``pointwise.py``, ``reduction.py``) when their ops and dtypes have a C++ form
 (``expressions.py``); ATen's CPU attention calls run a C++ attention kernel (``attention.py``);
+Linears against frozen weights run MKL's GEMM on a packed copy of the weight (``gemm.py``);
 every other kernel runs as the cpu target runs it (torch calls, row
 reductions in row blocks), and explain() says why.
 
@@ -20,6 +21,7 @@ import torch.fx as fx
 from fxpress.codegen.schedule import Kernel
 from fxpress.codegen.targets.base import GeneratedKernel, Target
 from fxpress.codegen.targets.cpp.attention import attention_refusal, emit_attention, is_attention
+from fxpress.codegen.targets.cpp.gemm import packed_gemm
 from fxpress.codegen.targets.cpp.pointwise import emit_pointwise, pointwise_refusal
 from fxpress.codegen.targets.cpp.reduction import RowKernel, reduction_refusal
 from fxpress.codegen.targets.op_launch import launch_op
@@ -65,4 +67,6 @@ class CppTarget(Target):
             return pointwise_refusal(kernel, nodes) or emit_pointwise(kernel, nodes)
         if kernel.kind == "extern" and is_attention(kernel, nodes):
             return attention_refusal(kernel, nodes) or emit_attention(kernel, nodes)
-        return None  # other extern calls stay torch calls
+        if kernel.kind == "extern":
+            return packed_gemm(kernel, nodes)  # a Linear against a frozen weight, or None
+        return None
