@@ -73,6 +73,16 @@ def test_integer_mask_to_float_and_masked_softmax():
     assert actual[1, ..., 7:].abs().max() == 0  # masked keys get exactly nothing
 
 
+def test_gelu_at_its_edges():
+    """erf is clamped at |x| = 4 and its quotient at 1, on |x| with x's sign put back: NaN stays
+    NaN (through GELU's product with x), large and tiny inputs of both signs match eager."""
+    x = torch.cat([torch.tensor([float("nan"), 0.0, -0.0, 1e-30, -1e-30, 3.99, 4.0, 4.01, -4.01, 6.0, -6.0,
+                                 40.0, -40.0, 1e30, -1e30]), torch.randn(50) * 4])
+    actual, expected, report = _run(F.gelu, x)
+    assert report.generated
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
 def test_fully_masked_row_is_nan_as_in_eager():
     x = torch.full((2, 6), float("-inf"))
     x[0] = torch.arange(6.0)
