@@ -110,6 +110,24 @@ def test_few_rows_and_computed_weights_stay_torch_gemms():
     assert "packed_linear(" not in reports[-1].wrapper
 
 
+def test_an_addmm_with_a_full_bias_stays_atens_and_says_why():
+    class Residual(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(24, 32))
+
+        def forward(self, x, c):
+            return torch.addmm(c, x, self.weight.t())  # c: a bias per row and column
+
+    model, x, c = Residual().eval(), torch.randn(40, 32), torch.randn(40, 24)
+    reports = []
+    backend = fxpress.Backend(fxpress.Options(target="cpp"), on_report=reports.append)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend=backend)(x, c), model(x, c))
+    assert "packed_linear(" not in reports[-1].wrapper
+    assert "addmm's bias is not one row: its broadcast stays ATen's" in reports[-1].not_generated.values()
+
+
 def test_without_mkl_the_gemm_stays_torchs_and_says_why(monkeypatch):
     monkeypatch.setattr(gemm, "mkl_refusal", lambda: "this torch build has no MKL")
     torch.manual_seed(1)

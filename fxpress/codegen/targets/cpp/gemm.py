@@ -40,11 +40,11 @@ def packed_gemm(kernel: Kernel, nodes: dict[str, fx.Node]) -> GeneratedKernel | 
     rows = val(x).shape[0] if weight is not None else None
     if weight is None or not isinstance(rows, int) or rows < MIN_ROWS:
         return None
+    if bias is not None and (not isinstance(bias, fx.Node) or val(bias).dim() != 1):
+        return "addmm's bias is not one row: its broadcast stays ATen's"
     tensors = [val(t) for t in (x, weight, node) + ((bias,) if bias is not None else ())]
     if any(t.dtype != torch.float32 for t in tensors):
         return "a packed GEMM runs float32; this one has " + ", ".join(str(t.dtype) for t in tensors)
-    if bias is not None and (not isinstance(bias, fx.Node) or val(bias).dim() != 1):
-        return "addmm's bias is not one row: its broadcast stays ATen's"
     refusal = mkl_refusal()
     if refusal is not None:
         return refusal
