@@ -170,20 +170,6 @@ inline float scale_shift_max(float* s, const float* m, int64_t n, float scale) {
   return top;
 }
 
-// The sum of s[0, n): vector partial sums, then one tree reduction (an omp simd reduction ends in
-// sixteen dependent scalar adds, which a short row pays in full).
-inline float vector_sum(const float* s, int64_t n) {
-  int64_t j = 0;
-  float sum = 0.f;
-#if defined(__AVX512F__)
-  __m512 sums = _mm512_setzero_ps();
-  for (; j + 16 <= n; j += 16) sums = _mm512_add_ps(sums, _mm512_loadu_ps(s + j));
-  sum = _mm512_reduce_add_ps(sums);
-#endif
-  for (; j < n; ++j) sum += s[j];
-  return sum;
-}
-
 // s[j] = exp(s[j] - top) for j < n (s[j] <= top), and their sum. With AVX-512 the power of two
 // is applied by vscalefps, which needs none of the exponent-bit arithmetic of exp_nonpositive
 // (the same reduction and polynomial otherwise, so the same results up to rounding): a softmax
@@ -218,9 +204,9 @@ inline float exp_shifted_sum(float* s, int64_t n, float top) {
   for (; j < n; ++j) sum += s[j] = exp_nonpositive(s[j] - top);
   return sum;
 #else
-#pragma omp simd
-  for (j = 0; j < n; ++j) s[j] = exp_nonpositive(s[j] - top);
-  return vector_sum(s, n);
+#pragma omp simd reduction(+ : sum)
+  for (j = 0; j < n; ++j) sum += s[j] = exp_nonpositive(s[j] - top);
+  return sum;
 #endif
 }
 
