@@ -12,8 +12,9 @@ Sections:
 - ``smollm2_weights``: SmolLM2-135M's decoder Linears at 4 and 3 bits (groups of 192, float16
   scales) by RTN, BCQ, GPTQ, activation-weighted BCQ and the calibrated default (AWQ-style input
   scaling, then GPTQ on the weighted BCQ grid); perplexity as above;
-- ``smollm2_kv``: SmolLM2-135M's KV cache by KIVI at 4 and 2 bits, keys plain and rotated
-  (``KIVI(rotate=True)``), windows of 128 and 32 tokens, and the paper's KIVI-2; for each of three
+- ``smollm2_kv``: SmolLM2-135M's KV cache by KIVI at 4 and 2 bits, keys plain, rotated
+  (``KIVI(rotate=True)``) and quantised before the rotary embedding (``KIVI(rope_theta=...)``),
+  windows of 128 and 32 tokens, and the paper's KIVI-2; for each of three
   Wikipedia articles (``workloads.wikipedia_article``: text no other workload uses), a 1536-token
   prefix, then the perplexity of the next 256 tokens against an uncompressed cache, and the cache's
   bytes at the prefix as a fraction of an fp16 cache's; last, each policy's geometric mean ratio;
@@ -122,8 +123,10 @@ def smollm2_kv() -> list[dict[str, Any]]:
     fp16_bytes = 2 * config.num_key_value_heads * config.head_dim * 2 * config.num_hidden_layers * KV_PREFIX
     policies = {"KIVI-4": KIVI(bits=4), "KIVI-2": KIVI(bits=2), "KIVI-2 R=32": KIVI(bits=2, residual=32),
                 "KIVI-2 as in the paper (sink 0, no key clipping)": KIVI(bits=2, sink=0, clip_keys=False)}
+    theta = config.rope_parameters["rope_theta"]
     policies = {variant: p for name, policy in policies.items()
-                for variant, p in ((name, policy), (f"{name}, rotated keys", dataclasses.replace(policy, rotate=True)))}
+                for variant, p in ((name, policy), (f"{name}, rotated keys", dataclasses.replace(policy, rotate=True)),
+                                   (f"{name}, pre-RoPE keys", dataclasses.replace(policy, rope_theta=theta)))}
     rows, ratios = [], {name: [] for name in policies}
     for index, title in KV_ARTICLES.items():
         ids = tokenizer(workloads.wikipedia_article(index), return_tensors="pt")["input_ids"][:, :KV_PREFIX + KV_SCORED]

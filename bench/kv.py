@@ -155,6 +155,7 @@ MEMORY_POLICIES: dict[str, Any] = {
     "KIVI-2": KIVI(bits=2),
     "KIVI-2 R=32": KIVI(bits=2, residual=32),
     "KIVI-2, rotated keys": KIVI(bits=2, rotate=True),
+    "KIVI-2, pre-RoPE keys": KIVI(bits=2, rope_theta=1e5),  # SmolLM2's rope_theta
     "StreamingKV 4+1020": StreamingKV(sink=4, recent=1020),
     "HeavyHitterKV budget 1024": HeavyHitterKV(budget=1024, recent=512),
 }

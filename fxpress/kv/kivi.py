@@ -5,11 +5,13 @@ Triton kernels of ``fxpress.kv.kernels.kivi``, on the CPU it decodes with the C+
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 import fxpress.kv.quant as quant
+import fxpress.kv.rope_frame as rope_frame
 from fxpress.kv.attention import ScoreRule
 from fxpress.kv.channel_pruning import ChannelPruner
 from fxpress.kv.policy_checks import QUANT_BITS, check_positive, check_sink, is_int, require
@@ -30,7 +32,13 @@ class KIVI:
     dimension a power of two): the scores are unchanged, every channel's energy is spread over all
     of them before the per-channel quantisation, and nothing is added to the cache's bytes. On
     SmolLM2 it helped on two texts of three (bench/results/fidelity-kv-cpu-2026-12-04.md): off by
-    default."""
+    default. ``rope_theta``: the model's rotary base (``config.rope_theta``); quantised keys are
+    stored as they were before the rotary embedding and turned back when read (KVQuant;
+    ``fxpress.kv.rope_frame``). Exact whatever its value: a wrong base only quantises in a less
+    helpful frame. Not with ``rotate``. On SmolLM2 it takes the paper's KIVI-2 (no sink, no
+    clipping) from 1.138x to 1.093x the full cache's perplexity, but with the sink and clipping
+    of the defaults it moves perplexity by -1.9 to +1.0 % (README, "pre-RoPE keys"), and it slows
+    the decode kernel: off by default."""
 
     bits: int = 2
     group_size: int = 32
@@ -38,6 +46,7 @@ class KIVI:
     sink: int = 4
     clip_keys: bool = True
     rotate: bool = False
+    rope_theta: float | None = None
 
     def __post_init__(self) -> None:
         require(is_int(self.bits) and self.bits in QUANT_BITS, "KIVI",
@@ -46,6 +55,12 @@ class KIVI:
         check_sink("KIVI", self.sink)
         require(isinstance(self.clip_keys, bool), "KIVI", f"clip_keys must be a bool, got {self.clip_keys!r}")
         require(isinstance(self.rotate, bool), "KIVI", f"rotate must be a bool, got {self.rotate!r}")
+        theta = self.rope_theta
+        require(theta is None or (isinstance(theta, (int, float)) and not isinstance(theta, bool)
+                                  and math.isfinite(theta) and theta > 1), "KIVI",
+                f"rope_theta must be None or the model's rotary base (a number > 1), got {theta!r}")
+        require(not (self.rotate and theta is not None), "KIVI",
+                "rotate and rope_theta are two frames for the keys: choose one")
         per = 32 // self.bits
         require(self.group_size % per == 0, "KIVI",
                 f"group_size ({self.group_size}) must be a multiple of {per}: {self.bits}-bit key codes of a "
@@ -54,7 +69,8 @@ class KIVI:
     def describe(self) -> str:
         clip = "" if self.clip_keys else ", no key clipping"
         rotated = ", rotated keys" if self.rotate else ""
-        return f"KIVI-{self.bits} (G={self.group_size}, R={self.residual}, sink={self.sink}{clip}{rotated})"
+        pre_rope = "" if self.rope_theta is None else f", pre-RoPE keys (theta={self.rope_theta:g})"
+        return f"KIVI-{self.bits} (G={self.group_size}, R={self.residual}, sink={self.sink}{clip}{rotated}{pre_rope})"
 
 
 class KIVIStore(Store):
@@ -63,7 +79,10 @@ class KIVIStore(Store):
     window of ``R + G`` slots; once it holds ``R + G`` tokens, the oldest ``G`` are quantised, so
     the newest ``R`` are always exact. The first ``sink`` tokens are kept exact as well. With
     ``rotate``, every key it holds (sink, window and codes) is a rotated key, and each query is
-    rotated the same way on its way in, so the decode kernels run unchanged."""
+    rotated the same way on its way in, so the decode kernels run unchanged. With ``rope_theta``,
+    the quantised keys (only they) are held as they were before the rotary embedding: the token
+    of quantised slot ``i`` is the one at position ``sunk + i``, turned back by the kernels as they
+    read it."""
 
     keeps_positions = True
 
@@ -152,6 +171,8 @@ class KIVIStore(Store):
         vc = quant.unpack(self.v_codes[:, :, start:stop], bits, 3).unflatten(3, (-1, g))
         v = quant.dequantize(vc, self.v_scale[:, :, start:stop, :, None], self.v_lo[:, :, start:stop, :, None])
         k = k.flatten(2, 3)
+        if self.policy.rope_theta is not None:
+            k = rope_frame.turn(k, self.policy.rope_theta, self.sunk + start, inverse=False)
         return (k if self.pruner is None else self.pruner.scatter(k, self.head_dim)), v.flatten(3)
 
     def segments(self):
@@ -186,7 +207,10 @@ class KIVIStore(Store):
         per, start = quant.codes_per_word(self.policy.bits), self.quantised
         if self.pruner is not None and self.pruner.channels is None:  # ThinK: choose on every key seen
             self.pruner.choose(pending_k)
-        for name, block in self.quantize_block(pending_k[:, :, :flush], pending_v[:, :, :flush]).items():
+        block_k = pending_k[:, :, :flush]
+        if self.policy.rope_theta is not None:
+            block_k = rope_frame.turn(block_k, self.policy.rope_theta, self.sunk + start, inverse=True)
+        for name, block in self.quantize_block(block_k, pending_v[:, :, :flush]).items():
             tensor = getattr(self, name)
             at = {"k_codes": start // per, "k_scale": start // g, "k_lo": start // g}.get(name, start)
             tensor[:, :, at: at + block.shape[2]] = block

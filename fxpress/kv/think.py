@@ -59,6 +59,9 @@ class ThinKV:
         require(self.kivi is None or not self.kivi.rotate, "ThinKV",
                 "kivi=KIVI(rotate=True) spreads every channel's energy over all of them, which leaves no "
                 "channel to prune")
+        require(self.kivi is None or self.kivi.rope_theta is None, "ThinKV",
+                "kivi=KIVI(rope_theta=...) turns each pair of channels back as the keys are read, which needs "
+                "both channels of every pair kept")
 
     def kept_channels(self, head_dim: int) -> int:
         return head_dim - int(self.ratio * head_dim)

@@ -74,9 +74,9 @@ def _kv(n=64, d=64, seed=0):
     return k, v
 
 
-def _store(bits, g=32, max_len=128, residual=32, sink=0, device="cpu", clip=False):
-    return KIVIStore(KIVI(bits=bits, group_size=g, residual=residual, sink=sink, clip_keys=clip), max_len, batch=2,
-                     heads=3, head_dim=64, dtype=torch.float16, device=torch.device(device))
+def _store(bits, g=32, max_len=128, residual=32, sink=0, device="cpu", clip=False, rope_theta=None):
+    return KIVIStore(KIVI(bits=bits, group_size=g, residual=residual, sink=sink, clip_keys=clip, rope_theta=rope_theta),
+                     max_len, batch=2, heads=3, head_dim=64, dtype=torch.float16, device=torch.device(device))
 
 
 @pytest.mark.parametrize("clip", [False, True])
@@ -111,25 +111,26 @@ def test_pack_unpack_round_trip_and_dequantisation_error(bits):
     assert (error <= scale / 2 + 1e-6).all()  # round to nearest: at most half a step
 
 
-def _filled_store(bits, sink, device):
-    store = _store(bits, sink=sink, max_len=256, device=device)
+def _filled_store(bits, sink, device, rope_theta=None):
+    store = _store(bits, sink=sink, max_len=256, device=device, rope_theta=rope_theta)
     k, v = _kv(n=107)
     store.append(k[:, :, :100].to(device), v[:, :, :100].to(device), 0)
     store.append(k[:, :, 100:].to(device), v[:, :, 100:].to(device), 100)
     return store
 
 
-@pytest.mark.parametrize("bits,sink,split", [(2, 0, 1024), (4, 3, 32)])
-def test_decode_kernel_matches_reference_attention(bits, sink, split, device):
+@pytest.mark.parametrize("bits,sink,split,rope_theta", [(2, 0, 1024, None), (4, 3, 32, None), (2, 3, 32, 1e4)])
+def test_decode_kernel_matches_reference_attention(bits, sink, split, rope_theta, device):
+    """The Triton decode kernel; with ``rope_theta`` over pre-RoPE keys, turned as it reads them."""
     from fxpress.kv.kernels import kivi
 
     g = torch.Generator().manual_seed(3)
     q, kn, vn = (torch.randn(*s, generator=g) for s in ((2, 9, 1, 64), (2, 3, 1, 64), (2, 3, 1, 64)))
-    reference = _filled_store(bits, sink, "cpu")
+    reference = _filled_store(bits, sink, "cpu", rope_theta)
     assert reference.quantised > 0 and reference.waiting > 0 and reference.sunk == sink
     expected, _ = reference_attend(reference, q, kn, vn, 0.125)  # dequantise segment by segment, in torch
-    got = kivi.decode_attention(q.to(device), _filled_store(bits, sink, device), kn.to(device), vn.to(device), 0.125,
-                                tokens_per_split=split)
+    got = kivi.decode_attention(q.to(device), _filled_store(bits, sink, device, rope_theta), kn.to(device),
+                                vn.to(device), 0.125, tokens_per_split=split)
     assert (got.cpu() - expected).abs().max() <= 2e-5
 
 
@@ -155,22 +156,24 @@ def test_decode_kernel_matches_reference_attention_over_think_pruned_keys(bits, 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("bits,group,d,gq,sink,split,filled", [
-    (2, 32, 64, 3, 0, 1024, 107), (4, 32, 64, 3, 3, 32, 300), (2, 64, 64, 3, 4, 128, 517), (2, 48, 96, 3, 1, 96, 250),
-    (4, 32, 32, 3, 0, 64, 20), (8, 32, 128, 4, 2, 256, 700), (2, 32, 128, 1, 0, 512, 333), (4, 16, 48, 2, 1, 32, 90)])
-def test_cpp_decode_kernel_matches_reference_attention(dtype, bits, group, d, gq, sink, split, filled):
+@pytest.mark.parametrize("bits,group,d,gq,sink,split,filled,rope_theta", [
+    (2, 32, 64, 3, 0, 1024, 107, None), (4, 32, 64, 3, 3, 32, 300, None), (2, 64, 64, 3, 4, 128, 517, None),
+    (2, 48, 96, 3, 1, 96, 250, None), (4, 32, 32, 3, 0, 64, 20, None), (8, 32, 128, 4, 2, 256, 700, None),
+    (2, 32, 128, 1, 0, 512, 333, None), (4, 16, 48, 2, 1, 32, 90, None),
+    (2, 32, 64, 3, 4, 64, 300, 1e5), (4, 16, 48, 2, 1, 32, 90, 1e4)])
+def test_cpp_decode_kernel_matches_reference_attention(dtype, bits, group, d, gq, sink, split, filled, rope_theta):
     """The C++ decode kernel (batch 2, ``gq`` query heads per KV head: pairs and a single head
     left) against the reference attention over the same store: every code width, constant and
     run-time group sizes and head dims (multiples of 32 or not), every storage dtype, sink and ragged
-    residual windows, with and without quantised tokens."""
+    residual windows, with and without quantised tokens, keys stored as they came or pre-RoPE."""
     from fxpress.kv.kernels import kivi_cpu
     from fxpress.native import build
 
     if build.compiler_refusal() is not None:
         pytest.skip("no working C++ compiler")
     g = torch.Generator().manual_seed(filled)
-    store = KIVIStore(KIVI(bits=bits, group_size=group, residual=32, sink=sink), filled + 1, batch=2, heads=2,
-                      head_dim=d, dtype=dtype, device=torch.device("cpu"))
+    store = KIVIStore(KIVI(bits=bits, group_size=group, residual=32, sink=sink, rope_theta=rope_theta), filled + 1,
+                      batch=2, heads=2, head_dim=d, dtype=dtype, device=torch.device("cpu"))
     k, v = torch.randn(2, 2, filled, d, generator=g), torch.randn(2, 2, filled, d, generator=g)
     store.append(k[:, :, :filled // 2].to(dtype), v[:, :, :filled // 2].to(dtype), 0)
     store.append(k[:, :, filled // 2:].to(dtype), v[:, :, filled // 2:].to(dtype), filled // 2)

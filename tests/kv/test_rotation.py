@@ -1,5 +1,6 @@
 """KIVI with rotated keys: the rotation is orthogonal, attention through a rotated store equals
-attention over its (rotated) tokens, and keys with outlier channels quantise better rotated."""
+attention over its (rotated) tokens, and keys with outlier channels quantise better rotated; and
+both routes decode as eager does with keys rotated or pre-RoPE (``test_rope_frame.py``)."""
 
 from __future__ import annotations
 
@@ -78,10 +79,12 @@ def test_a_rotated_store_decodes_over_its_dequantised_keys_turned_back():
     assert (out - expected).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("frame", ["rotated", "pre-RoPE"])
 @pytest.mark.parametrize("route", ["kv_cache", "compiled StaticCache"])
-def test_both_routes_generate_eagers_tokens_with_rotated_8_bit_keys(route):
-    """Rotation on a real decode path: 40 prompt tokens (24 of them quantised) and 8 new ones, by
-    ``fxpress.kv_cache`` and by the compress_kv_cache pass; 8-bit codes keep greedy decoding exact."""
+def test_both_routes_generate_eagers_tokens_with_8_bit_keys_in_another_frame(route, frame):
+    """Rotated and pre-RoPE keys on a real decode path: 40 prompt tokens (24 of them quantised) and 8
+    new ones, by ``fxpress.kv_cache`` and by the compress_kv_cache pass; 8-bit codes keep greedy
+    decoding exact."""
     from transformers import StaticCache
 
     import fxpress
@@ -89,7 +92,8 @@ def test_both_routes_generate_eagers_tokens_with_rotated_8_bit_keys(route):
     from tests.tiny_models import tiny_llama, token_ids
 
     model, ids = tiny_llama(), token_ids(batch=2, length=40)
-    policy = KIVI(bits=8, group_size=16, residual=16, sink=0, rotate=True)
+    frame = {"rotated": dict(rotate=True), "pre-RoPE": dict(rope_theta=model.config.rope_parameters["rope_theta"])}[frame]
+    policy = KIVI(bits=8, group_size=16, residual=16, sink=0, **frame)
 
     def generate(cache):
         with torch.no_grad():

@@ -82,6 +82,11 @@ struct Args {
   int64_t batch, heads, gq, d, group;
   int bits;
   int64_t quantised, k_words, k_groups, v_tokens, waiting, res_cap, sunk, sink_cap, tokens_per_split;
+  // Pre-RoPE keys (KIVI(rope_theta=...)): the quantised keys were turned back by their rotary
+  // angles before quantisation; cos/sin [d/2][rope_stride] (position-minor) turn them forward
+  // again as they are read. Null when the keys are stored as they came.
+  const float *rope_cos, *rope_sin;
+  int64_t rope_stride;
   float* out;
   int threads;
 };
@@ -210,6 +215,36 @@ inline void block_scores(int64_t gq, int64_t d, int64_t n, const float* w, const
     }
 }
 
+// A channel-major tile of `group` pre-RoPE key codes (tile[c][t]) dequantised and turned to the
+// positions p0 .. p0 + group - 1: channel c < d/2 paired with c + d/2, as Llama's rotate_half.
+// The angles of p0 + t come from those of p0 and of t (cos(a+b) = cos a cos b - sin a sin b): the
+// table is read at one position per group plus its first `group` positions, which stay in L1,
+// instead of `group` positions per group (16x the bytes of 2-bit codes).
+inline void rope_tile(const Args& a, int64_t d, int64_t group, int64_t p0, const float* scale, const float* lo,
+                      float* tile) {
+  for (int64_t c = 0; c < d; ++c) {
+    float* __restrict__ row = tile + c * group;
+    const float sc = scale[c], mn = lo[c];
+#pragma omp simd
+    for (int64_t t = 0; t < group; ++t) row[t] = fmadd(row[t], sc, mn);
+  }
+  const int64_t half = d / 2;
+  for (int64_t c = 0; c < half; ++c) {
+    const float* __restrict__ cs = a.rope_cos + c * a.rope_stride;  // positions 0 .. group - 1
+    const float* __restrict__ sn = a.rope_sin + c * a.rope_stride;
+    const float cb = cs[p0], sb = sn[p0];
+    float* __restrict__ x1 = tile + c * group;
+    float* __restrict__ x2 = tile + (c + half) * group;
+#pragma omp simd
+    for (int64_t t = 0; t < group; ++t) {
+      const float cos_t = cb * cs[t] - sb * sn[t], sin_t = fmadd(sb, cs[t], cb * sn[t]);
+      const float u = x1[t], w = x2[t];
+      x1[t] = u * cos_t - w * sin_t;
+      x2[t] = fmadd(u, sin_t, w * cos_t);
+    }
+  }
+}
+
 // Tokens per block: scores for a block are computed group by group, then folded at once.
 constexpr int64_t BLOCK_TOKENS = 256;
 
@@ -250,19 +285,27 @@ void decode(const Args& a) {
               k_scale[c] = load(dt, a.k_scale, ko + c);
               k_min[c] = load(dt, a.k_min, ko + c);
             }
-            for (int64_t j = 0; j < gq; ++j) {
-              float b = 0.f;
-#pragma omp simd reduction(+ : b)
-              for (int64_t c = 0; c < kd; ++c) {
-                qs[j * kd + c] = qk[j * kd + c] * k_scale[c];
-                b += qk[j * kd + c] * k_min[c];
-              }
-              base[j] = b;
-            }
             // The group's key codes as floats, channel-major: tile[c][t].
             const int32_t* words = a.k_codes + (bh * a.k_words + g0 / PER) * kd;
             for (int64_t c = 0; c < kd; ++c)
               for (int64_t w = 0; w < group / PER; ++w) unpack<BITS>((uint32_t)words[w * kd + c], tile.data() + c * group + w * PER);
+            if (a.rope_cos) {  // pre-RoPE keys: dequantised and turned to their positions first
+              rope_tile(a, d, group, sunk + g0, k_scale.data(), k_min.data(), tile.data());
+              for (int64_t j = 0; j < gq; ++j) {
+                for (int64_t c = 0; c < d; ++c) qs[j * d + c] = qh[j * d + c];
+                base[j] = 0.f;
+              }
+            } else {
+              for (int64_t j = 0; j < gq; ++j) {
+                float b = 0.f;
+#pragma omp simd reduction(+ : b)
+                for (int64_t c = 0; c < kd; ++c) {
+                  qs[j * kd + c] = qk[j * kd + c] * k_scale[c];
+                  b += qk[j * kd + c] * k_min[c];
+                }
+                base[j] = b;
+              }
+            }
             block_scores(gq, kd, group, qs.data(), base.data(), tile.data(), group, s.data() + (g0 - b0), block);
             // The group's values, dequantised token by token: rows[t][c].
             for (int64_t t = 0; t < group; ++t) {
@@ -353,16 +396,18 @@ extern "C" {
 // v_scale/v_min [B, H, v_tokens, d/G], k_res/v_res [B, H, res_cap, d], k_sink/v_sink [B, H, sink_cap, d].
 // With ThinK-pruned keys the quantised ones are `kd` channels wide (k_codes [B, H, k_words, kd],
 // k_scale/k_min [B, H, k_groups, kd]) and q_keys [B, H * gq, kd] holds the query's kept channels.
+// rope_cos, rope_sin: null, or float32 [d/2, rope_stride] tables for pre-RoPE keys (see Args).
 void fxpress_kivi_decode(const float* q, const float* q_keys, int64_t kd, const int32_t* k_codes, const void* k_scale, const void* k_min,
                          const int32_t* v_codes, const void* v_scale, const void* v_min, const void* k_res,
                          const void* v_res, const void* k_sink, const void* v_sink, const float* k_new,
                          const float* v_new, int dtype, int64_t batch, int64_t heads, int64_t gq, int64_t d,
                          int64_t group, int bits, int64_t quantised, int64_t k_words, int64_t k_groups,
                          int64_t v_tokens, int64_t waiting, int64_t res_cap, int64_t sunk, int64_t sink_cap,
-                         int64_t tokens_per_split, float* out, int threads) {
+                         int64_t tokens_per_split, const float* rope_cos, const float* rope_sin,
+                         int64_t rope_stride, float* out, int threads) {
   const Args a{q, q_keys, kd, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_res, v_res, k_sink, v_sink, k_new, v_new,
                dtype, batch, heads, gq, d, group, bits, quantised, k_words, k_groups, v_tokens, waiting, res_cap, sunk,
-               sink_cap, tokens_per_split, out, threads};
+               sink_cap, tokens_per_split, rope_cos, rope_sin, rope_stride, out, threads};
   if (bits == 2) decode_group<2>(a);
   else if (bits == 4) decode_group<4>(a);
   else decode_group<8>(a);

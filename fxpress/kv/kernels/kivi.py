@@ -8,7 +8,8 @@ their semantics; the CPU path is that torch code).
 - ``decode_attention``: one program per (sequence, KV head) for a single new token: its G query
   heads attend to the packed keys and values, dequantised tile by tile in registers, then to the
   full-precision residual window, the sink tokens and the new token itself, with an online softmax. No
-  dequantised copy of the cache is ever written.
+  dequantised copy of the cache is ever written. Pre-RoPE keys (``KIVI(rope_theta=...)``) are
+  turned to their positions in registers, from the shared cos/sin table of ``fxpress.kv.rope_frame``.
 
 Quantisation rounds exactly as the reference: scale and min rounded to the storage dtype first,
 IEEE division, round half to even, no fused multiply-adds; the codes match bit for bit (keys with
@@ -23,6 +24,7 @@ import triton.language as tl
 
 from fxpress.core.triton_types import dot_pad as _pad
 import fxpress.kv.quant as quant
+import fxpress.kv.rope_frame as rope_frame
 from fxpress.kv.kernels import decode_step
 
 EXACT_ROWS = tl.constexpr(16)  # full-precision tokens per step of _exact_block (the smallest tl.dot side)
@@ -181,14 +183,35 @@ def _exact_block(qt, kp, vp, seq, n, cap, m, l, acc, scale, D: tl.constexpr):
 
 
 @triton.jit
+def _turned_keys(k, kc, ks, kl, seq, start, group, n_sink, cap_quant, rope_cos, rope_sin, rope_stride, shifts,
+                 mask_bits, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, PW: tl.constexpr):
+    """The dequantised pre-RoPE key tile ``k [G, D]`` of quantised tokens ``start ..`` turned to
+    positions ``n_sink + start ..``: ``k * cos + rotate_half(k) * sin``."""
+    ch = tl.arange(0, D)
+    partner = (ch + D // 2) % D
+    words = tl.load(kc + (seq * (cap_quant // PW) + start // PW + tl.arange(0, G // PW)[:, None]) * D + partner[None, :])
+    codes = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & mask_bits, [G, D]).to(tl.float32)
+    scale = tl.load(ks + (seq * (cap_quant // G) + group) * D + partner).to(tl.float32)
+    lo = tl.load(kl + (seq * (cap_quant // G) + group) * D + partner).to(tl.float32)
+    k_partner = codes * scale[None, :] + lo[None, :]
+    at = (ch % (D // 2))[None, :] * rope_stride + (n_sink + start + tl.arange(0, G))[:, None]
+    cos = tl.load(rope_cos + at)
+    sin = tl.load(rope_sin + at)
+    sign = tl.where(ch < D // 2, -1.0, 1.0)
+    return k * cos + sign[None, :] * k_partner * sin
+
+
+@triton.jit
 def _decode_kernel(q, qk, kc, ks, kl, vc, vs, vl, kr, vr, ksk, vsk, kn, vn, part_acc, part_m, part_l, n_quant, n_res,
-                   n_sink, cap_quant, cap_res, cap_sink, tokens_per_split, n_splits, scale, GQ: tl.constexpr,
-                   GQ_PAD: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, PW: tl.constexpr,
-                   KD: tl.constexpr, KD_PAD: tl.constexpr):
+                   n_sink, cap_quant, cap_res, cap_sink, tokens_per_split, n_splits, scale, rope_cos, rope_sin,
+                   rope_stride, GQ: tl.constexpr, GQ_PAD: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+                   BITS: tl.constexpr, PW: tl.constexpr, KD: tl.constexpr, KD_PAD: tl.constexpr, ROPE: tl.constexpr):
     # Split-K over the quantised tokens (flash-decoding): program (seq, split) folds its share into
     # a partial (max, sum, acc); the last split also takes the residual window, the sinks and the
     # new token. decode_attention() combines the partials. The quantised keys hold KD of the D
-    # channels (ThinK; KD = D without pruning), met by the query's kept channels `qk`.
+    # channels (ThinK; KD = D without pruning), met by the query's kept channels `qk`. ROPE:
+    # pre-RoPE keys (KD = D), turned to their positions as they are read: channel c's partner
+    # c +- D/2 is dequantised from its own codes (a register tile cannot be permuted).
     seq, split = tl.program_id(0), tl.program_id(1)
     ch = tl.arange(0, D)
     rows = tl.arange(0, GQ_PAD)
@@ -214,6 +237,9 @@ def _decode_kernel(q, qk, kc, ks, kl, vc, vs, vl, kr, vr, ksk, vsk, kn, vn, part
         k_scale = tl.load(ks + (seq * (cap_quant // G) + group) * KD + kch, mask=kok, other=0.0).to(tl.float32)
         k_lo = tl.load(kl + (seq * (cap_quant // G) + group) * KD + kch, mask=kok, other=0.0).to(tl.float32)
         k = codes * k_scale[None, :] + k_lo[None, :]
+        if ROPE:
+            k = _turned_keys(k, kc, ks, kl, seq, start, group, n_sink, cap_quant, rope_cos, rope_sin, rope_stride,
+                             shifts, mask_bits, D, G, BITS, PW)
         vw = tl.load(vc + (seq * cap_quant + start + tok[:, None]) * (D // PW) + tl.arange(0, D // PW)[None, :])
         vcodes = tl.reshape((vw[:, :, None] >> shifts[None, None, :]) & mask_bits, [G, D // G, G]).to(tl.float32)
         v_at = (seq * cap_quant + start + tok[:, None]) * (D // G) + tl.arange(0, D // G)[None, :]
@@ -248,12 +274,15 @@ def decode_attention(q: torch.Tensor, store, k_new: torch.Tensor, v_new: torch.T
     q_keys, kd = q, d
     if store.pruner is not None and store.pruner.channels is not None:  # ThinK: the query's kept channels
         q_keys, kd = store.pruner.queries(q), store.pruner.kept
+    rope = policy.rope_theta is not None
+    cos, sin = rope_frame.cos_sin(policy.rope_theta, d, store.sunk + store.quantised, q.device) if rope else (q, q)
     _decode_kernel[(b * hkv, splits)](
         q, q_keys, store.k_codes, store.k_scale, store.k_lo, store.v_codes, store.v_scale, store.v_lo,
         store.k_residual, store.v_residual, store.k_sink, store.v_sink, k_new.contiguous(), v_new.contiguous(),
         part_acc, part_m, part_l, store.quantised, store.waiting, store.sunk, store.v_codes.shape[2],
-        store.k_residual.shape[2], store.k_sink.shape[2], tokens_per_split, splits, scale, GQ=gq, GQ_PAD=gq_pad,
-        D=d, G=g, BITS=policy.bits, PW=quant.codes_per_word(policy.bits), KD=kd, KD_PAD=_pad(kd))
+        store.k_residual.shape[2], store.k_sink.shape[2], tokens_per_split, splits, scale, cos, sin,
+        cos.shape[1] if rope else 0, GQ=gq, GQ_PAD=gq_pad, D=d, G=g, BITS=policy.bits,
+        PW=quant.codes_per_word(policy.bits), KD=kd, KD_PAD=_pad(kd), ROPE=rope)
     # Combine the splits' partial softmaxes (a split with no tokens has max -inf and weight 0).
     top = part_m.amax(1, keepdim=True)
     weight = torch.exp(part_m - top)

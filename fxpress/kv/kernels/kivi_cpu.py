@@ -10,6 +10,7 @@ import functools
 
 import torch
 
+import fxpress.kv.rope_frame as rope_frame
 from fxpress.kv.kernels import decode_step
 from fxpress.native import build
 from fxpress.native.kernels import INT, LONG, POINTER, library_beside, threads
@@ -20,7 +21,7 @@ _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 @functools.cache
 def _lib() -> ctypes.CDLL:
     return library_beside(__file__, "kivi", {"fxpress_kivi_decode": (
-        None, [POINTER, POINTER, LONG] + [POINTER] * 12 + [INT] + [LONG] * 5 + [INT] + [LONG] * 9 + [POINTER, INT])})
+        None, [POINTER, POINTER, LONG] + [POINTER] * 12 + [INT] + [LONG] * 5 + [INT] + [LONG] * 9 + [POINTER, POINTER, LONG, POINTER, INT])})
 
 
 def refusal(store) -> str | None:
@@ -44,10 +45,14 @@ def decode_attention(q: torch.Tensor, store, k_new: torch.Tensor, v_new: torch.T
     q_keys, kd = qs, d
     if s.pruner is not None and s.pruner.channels is not None:  # ThinK: the query's kept channels
         q_keys, kd = s.pruner.queries(qs), s.pruner.kept
+    cos = sin = None
+    if policy.rope_theta is not None:  # pre-RoPE keys: the kernel turns them as it reads them
+        cos, sin = rope_frame.cos_sin(policy.rope_theta, d, max(s.sunk + s.quantised, g), q.device)
     _lib().fxpress_kivi_decode(
         qs.data_ptr(), q_keys.data_ptr(), kd, s.k_codes.data_ptr(), s.k_scale.data_ptr(), s.k_lo.data_ptr(),
         s.v_codes.data_ptr(), s.v_scale.data_ptr(), s.v_lo.data_ptr(), s.k_residual.data_ptr(), s.v_residual.data_ptr(),
         s.k_sink.data_ptr(), s.v_sink.data_ptr(), k1.data_ptr(), v1.data_ptr(), _DTYPES[s.dtype], b, hkv, hq // hkv,
         d, g, policy.bits, s.quantised, s.k_codes.shape[2], s.k_scale.shape[2], s.v_codes.shape[2], s.waiting,
-        s.k_residual.shape[2], s.sunk, s.k_sink.shape[2], tokens_per_split, out.data_ptr(), threads())
+        s.k_residual.shape[2], s.sunk, s.k_sink.shape[2], tokens_per_split, None if cos is None else cos.data_ptr(),
+        None if sin is None else sin.data_ptr(), 0 if cos is None else cos.shape[1], out.data_ptr(), threads())
     return out.reshape(b, hq, 1, d)
