@@ -8,10 +8,12 @@ Sections:
 - ``smollm2``: SmolLM2-135M with every attention and MLP projection factored, 20 % of all its
   parameters gone (``params_kept=0.8``); calibrated on 8 x 256 tokens of lee_background from token
   8192 on (the measured allocation judges each layer on the first 256); perplexity of its first
-  1024 tokens (never calibrated on) against the fp32 model's;
+  1024 tokens (never calibrated on) against the fp32 model's; last, the allocated ranks with the
+  factors distilled towards the fp32 model (``distill_epochs``);
 - ``smollm2_weights``: SmolLM2-135M's decoder Linears at 4 and 3 bits (groups of 192, float16
   scales) by RTN, BCQ, GPTQ, activation-weighted BCQ and the calibrated default (AWQ-style input
-  scaling, then GPTQ on the weighted BCQ grid); perplexity as above;
+  scaling, then GPTQ on the weighted BCQ grid), and the default with its scales then distilled
+  (``distill_epochs``); perplexity as above;
 - ``smollm2_kv``: SmolLM2-135M's KV cache by KIVI at 4 and 2 bits, keys plain, rotated
   (``KIVI(rotate=True)``) and quantised before the rotary embedding (``KIVI(rope_theta=...)``),
   windows of 128 and 32 tokens, and the paper's KIVI-2; for each of three
@@ -21,7 +23,8 @@ Sections:
 - ``minilm``: all-MiniLM-L6-v2's encoder factored at ``rank_ratio=0.5``, and with ranks allocated
   by measured sensitivity at the same parameter count; calibrated on 64 lee_background sentences
   from the 100th (the allocation judges each layer on the first 16); mean cosine of the sentence
-  embeddings (mean pooling) of 64 other sentences to the dense model's.
+  embeddings (mean pooling) of 64 other sentences to the dense model's; last, the allocated ranks
+  distilled on every article from the 64th.
 
 Run: ``python bench/fidelity.py [smollm2] [smollm2_weights] [smollm2_kv] [minilm] [--json PATH]``
 """
@@ -43,6 +46,9 @@ from fxpress import compress, workloads  # noqa: E402
 from fxpress.hf.perplexity import perplexity  # noqa: E402
 
 WEIGHT_GROUP = 192  # divides SmolLM2's 576 and 1536 inputs
+SVD_DISTILL_EPOCHS = 2
+WEIGHT_DISTILL_EPOCHS = 4
+MINILM_DISTILL_EPOCHS = 8
 ALLOCATED = "ranks by measured sensitivity"
 
 
@@ -73,6 +79,12 @@ def smollm2() -> list[dict[str, Any]]:
         result = compress.svd(model, params_kept=0.8, targets="*layers*", calibration=batches, allocation=allocation)
         value = perplexity(result.model, scored)
         rows.append({"variant": variant, "kept": result.kept, "value": value, "ratio": value / dense})
+    # The same ranks, the factors then distilled towards the fp32 model on the calibration batches.
+    result = compress.svd(model, rank=result.ranks, targets="*layers*", calibration=calibration,
+                          distill_epochs=SVD_DISTILL_EPOCHS)
+    value = perplexity(result.model, scored)
+    rows.append({"variant": f"activation-aware SVD, {ALLOCATED}, distilled {SVD_DISTILL_EPOCHS} epochs",
+                 "kept": result.kept, "value": value, "ratio": value / dense})
     _report("SmolLM2-135M, 20 % of parameters removed by SVD: perplexity on 1024 tokens",
             rows, "perplexity")
     return rows
@@ -91,11 +103,13 @@ def smollm2_weights() -> list[dict[str, Any]]:
     variants = (("RTN", "rtn", None), ("BCQ", "bcq", None), ("GPTQ", "gptq", calibration),
                 ("BCQ, activation-weighted,", "bcq", calibration),
                 ("AWQ scaling + GPTQ on the weighted BCQ grid (the default with calibration),", "gptq-bcq",
-                 calibration))
+                 calibration),
+                (f"the default, then scales distilled {WEIGHT_DISTILL_EPOCHS} epochs,", "gptq-bcq", calibration))
     for bits in (4, 3):
         for label, method, batches in variants:
+            epochs = WEIGHT_DISTILL_EPOCHS if label.startswith("the default, then") else 0
             result = compress.quantize(model, bits=bits, group_size=WEIGHT_GROUP, method=method, targets="*layers*",
-                                       calibration=batches)
+                                       calibration=batches, distill_epochs=epochs)
             value = perplexity(result.model, scored)
             per_weight = 8 * result.weight_bytes / (result.fp32_bytes / 4)
             rows.append({"variant": f"{label} {bits}-bit", "kept": per_weight, "value": value,
@@ -175,6 +189,13 @@ def minilm() -> list[dict[str, Any]]:
     result = compress.svd(model, params_kept=result.kept, targets="encoder.*", calibration=calibration)
     value = cosine(result.model)
     rows.append({"variant": f"activation-aware SVD, {ALLOCATED}, as many parameters", "kept": result.kept,
+                 "value": value, "ratio": value})
+    # The same ranks, distilled on the calibration articles and every other one not scored.
+    distill_batches = [encode(sentences[64 + 16 * i:80 + 16 * i]) for i in range((len(sentences) - 64) // 16)]
+    result = compress.svd(model, rank=result.ranks, targets="encoder.*", calibration=distill_batches,
+                          distill_epochs=MINILM_DISTILL_EPOCHS)
+    value = cosine(result.model)
+    rows.append({"variant": f"the same ranks, distilled {MINILM_DISTILL_EPOCHS} epochs", "kept": result.kept,
                  "value": value, "ratio": value})
     _report("all-MiniLM-L6-v2, encoder factored at rank_ratio 0.5 (or its parameter count): embedding cosine to "
             "dense, 64 sentences", rows, "mean cosine")

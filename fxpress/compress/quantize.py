@@ -19,6 +19,7 @@ from torch import nn
 import fxpress.lowbit as lowbit
 from fxpress.core.progress import progress
 from fxpress.compress.calibration import input_grams
+from fxpress.compress.distill import check_distillation, distill
 from fxpress.compress.equalize import equalize
 from fxpress.compress.gptq import gptq
 from fxpress.compress.layer_records import record as record_layers
@@ -44,6 +45,7 @@ class QuantizeResult:
     skipped: dict[str, str] = field(default_factory=dict)  # name -> why it was left as it was
     # first Linear of each group whose inputs were scaled (compress.equalize) -> the chosen alpha
     equalized: dict[str, float] = field(default_factory=dict)
+    distill_losses: list[float] = field(default_factory=list)  # each distillation epoch's mean loss
 
     def __str__(self) -> str:
         errors = list(self.layers.values())
@@ -51,6 +53,9 @@ class QuantizeResult:
                  f"({self.weight_bytes / max(self.fp32_bytes, 1):.3f} of fp32); relative weight error "
                  f"mean {sum(errors) / max(len(errors), 1):.4f}, max {max(errors, default=0):.4f}",
                  f"{'layer':<48} {'shape':>11} {'weight err':>10} {'output err':>10}"]
+        if self.distill_losses:
+            lines.insert(1, f"scales then distilled for {len(self.distill_losses)} epochs (errors below are after): "
+                            f"loss {self.distill_losses[0]:.4g} (first epoch) -> {self.distill_losses[-1]:.4g} (last)")
         for name, error in self.layers.items():
             shape = "x".join(map(str, self.shapes.get(name, ())))
             output = self.output_errors.get(name)
@@ -65,7 +70,8 @@ class QuantizeResult:
 
 def quantize(model: nn.Module, bits: int = 4, group_size: int = 128, method: str | None = None,
              targets: str | Iterable[str] = "*", skip: Iterable[str] = ("lm_head",),
-             calibration: Iterable[Any] | None = None, scale_dtype: torch.dtype = torch.float16) -> QuantizeResult:
+             calibration: Iterable[Any] | None = None, scale_dtype: torch.dtype = torch.float16,
+             distill_epochs: int = 0, distill_lr: float = 1e-4) -> QuantizeResult:
     """A copy of ``model`` whose ``nn.Linear`` layers (and transformers ``Conv1D``, GPT-2's) matching
     ``targets`` (globs) and not ``skip`` are ``QuantizedLinear``. ``method``: ``"rtn"`` (uniform
     asymmetric round-to-nearest), ``"bcq"`` (LUT-GEMM's binary-coding quantisation; with
@@ -75,7 +81,9 @@ def quantize(model: nn.Module, bits: int = 4, group_size: int = 128, method: str
     inputs scaled AWQ's way first, ``compress.equalize``, then GPTQ's error feedback on the
     activation-weighted BCQ grid). The default is ``"gptq-bcq"`` when batches are given, else
     ``"rtn"``. ``scale_dtype``: how the scales are stored (float16, as GGUF, GPTQ and AWQ files keep
-    them, or float32)."""
+    them, or float32). ``distill_epochs``: then train every quantised layer's scales (its codes
+    frozen) that many passes over the calibration batches, with Adam at ``distill_lr``, to
+    reproduce the model's output (``compress.distill``)."""
     # With calibration, the measured best (bench/results/fidelity-weights-cpu-2026-12-05.md): on
     # SmolLM2 at 4 bits in groups of 192 (4.42 bits a weight), gptq-bcq 1.09x fp32 perplexity,
     # GPTQ on the BCQ grid without the scaling 1.13x, weighted BCQ 1.18x.
@@ -87,6 +95,7 @@ def quantize(model: nn.Module, bits: int = 4, group_size: int = 128, method: str
     if method == "rtn" and calibration is not None:
         raise lowbit.QuantizeError("method='rtn' with calibration=: round-to-nearest does not use calibration "
                                    "batches (GPTQ and BCQ do)")
+    check_distillation("fxpress.compress.quantize", distill_epochs, distill_lr, calibration)
     lowbit.check_format(bits, group_size)
     if scale_dtype not in lowbit.SCALE_DTYPES:
         raise lowbit.QuantizeError(f"scale dtype {scale_dtype} is not one of {lowbit.SCALE_DTYPES}")
@@ -95,11 +104,17 @@ def quantize(model: nn.Module, bits: int = 4, group_size: int = 128, method: str
     out = copy.deepcopy(model)
     result = QuantizeResult(out)
     layers = matching_linears(out, patterns, skipped)
-    grams = input_grams(out, layers, calibration, "fxpress.compress.quantize") if calibration is not None else {}
+    if distill_epochs and any(map(is_sharded, layers.values())):
+        raise lowbit.QuantizeError("distill_epochs on a tensor-parallel model would train each rank's shard on its "
+                                   "own; distil the unsharded model, then shard it")
+    batches = None if calibration is None else list(calibration)
+    grams = input_grams(out, layers, batches, "fxpress.compress.quantize") if batches is not None else {}
     if method == "gptq-bcq" and not any(map(is_sharded, layers.values())):  # not per shard (yet)
         result.equalized = equalize(out, layers, grams, bits, group_size)
+    exact = {}  # name -> the Linear a layer replaced (its weight as quantised: after any input scaling)
     for name, layer in progress(layers.items(), f"quantize ({method}, {bits}-bit)", total=len(layers)):
-        module, wrap = local_shard(layer, name)  # a tensor-parallel layer: this rank's shard
+        module, wrap = local_shard(layer, name)
+        exact[name] = module  # a tensor-parallel layer: this rank's shard
         if method in CALIBRATED:
             grid = "bcq" if method == "gptq-bcq" else "uniform"
             weight = gptq(module.weight, grams[name], bits, group_size, grid=grid)
@@ -110,24 +125,37 @@ def quantize(model: nn.Module, bits: int = 4, group_size: int = 128, method: str
         _replace(result, name, module, weight.with_scales(scale_dtype), grams.get(name), wrap)
     if not result.layers:
         raise lowbit.QuantizeError(f"no nn.Linear layer matches targets={patterns} outside skip={skipped}")
+    if distill_epochs:
+        result.distill_losses = distill(out, model, batches, distill_epochs, distill_lr, "fxpress.compress.quantize")
+        for name in result.layers:  # the table reports the weights as they now are
+            quantized = out.get_submodule(name)
+            weight = lowbit.BitPlaneWeight(quantized.planes, quantized.alpha, quantized.beta, quantized.in_features,
+                                           quantized.group_size)
+            _measure(result, name, exact[name].weight, weight, grams.get(name))
     record_layers(out)
     return result
 
 
 def _replace(result: QuantizeResult, name: str, linear: nn.Linear, weight: lowbit.BitPlaneWeight,
              gram: torch.Tensor | None = None, wrap: Callable[[nn.Module], nn.Module] | None = None) -> None:
-    w = linear.weight.detach().float()
-    approx = weight.dequantize()
-    result.layers[name] = float((approx - w).norm() / w.norm().clamp(min=1e-30))
+    _measure(result, name, linear.weight, weight, gram)
     result.shapes[name] = (linear.in_features, linear.out_features)
-    if gram is not None:  # with G = X^T X: ||E X^T||^2 = trace(E G E^T)
-        error, exact = (approx - w).double(), w.double()
-        energy = float((exact @ gram * exact).sum())
-        result.output_errors[name] = float(((error @ gram * error).sum() / max(energy, 1e-300)) ** 0.5)
     result.weight_bytes += weight.nbytes()
-    result.fp32_bytes += w.numel() * 4
+    result.fp32_bytes += linear.weight.numel() * 4
     quantized = QuantizedLinear(weight, linear.bias, linear.out_features)
     set_submodule(result.model, name, quantized if wrap is None else wrap(quantized))
+
+
+def _measure(result: QuantizeResult, name: str, exact: torch.Tensor, weight: lowbit.BitPlaneWeight,
+             gram: torch.Tensor | None) -> None:
+    """The layer's relative weight error, and its output error on the calibration inputs."""
+    w = exact.detach().float()
+    approx = weight.dequantize()
+    result.layers[name] = float((approx - w).norm() / w.norm().clamp(min=1e-30))
+    if gram is not None:  # with G = X^T X: ||E X^T||^2 = trace(E G E^T)
+        error, w = (approx - w).double(), w.double()
+        energy = float((w @ gram * w).sum())
+        result.output_errors[name] = float(((error @ gram * error).sum() / max(energy, 1e-300)) ** 0.5)
 
 
 def load_gguf(model: nn.Module, gguf_path: str | Path) -> QuantizeResult:

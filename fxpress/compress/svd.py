@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from fxpress.compress.calibration import input_grams
+from fxpress.compress.distill import check_distillation, distill
 from fxpress.compress.layer_records import record as record_layers
 from fxpress.compress.linear_layers import matching_linears, set_submodule
 from fxpress.compress.low_rank_linear import LowRankLinear
@@ -58,6 +59,7 @@ class SVDResult:
     layers: list[LayerReport] = field(default_factory=list)
     params_before: int = 0  # every parameter of the model, factored or not
     params_after: int = 0
+    distill_losses: list[float] = field(default_factory=list)  # each distillation epoch's mean loss
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -82,6 +84,9 @@ class SVDResult:
                     "with that layer alone truncated)" if measured else ""),
                  f"{'layer':<48} {'shape':>11} {'rank':>5} {'weight err':>10} {'output err':>10}"
                  + (f" {'model err':>10}" if measured else "")]
+        if self.distill_losses:
+            lines.insert(1, f"factors then distilled for {len(self.distill_losses)} epochs: loss "
+                            f"{self.distill_losses[0]:.4g} (first epoch) -> {self.distill_losses[-1]:.4g} (last)")
         for layer in self.layers:
             shape = f"{layer.in_features}x{layer.out_features}"
             if layer.rank is None:
@@ -102,6 +107,8 @@ def svd(
     params_kept: float | None = None,
     allocation: str | None = None,
     allocation_batches: int = 1,
+    distill_epochs: int = 0,
+    distill_lr: float = 1e-4,
 ) -> SVDResult:
     """Factor the ``nn.Linear`` layers (and transformers ``Conv1D``, GPT-2's) of ``model`` whose names
     match ``targets`` (glob patterns).
@@ -119,10 +126,16 @@ def svd(
     to its truncation, on the first ``allocation_batches`` calibration batches (a forward pass of
     them per layer and candidate rank); "uniform" (the default without, and on a tensor-parallel
     model) cuts every layer at one ratio.
+
+    ``distill_epochs``: after factoring, train the factors that many passes over the calibration
+    batches (Adam at ``distill_lr``) to reproduce the dense model's output (``compress.distill``):
+    next-token logits by KL divergence, or the last hidden state. Costs a forward and backward pass
+    of the model per batch and epoch; the report gives each epoch's loss.
     """
     if sum(x is not None for x in (rank, rank_ratio, params_kept)) != 1:
         raise ValueError("fxpress.compress.svd: give exactly one of rank=, rank_ratio= and params_kept=")
     requested, allocation = allocation, _checked_allocation(allocation, params_kept, calibration, allocation_batches)
+    check_distillation("fxpress.compress.svd", distill_epochs, distill_lr, calibration)
     if rank_ratio is not None and not 0.0 < rank_ratio < 1.0:
         raise ValueError(f"fxpress.compress.svd: rank_ratio must be in (0, 1), got {rank_ratio}")
     patterns = [targets] if isinstance(targets, str) else list(targets)
@@ -141,6 +154,9 @@ def svd(
         else:
             raise ValueError("fxpress.compress.svd: allocation='measured' on a tensor-parallel model would choose "
                              "different ranks on each rank; pass allocation='uniform' or rank=")
+    if distill_epochs and any(is_sharded(layer) for layer in linears.values()):
+        raise ValueError("fxpress.compress.svd: distill_epochs on a tensor-parallel model would train each rank's "
+                         "shard on its own; distil the unsharded model, then shard it")
     if allocation == "measured":
         total = sum(p.numel() for p in model.parameters())
         weights = sum(linear.weight.numel() for linear in linears.values())
@@ -163,8 +179,11 @@ def svd(
         result.layers.append(LayerReport(name, linear.in_features, linear.out_features, r,
                                          weight_error, output_error, None, sensitivity))
     result.params_after = sum(p.numel() for p in compressed.parameters())
+    if distill_epochs:
+        result.distill_losses = distill(compressed, model, batches, distill_epochs, distill_lr)
     record_layers(compressed)
     return result
+
 
 
 def _checked_allocation(allocation: str | None, params_kept: float | None, calibration: Any,
