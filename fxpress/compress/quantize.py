@@ -82,8 +82,8 @@ def quantize(model: nn.Module, bits: int = 4, group_size: int = 128, method: str
     activation-weighted BCQ grid). The default is ``"gptq-bcq"`` when batches are given, else
     ``"rtn"``. ``scale_dtype``: how the scales are stored (float16, as GGUF, GPTQ and AWQ files keep
     them, or float32). ``distill_epochs``: then train every quantised layer's scales (its codes
-    frozen) that many passes over the calibration batches, with Adam at ``distill_lr``, to
-    reproduce the model's output (``compress.distill``)."""
+    frozen) that many passes over the calibration batches, with Adam from ``distill_lr`` decaying
+    to zero, to reproduce the model's output (``compress.distill``)."""
     # With calibration, the measured best (bench/results/fidelity-weights-cpu-2026-12-05.md): on
     # SmolLM2 at 4 bits in groups of 192 (4.42 bits a weight), gptq-bcq 1.09x fp32 perplexity,
     # GPTQ on the BCQ grid without the scaling 1.13x, weighted BCQ 1.18x.

@@ -128,8 +128,9 @@ def svd(
     model) cuts every layer at one ratio.
 
     ``distill_epochs``: after factoring, train the factors that many passes over the calibration
-    batches (Adam at ``distill_lr``) to reproduce the dense model's output (``compress.distill``):
-    next-token logits by KL divergence, or the last hidden state. Costs a forward and backward pass
+    batches (Adam from ``distill_lr``, decaying to zero) to reproduce the dense model's output
+    (``compress.distill``): next-token logits by KL divergence, or every layer's hidden state
+    (the last one alone where the model cannot return them). Costs a forward and backward pass
     of the model per batch and epoch; the report gives each epoch's loss.
     """
     if sum(x is not None for x in (rank, rank_ratio, params_kept)) != 1:

@@ -88,3 +88,66 @@ def test_distilled_quantisation_scales_keep_the_codes_and_the_format():
     assert _error(tuned.model, dense, held_out) < 0.8 * _error(plain.model, dense, held_out)
     assert "distilled for 30 epochs" in str(tuned)
     assert tuned.weight_bytes == plain.weight_bytes
+
+
+class _Stack(nn.Module):
+    """An encoder as HF shapes one: keyword inputs, ``output_hidden_states`` returning the state
+    after every layer alongside the last."""
+
+    def __init__(self, extra_state: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(32, 96), nn.GELU(), nn.Linear(96, 32)) for _ in range(3))
+        self.extra_state = extra_state
+
+    def forward(self, x, output_hidden_states=False):
+        states = [x]
+        for layer in self.layers:
+            states.append(states[-1] + layer(states[-1]))
+        if self.extra_state:
+            states.append(states[-1])
+        return type("Out", (), {"last_hidden_state": states[-1],
+                                "hidden_states": tuple(states) if output_hidden_states else None})()
+
+
+def test_an_encoder_is_distilled_layer_by_layer():
+    """With a model that returns every layer's hidden state, distillation matches each of them: the
+    factored model's intermediate states end closer to the dense ones than when only the last state
+    is matched (the batches saying ``output_hidden_states=False``), and than before distillation."""
+    from fxpress.compress.distill import _compared
+
+    dense = _Stack().eval()
+    inputs = _inputs(8, 1)
+    held_out = [{"x": x} for x in _inputs(4, 2)]
+    states, logits = _compared(dense, held_out[0], "test", detach=True)
+    assert len(states) == 4 and not logits
+
+    def layer_error(model, i):
+        with torch.no_grad():
+            return sum(_state_error(model, dense, batch, i) for batch in held_out)
+
+    def factored(**options):
+        return svd(dense, rank=4, targets="layers.*", distill_lr=3e-3, **options).model
+
+    truncated = factored(calibration=[{"x": x} for x in inputs])
+    every_layer = factored(calibration=[{"x": x} for x in inputs], distill_epochs=30)
+    last_only = factored(calibration=[{"x": x, "output_hidden_states": False} for x in inputs], distill_epochs=30)
+    for i in (1, 2):
+        assert layer_error(every_layer, i) < 0.9 * min(layer_error(truncated, i), layer_error(last_only, i))
+    assert layer_error(every_layer, 3) < 0.7 * layer_error(truncated, 3)
+
+
+def _state_error(model, dense, batch, i):
+    from fxpress.compress.divergence import divergence_of
+
+    return float(divergence_of(model(**batch, output_hidden_states=True).hidden_states[i],
+                               dense(**batch, output_hidden_states=True).hidden_states[i], False))
+
+
+def test_hidden_states_that_do_not_pair_up_are_refused():
+    from fxpress.compress.distill import distill
+
+    dense, student = _Stack().eval(), _Stack(extra_state=True).eval()
+    student = svd(student, rank=4, targets="layers.*").model
+    with pytest.raises(ValueError, match="returned 5 hidden states where the dense one returned 4"):
+        distill(student, dense, [{"x": x} for x in _inputs(1, 1)], epochs=1, lr=1e-3)
