@@ -88,7 +88,7 @@ def check_distillation(who: str, epochs: Any, lr: Any, calibration: Any) -> None
 
 def _padding_mask(batch: Any, out: torch.Tensor) -> torch.Tensor | None:
     """The batch's attention mask when it marks the output's positions: padding is not distilled."""
-    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
     if isinstance(mask, torch.Tensor) and mask.dim() == 2 and tuple(mask.shape) == tuple(out.shape[:2]):
         return mask
     return None

@@ -113,8 +113,8 @@ def quantize(model: nn.Module, bits: int = 4, group_size: int = 128, method: str
         result.equalized = equalize(out, layers, grams, bits, group_size)
     exact = {}  # name -> the Linear a layer replaced (its weight as quantised: after any input scaling)
     for name, layer in progress(layers.items(), f"quantize ({method}, {bits}-bit)", total=len(layers)):
-        module, wrap = local_shard(layer, name)
-        exact[name] = module  # a tensor-parallel layer: this rank's shard
+        module, wrap = local_shard(layer, name)  # a tensor-parallel layer: this rank's shard
+        exact[name] = module
         if method in CALIBRATED:
             grid = "bcq" if method == "gptq-bcq" else "uniform"
             weight = gptq(module.weight, grams[name], bits, group_size, grid=grid)

@@ -186,7 +186,6 @@ def svd(
     return result
 
 
-
 def _checked_allocation(allocation: str | None, params_kept: float | None, calibration: Any,
                         allocation_batches: Any) -> str:
     if not isinstance(allocation_batches, int) or isinstance(allocation_batches, bool) or allocation_batches < 1:

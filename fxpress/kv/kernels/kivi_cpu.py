@@ -21,7 +21,9 @@ _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 @functools.cache
 def _lib() -> ctypes.CDLL:
     return library_beside(__file__, "kivi", {"fxpress_kivi_decode": (
-        None, [POINTER, POINTER, LONG] + [POINTER] * 12 + [INT] + [LONG] * 5 + [INT] + [LONG] * 9 + [POINTER, POINTER, LONG, POINTER, INT])})
+        None, [POINTER, POINTER, LONG] + [POINTER] * 12 + [INT] + [LONG] * 5 + [INT] + [LONG] * 9
+        + [POINTER, POINTER, LONG]  # rope_cos, rope_sin, rope_stride
+        + [POINTER, INT])})
 
 
 def refusal(store) -> str | None:
