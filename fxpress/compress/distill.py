@@ -39,9 +39,10 @@ from fxpress.core.progress import progress
 def distill(student: nn.Module, teacher: nn.Module, batches: Sequence[Any], epochs: int, lr: float,
             who: str = "fxpress.compress.svd") -> list[float]:
     """Train ``student``'s factors and quantisation scales for ``epochs`` passes over ``batches``
-    (model inputs, as calibration takes them) with Adam from ``lr`` down a cosine to zero, towards
-    ``teacher``'s outputs; the mean loss of each epoch. Both models run in eval mode (no dropout);
-    the student's ``requires_grad`` flags and training mode are restored afterwards."""
+    (model inputs, as calibration takes them; a shuffled order each pass) with Adam from ``lr``
+    down a cosine to zero, towards ``teacher``'s outputs; the mean loss of each epoch. Both models
+    run in eval mode (no dropout); the student's ``requires_grad`` flags and training mode are
+    restored afterwards."""
     flags = {p: p.requires_grad for p in student.parameters()}
     modes = (student.training, teacher.training)
     for p in student.parameters():
@@ -65,7 +66,11 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Sequence[Any], epoc
         # with the decay over 20, 0.932 after 10 and 0.941 after 20).
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                      lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
-        return [_epoch(student, teacher, batches, optimizer, schedule, who)
+        # Each epoch takes the batches in a fresh order, as stochastic gradient descent assumes,
+        # from a seeded generator so that a run repeats.
+        shuffle = torch.Generator().manual_seed(0)
+        return [_epoch(student, teacher, [batches[i] for i in torch.randperm(len(batches), generator=shuffle)],
+                       optimizer, schedule, who)
                 for _ in progress(range(epochs), "distillation", total=epochs)]
     finally:
         for name, module in scales.items():

@@ -275,6 +275,7 @@ def decode_attention(q: torch.Tensor, store, k_new: torch.Tensor, v_new: torch.T
     if store.pruner is not None and store.pruner.channels is not None:  # ThinK: the query's kept channels
         q_keys, kd = store.pruner.queries(q), store.pruner.kept
     rope = policy.rope_theta is not None
+    # Without RoPE the kernel never reads cos and sin, but Triton wants a tensor for every pointer.
     cos, sin = rope_frame.cos_sin(policy.rope_theta, d, store.sunk + store.quantised, q.device) if rope else (q, q)
     _decode_kernel[(b * hkv, splits)](
         q, q_keys, store.k_codes, store.k_scale, store.k_lo, store.v_codes, store.v_scale, store.v_lo,
