@@ -101,14 +101,24 @@ def _padding_mask(batch: Any, out: torch.Tensor) -> torch.Tensor | None:
 
 def _with_hidden_states(model: nn.Module, batch: Any) -> Any:
     """``batch`` asking the model for every layer's hidden state too, where its forward takes
-    ``output_hidden_states`` (HF models) and the batch is keyword arguments; else ``batch``."""
+    ``output_hidden_states`` and the batch is keyword arguments; else ``batch``."""
     if not isinstance(batch, Mapping) or "output_hidden_states" in batch:
         return batch
+    return {**batch, "output_hidden_states": True} if _takes_output_hidden_states(model) else batch
+
+
+def _takes_output_hidden_states(model: nn.Module) -> bool:
+    """Whether ``model.forward`` accepts ``output_hidden_states``: by name, or (transformers 5's
+    models, whose forward passes it on through ``**kwargs``) a ``**kwargs`` on a model whose
+    config has the option. Another model's ``**kwargs`` may refuse a key it does not know."""
     try:
-        takes = "output_hidden_states" in inspect.signature(model.forward).parameters
+        parameters = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):  # a forward without a readable signature
-        return batch
-    return {**batch, "output_hidden_states": True} if takes else batch
+        return False
+    if "output_hidden_states" in parameters:
+        return True
+    var_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    return var_keyword and hasattr(getattr(model, "config", None), "output_hidden_states")
 
 
 def _compared(model: nn.Module, batch: Any, who: str, detach: bool) -> tuple[list[torch.Tensor], bool]:

@@ -166,3 +166,34 @@ def test_hidden_states_that_do_not_pair_up_are_refused():
     student = svd(student, rank=4, targets="layers.*").model
     with pytest.raises(ValueError, match="returned 5 hidden states where the dense one returned 4"):
         distill(student, dense, [{"x": x} for x in _inputs(1, 1)], epochs=1, lr=1e-3)
+
+
+def test_a_transformers_encoder_is_asked_for_every_layer():
+    """transformers 5's BertModel takes ``output_hidden_states`` through ``**kwargs``, not by name:
+    distillation still compares the state after every layer (embeddings included), not the last alone."""
+    from fxpress.compress.distill import _compared
+
+    from tests.tiny_models import tiny_bert, token_ids
+
+    bert = tiny_bert()
+    states, logits = _compared(bert, {"input_ids": token_ids()}, "test", detach=True)
+    assert len(states) == bert.config.num_hidden_layers + 1 and not logits
+
+
+def test_kwargs_without_the_option_are_not_sent_it():
+    """A forward with ``**kwargs`` but no config saying it knows ``output_hidden_states`` is called
+    as the batch is: an unknown key could be refused, or passed somewhere it breaks."""
+    from fxpress.compress.distill import _compared
+
+    class Strict(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(8, 8)
+
+        def forward(self, x, **kwargs):
+            if kwargs:
+                raise TypeError(f"unexpected {sorted(kwargs)}")
+            return self.linear(x)
+
+    states, _ = _compared(Strict(), {"x": torch.randn(2, 8)}, "test", detach=True)
+    assert len(states) == 1
