@@ -55,6 +55,8 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Sequence[Any], epoc
     try:
         if not free:
             raise ValueError(f"{who}: distillation found no factored or quantised layer to train")
+        if not batches:
+            raise ValueError(f"{who}: distillation got no batches to train on")
         for p in free:
             p.requires_grad_(True)
         student.eval()
@@ -81,14 +83,16 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Sequence[Any], epoc
         teacher.train(modes[1])
 
 
-def check_distillation(who: str, epochs: Any, lr: Any, calibration: Any) -> None:
+def check_distillation(who: str, epochs: Any, lr: Any, calibration: Any, distill_batches: Any = None) -> None:
     """Refuse distillation options that cannot work, before any other work is done."""
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
         raise ValueError(f"{who}: distill_epochs must be an int >= 0, got {epochs!r}")
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr < 1:
         raise ValueError(f"{who}: distill_lr must be a learning rate in (0, 1), got {lr!r}")
-    if epochs and calibration is None:
-        raise ValueError(f"{who}: distill_epochs needs calibration= (the batches it trains on)")
+    if distill_batches is not None and not epochs:
+        raise ValueError(f"{who}: distill_batches= is read only with distill_epochs > 0")
+    if epochs and calibration is None and distill_batches is None:
+        raise ValueError(f"{who}: distill_epochs needs calibration= or distill_batches= (the batches it trains on)")
 
 
 def _padding_mask(batch: Any, out: torch.Tensor) -> torch.Tensor | None:

@@ -71,7 +71,8 @@ class QuantizeResult:
 def quantize(model: nn.Module, bits: int = 4, group_size: int = 128, method: str | None = None,
              targets: str | Iterable[str] = "*", skip: Iterable[str] = ("lm_head",),
              calibration: Iterable[Any] | None = None, scale_dtype: torch.dtype = torch.float16,
-             distill_epochs: int = 0, distill_lr: float = 1e-4) -> QuantizeResult:
+             distill_epochs: int = 0, distill_lr: float = 1e-4,
+             distill_batches: Iterable[Any] | None = None) -> QuantizeResult:
     """A copy of ``model`` whose ``nn.Linear`` layers (and transformers ``Conv1D``, GPT-2's) matching
     ``targets`` (globs) and not ``skip`` are ``QuantizedLinear``. ``method``: ``"rtn"`` (uniform
     asymmetric round-to-nearest), ``"bcq"`` (LUT-GEMM's binary-coding quantisation; with
@@ -83,7 +84,8 @@ def quantize(model: nn.Module, bits: int = 4, group_size: int = 128, method: str
     ``"rtn"``. ``scale_dtype``: how the scales are stored (float16, as GGUF, GPTQ and AWQ files keep
     them, or float32). ``distill_epochs``: then train every quantised layer's scales (its codes
     frozen) that many passes over the calibration batches, with Adam from ``distill_lr`` decaying
-    to zero, to reproduce the model's output (``compress.distill``)."""
+    to zero, to reproduce the model's output (``compress.distill``); over ``distill_batches``
+    instead, when given (a larger corpus than GPTQ's statistics need, say)."""
     # With calibration, the measured best (bench/results/fidelity-weights-cpu-2026-12-05.md): on
     # SmolLM2 at 4 bits in groups of 192 (4.42 bits a weight), gptq-bcq 1.09x fp32 perplexity,
     # GPTQ on the BCQ grid without the scaling 1.13x, weighted BCQ 1.18x.
@@ -95,7 +97,7 @@ def quantize(model: nn.Module, bits: int = 4, group_size: int = 128, method: str
     if method == "rtn" and calibration is not None:
         raise lowbit.QuantizeError("method='rtn' with calibration=: round-to-nearest does not use calibration "
                                    "batches (GPTQ and BCQ do)")
-    check_distillation("fxpress.compress.quantize", distill_epochs, distill_lr, calibration)
+    check_distillation("fxpress.compress.quantize", distill_epochs, distill_lr, calibration, distill_batches)
     lowbit.check_format(bits, group_size)
     if scale_dtype not in lowbit.SCALE_DTYPES:
         raise lowbit.QuantizeError(f"scale dtype {scale_dtype} is not one of {lowbit.SCALE_DTYPES}")
@@ -126,7 +128,8 @@ def quantize(model: nn.Module, bits: int = 4, group_size: int = 128, method: str
     if not result.layers:
         raise lowbit.QuantizeError(f"no nn.Linear layer matches targets={patterns} outside skip={skipped}")
     if distill_epochs:
-        result.distill_losses = distill(out, model, batches, distill_epochs, distill_lr, "fxpress.compress.quantize")
+        trained_on = batches if distill_batches is None else list(distill_batches)
+        result.distill_losses = distill(out, model, trained_on, distill_epochs, distill_lr, "fxpress.compress.quantize")
         for name in result.layers:  # the table reports the weights as they now are
             quantized = out.get_submodule(name)
             weight = lowbit.BitPlaneWeight(quantized.planes, quantized.alpha, quantized.beta, quantized.in_features,

@@ -67,6 +67,37 @@ def test_distillation_options_are_checked_before_any_work():
         svd(_mlp(), rank=6, calibration=_inputs(1, 1), distill_epochs=1, distill_lr=0)
 
 
+def test_distill_batches_train_in_place_of_the_calibration_batches():
+    """distill_batches=: whitening uses the calibration batches, distillation the others; the same
+    as factoring on the first and distilling on the second by hand."""
+    from fxpress.compress.distill import distill
+
+    dense, calibration, corpus = _mlp(), _inputs(2, 1), _inputs(6, 3)
+    result = svd(dense, rank=6, calibration=calibration, distill_batches=corpus, distill_epochs=3, distill_lr=3e-3)
+    by_hand = svd(dense, rank=6, calibration=calibration)
+    losses = distill(by_hand.model, dense, corpus, 3, 3e-3)
+    assert result.distill_losses == losses
+    assert all(torch.equal(a, b) for a, b in zip(result.model.state_dict().values(),
+                                                 by_hand.model.state_dict().values()))
+    on_calibration = svd(dense, rank=6, calibration=calibration, distill_epochs=3, distill_lr=3e-3)
+    assert on_calibration.distill_losses != result.distill_losses
+    plain = svd(dense, rank=6, distill_batches=corpus, distill_epochs=2, distill_lr=3e-3)  # no whitening
+    assert len(plain.distill_losses) == 2
+
+
+def test_distill_batches_options_are_checked():
+    from fxpress.compress import quantize
+
+    with pytest.raises(ValueError, match="distill_batches= is read only with distill_epochs"):
+        svd(_mlp(), rank=6, calibration=_inputs(1, 1), distill_batches=_inputs(1, 2))
+    with pytest.raises(ValueError, match="got no batches"):
+        svd(_mlp(), rank=6, distill_batches=[], distill_epochs=1)
+    with pytest.raises(ValueError, match="distill_batches= is read only with distill_epochs"):
+        quantize(_mlp(), bits=4, group_size=32, distill_batches=_inputs(1, 2))
+    rtn = quantize(_mlp(), bits=4, group_size=32, distill_batches=_inputs(2, 2), distill_epochs=2)
+    assert len(rtn.distill_losses) == 2
+
+
 @pytest.mark.parametrize("logits", [True, False])
 def test_padded_positions_do_not_count(logits):
     """What distillation minimises ignores the positions an attention mask pads, for logits (KL)
