@@ -26,7 +26,7 @@ Sections:
   cosine of the sentence embeddings (mean pooling) of 64 other articles to the dense model's; last,
   the allocated ranks (whitened on the calibration articles) distilled, every layer's hidden state
   matched, on every article from the 64th cut into windows of 90 words and on 8 texts SmolLM2-135M
-  writes from each of those articles' first 12 words (its first 90 words of each).
+  writes from each of those articles' first 12 words (the first 90 words of each text).
 
 Run: ``python bench/fidelity.py [smollm2] [smollm2_weights] [smollm2_kv] [minilm] [--json PATH]``
 """
