@@ -83,14 +83,18 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Sequence[Any], epoc
         teacher.train(modes[1])
 
 
-def check_distillation(who: str, epochs: Any, lr: Any, calibration: Any, distill_batches: Any = None) -> None:
-    """Refuse distillation options that cannot work, before any other work is done."""
+def check_distillation(who: str, epochs: Any, lr: Any, calibration: Any, distill_batches: Sequence[Any] | None = None,
+                       ) -> None:
+    """Refuse distillation options that cannot work, before any other work is done
+    (``distill_batches`` already a list: the caller materialises it once)."""
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
         raise ValueError(f"{who}: distill_epochs must be an int >= 0, got {epochs!r}")
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr < 1:
         raise ValueError(f"{who}: distill_lr must be a learning rate in (0, 1), got {lr!r}")
     if distill_batches is not None and not epochs:
         raise ValueError(f"{who}: distill_batches= is read only with distill_epochs > 0")
+    if distill_batches is not None and not len(distill_batches):
+        raise ValueError(f"{who}: distill_batches= got no batches to train on")
     if epochs and calibration is None and distill_batches is None:
         raise ValueError(f"{who}: distill_epochs needs calibration= or distill_batches= (the batches it trains on)")
 

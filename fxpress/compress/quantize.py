@@ -97,6 +97,7 @@ def quantize(model: nn.Module, bits: int = 4, group_size: int = 128, method: str
     if method == "rtn" and calibration is not None:
         raise lowbit.QuantizeError("method='rtn' with calibration=: round-to-nearest does not use calibration "
                                    "batches (GPTQ and BCQ do)")
+    distill_batches = None if distill_batches is None else list(distill_batches)
     check_distillation("fxpress.compress.quantize", distill_epochs, distill_lr, calibration, distill_batches)
     lowbit.check_format(bits, group_size)
     if scale_dtype not in lowbit.SCALE_DTYPES:
@@ -128,7 +129,7 @@ def quantize(model: nn.Module, bits: int = 4, group_size: int = 128, method: str
     if not result.layers:
         raise lowbit.QuantizeError(f"no nn.Linear layer matches targets={patterns} outside skip={skipped}")
     if distill_epochs:
-        trained_on = batches if distill_batches is None else list(distill_batches)
+        trained_on = batches if distill_batches is None else distill_batches
         result.distill_losses = distill(out, model, trained_on, distill_epochs, distill_lr, "fxpress.compress.quantize")
         for name in result.layers:  # the table reports the weights as they now are
             quantized = out.get_submodule(name)

@@ -141,6 +141,7 @@ def svd(
     if sum(x is not None for x in (rank, rank_ratio, params_kept)) != 1:
         raise ValueError("fxpress.compress.svd: give exactly one of rank=, rank_ratio= and params_kept=")
     requested, allocation = allocation, _checked_allocation(allocation, params_kept, calibration, allocation_batches)
+    distill_batches = None if distill_batches is None else list(distill_batches)
     check_distillation("fxpress.compress.svd", distill_epochs, distill_lr, calibration, distill_batches)
     if rank_ratio is not None and not 0.0 < rank_ratio < 1.0:
         raise ValueError(f"fxpress.compress.svd: rank_ratio must be in (0, 1), got {rank_ratio}")
@@ -186,7 +187,7 @@ def svd(
                                          weight_error, output_error, None, sensitivity))
     result.params_after = sum(p.numel() for p in compressed.parameters())
     if distill_epochs:
-        trained_on = batches if distill_batches is None else list(distill_batches)
+        trained_on = batches if distill_batches is None else distill_batches
         result.distill_losses = distill(compressed, model, trained_on, distill_epochs, distill_lr)
     record_layers(compressed)
     return result
